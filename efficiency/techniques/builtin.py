@@ -1,0 +1,3 @@
+"""Importing this module registers the built-in techniques (each module registers its own names)."""
+
+from efficiency.techniques import bnb, precision  # noqa: F401

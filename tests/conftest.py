@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random models of each family (GPT-2, OPT, Llama) and the offline data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("EFFICIENCY_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+def tiny_config(family: str) -> Any:
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    if family == "gpt2":
+        return GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    if family == "opt":
+        return OPTConfig(
+            vocab_size=128, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
+        )
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=128, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+
+
+@pytest.fixture(params=["gpt2", "opt", "llama"])
+def tiny(request: pytest.FixtureRequest) -> Any:
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"offline data folder not found at {SHARED_DATA} (set EFFICIENCY_DATA_DIR)")
+    return SHARED_DATA
