@@ -26,7 +26,9 @@ def entry_dir(cache_dir: Path, kind: str, parts: Mapping[str, Any]) -> Path:
     return cache_dir / kind / cache_key(parts)
 
 
-def cached_build(cache_dir: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]) -> tuple[Path, bool]:
+def cached_build(
+    cache_dir: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]
+) -> tuple[Path, bool]:
     """Return (entry folder, hit). On a miss, ``build(tmp)`` fills a temporary folder that is then renamed."""
     final = entry_dir(cache_dir, kind, parts)
     if (final / "meta.json").is_file():

@@ -63,7 +63,9 @@ class Workload:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.decode_tokens < 2:
-            raise ConfigError(f"decode_tokens must be at least 2 (decode time is a difference), got {self.decode_tokens}")
+            raise ConfigError(
+                f"decode_tokens must be at least 2 (decode time is a difference), got {self.decode_tokens}"
+            )
         if self.min_window_s < 0 or self.warmup_rounds < 0:
             raise ConfigError("min_window_s and warmup_rounds must not be negative")
 

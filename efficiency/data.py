@@ -47,7 +47,9 @@ def load_corpus(dataset: str, data_dir: Path | None) -> Corpus:
     if dataset != "wikitext2":
         path = Path(dataset).expanduser()
         if not path.is_file():
-            raise DataUnavailable(f"dataset file {path} does not exist (--eff-dataset takes 'wikitext2' or a .txt path)")
+            raise DataUnavailable(
+                f"dataset file {path} does not exist (--eff-dataset takes 'wikitext2' or a .txt path)"
+            )
         return Corpus(path.name, str(path.resolve()), path.read_text(encoding="utf-8"))
     if data_dir is not None:
         path = data_dir / WIKITEXT_RELPATH
@@ -72,7 +74,9 @@ def load_calibration_text(path: Path | None, data_dir: Path | None) -> Corpus:
     """Calibration / training text, never the evaluation split (default: WikiText-2 validation, non-raw)."""
     if path is None:
         if data_dir is None:
-            raise DataUnavailable("no calibration text: pass --eff-calibration FILE or --eff-data-dir with wikitext-2/valid.txt")
+            raise DataUnavailable(
+                "no calibration text: pass --eff-calibration FILE or --eff-data-dir with wikitext-2/valid.txt"
+            )
         path = data_dir / CALIBRATION_RELPATH
     if not path.is_file():
         raise DataUnavailable(f"calibration file {path} not found")

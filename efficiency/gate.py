@@ -46,7 +46,8 @@ def check(cases: Iterable[Mapping[str, Any]], thresholds: Thresholds, baseline: 
         base = (case.get("baseline") or {}).get("perplexity")
         if case.get("is_baseline") or ppl is None or base is None or not case.get("perplexity", {}).get("meaningful"):
             continue
-        v = check_perplexity(case["id"], case["technique"], ppl, base, baseline, thresholds.limit_for(case["technique"]))
+        limit = thresholds.limit_for(case["technique"])
+        v = check_perplexity(case["id"], case["technique"], ppl, base, baseline, limit)
         if v is not None:
             found.append(v)
     return found

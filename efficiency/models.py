@@ -76,7 +76,7 @@ class ModelSource:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+    return any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
 
 
 def _local_source(name: str, folder: Path, random_weights: bool) -> ModelSource | None:
@@ -136,7 +136,8 @@ def resolve(
         known = ", ".join(sorted(REGISTRY))
         where = ", ".join(str(d) for d in model_dirs) or "no --eff-model-dir given"
         raise ModelUnavailable(
-            f"unknown model {name!r}: not in the registry ({known}) and no folder {name!r} under the model dirs ({where})"
+            f"unknown model {name!r}: not in the registry ({known}) and no folder {name!r} under the model dirs "
+            f"({where})"
         )
     hub_id = spec.hub_id if spec else name
     if random_weights:
@@ -197,7 +198,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path) 
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load {source.name!r} from {source.describe()}: {err}") from err
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, source, time.perf_counter() - t0)

@@ -43,7 +43,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("cache-dir", {"help": "cache for downloads, tokens and technique results (default ~/.cache/pytest-efficiency)"}),
     ("random-weights", {"action": "store_true", "default": False,
                         "help": "build models from their config with random weights (timing/energy/memory only)"}),
-    ("strict", {"action": "store_true", "default": False, "help": "fail, instead of skip, when a model or data is missing"}),
+    ("strict", {"action": "store_true", "default": False,
+                "help": "fail, instead of skip, when a model or data is missing"}),
     ("quiet", {"action": "store_true", "default": False, "help": "no progress lines on stderr"}),
 ]
 
@@ -92,21 +93,29 @@ def grid(cfg: SuiteConfig) -> list[Case]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "eff_case" not in metafunc.fixturenames:
         return
-    cfg = _session(metafunc.config).cfg
+    cases = grid(_session(metafunc.config).cfg)
+    metafunc.parametrize("eff_case", cases, ids=[c.id for c in cases])
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Check technique names once the grid is collected (a usage error, not a collection error); only runs that
+    collect efficiency cases pay for importing the techniques."""
+    if not any("eff_case" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    cfg = _session(config).cfg
     from efficiency.techniques.base import UnknownTechnique, parse
 
-    for name in {cfg.baseline, *cfg.techniques}:
+    for name in (cfg.baseline, *cfg.techniques):
         try:
             parse(name)
         except UnknownTechnique as err:
             raise pytest.UsageError(f"pytest-efficiency: {err}") from err
-    cases = grid(cfg)
-    metafunc.parametrize("eff_case", cases, ids=[c.id for c in cases])
 
 
 @pytest.fixture
 def eff_case(request: pytest.FixtureRequest) -> Case:
-    return request.param  # type: ignore[no-any-return]
+    case: Case = request.param
+    return case
 
 
 @pytest.fixture
@@ -123,7 +132,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     state = config.stash.get(session_key, None)
-    if state is None or not state.report["cases"]:
+    if state is None or not state.report.get("cases"):
         return
     from efficiency.report.render import terminal_table
 

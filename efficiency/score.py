@@ -101,7 +101,8 @@ def case_deltas(case: dict[str, object], base: dict[str, object]) -> dict[str, f
             cur = cur.get(key)
         return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
 
-    meaningful = bool(get(case, "perplexity", "value")) and (case.get("perplexity") or {}).get("meaningful")  # type: ignore[union-attr]
+    ppl_section = case.get("perplexity")
+    meaningful = isinstance(ppl_section, dict) and bool(ppl_section.get("meaningful"))
     fields = {
         "runtime_pct": ("runtime", "median_s"),
         "energy_pct": ("energy", "energy_j"),

@@ -118,7 +118,7 @@ class EfficiencySession:
         from efficiency.techniques.base import UnsupportedTechnique
 
         case_id = f"{model}-{technique}"
-        expected = (UnsupportedTechnique, *self._skip_types())
+        expected: tuple[type[Exception], ...] = (UnsupportedTechnique, *self._skip_types())
         try:
             if technique == self.cfg.baseline:
                 if model not in self._baselines:
@@ -140,7 +140,7 @@ class EfficiencySession:
             raise
         return self._judge(dict(result), base)
 
-    def _skip_types(self) -> tuple[type[BaseException], ...]:
+    def _skip_types(self) -> tuple[type[Exception], ...]:
         from efficiency.data import DataUnavailable
         from efficiency.models import ModelUnavailable
         from efficiency.smollm2 import FetchError

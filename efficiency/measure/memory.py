@@ -21,7 +21,8 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
     found = [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(t, torch.Tensor)]
     nested = getattr(state, "state2", None)
     if nested is not None:
-        found += [t for t in (getattr(nested, "absmax", None), getattr(nested, "code", None)) if isinstance(t, torch.Tensor)]
+        more = (getattr(nested, "absmax", None), getattr(nested, "code", None))
+        found += [t for t in more if isinstance(t, torch.Tensor)]
     return found
 
 
@@ -39,7 +40,8 @@ class SizeResult:
     nonzero_parameters: int
 
     def to_dict(self) -> dict[str, int]:
-        return {"parameters": self.parameters, "size_bytes": self.size_bytes, "nonzero_parameters": self.nonzero_parameters}
+        return {"parameters": self.parameters, "size_bytes": self.size_bytes,
+                "nonzero_parameters": self.nonzero_parameters}
 
 
 def model_size(model: torch.nn.Module) -> SizeResult:

@@ -22,7 +22,8 @@ def git_state(root: Path) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None, "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+    dirty = bool(status) if status is not None else None
+    return {"commit": commit, "dirty": dirty, "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -73,5 +74,12 @@ def capture(root: Path, device: str) -> dict[str, Any]:
         "hostname": platform.node(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "device": device_info(device),
+        "device": _safe_device_info(device),
     }
+
+
+def _safe_device_info(device: str) -> dict[str, Any]:
+    try:
+        return device_info(device)
+    except Exception as err:  # a report must still be written when the device cannot be queried
+        return {"device": device, "error": f"{type(err).__name__}: {err}"}

@@ -45,7 +45,9 @@ def read(path: Path) -> dict[str, Any]:
     if not isinstance(version, int):
         raise ReportError(f"{path} is not a pytest-efficiency report (no schema_version)")
     if version > SCHEMA_VERSION:
-        raise ReportError(f"{path} has schema version {version}; this pytest-efficiency understands <= {SCHEMA_VERSION}")
+        raise ReportError(
+            f"{path} has schema version {version}; this pytest-efficiency understands <= {SCHEMA_VERSION}"
+        )
     return data
 
 

@@ -40,7 +40,9 @@ def terminal_table(report: dict[str, Any]) -> list[str]:
         ppl = _num(c["perplexity"]["value"]) + ("" if c["perplexity"]["meaningful"] else "*")
         scores = c.get("scores") or {}
         th = c.get("threshold") or {}
-        gate = "base" if c.get("is_baseline") else ("-" if not th.get("checked") else ("ok" if th.get("passed") else "FAIL"))
+        gate = "ok" if th.get("passed") else "FAIL"
+        if c.get("is_baseline") or not th.get("checked"):
+            gate = "base" if c.get("is_baseline") else "-"
         rows.append([
             c["id"], ppl, _pct(d.get("perplexity_pct")), _num(c["runtime"]["median_s"]), _pct(d.get("runtime_pct")),
             energy, _pct(d.get("energy_pct")), _mib(c["memory"]["peak_bytes"]), _mib(c["size"]["size_bytes"]),

@@ -48,7 +48,9 @@ class Context:
 
 
 class Technique(Protocol):
-    name: str
+    @property
+    def name(self) -> str:
+        """The registry name, as written in a pipeline (``bnb4``, ``ah90``)."""
 
     def check(self, ctx: Context) -> None:
         """Raise :class:`UnsupportedTechnique` with the reason if this context cannot run it."""
@@ -63,7 +65,6 @@ class Technique(Protocol):
 class TechniqueBase:
     """Defaults for the optional parts of :class:`Technique`."""
 
-    name: str
     family: ClassVar[str] = "other"
 
     def check(self, ctx: Context) -> None:

@@ -22,7 +22,7 @@ from efficiency.techniques.precision import check_dtype_on_device, dtype_from_na
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: Any) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
@@ -31,7 +31,7 @@ def default_filter(module: nn.Module, name: str) -> bool:
     return (isinstance(module, nn.Linear) or is_conv1d(module)) and not name.endswith("lm_head")
 
 
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight of shape (out, in), bias) of a Linear or a transposed GPT-2 Conv1D."""
     weight = module.weight.detach()
     if is_conv1d(module):
@@ -70,7 +70,7 @@ class BnbQuant(TechniqueBase):
     family = "quantisation"
 
     @property
-    def name(self) -> str:  # type: ignore[override]
+    def name(self) -> str:
         base = "bnb8" if self.bits == 8 else ("bnb4" if self.quant_type == "nf4" else "bnb4-fp4")
         return base + (f"@{self.compute}" if self.compute else "")
 

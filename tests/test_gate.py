@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+from efficiency.config import Thresholds
+from efficiency.gate import check, check_perplexity
+
+
+def test_breach_message_gives_both_perplexities_and_the_limit() -> None:
+    v = check_perplexity("opt-125m-bnb4", "bnb4", 33.0, 30.0, "fp16", 5.0)
+    assert v is not None
+    assert "33" in v.message and "30" in v.message and "+10.00%" in v.message and "+5%" in v.message
+
+
+def test_at_or_under_the_limit_passes() -> None:
+    assert check_perplexity("m-t", "t", 31.5, 30.0, "fp16", 5.0) is None
+    assert check_perplexity("m-t", "t", 29.0, 30.0, "fp16", 0.0) is None
+
+
+def test_thresholds_per_technique_pipeline_and_default() -> None:
+    t = Thresholds(25.0, {"bnb4": 10.0, "distil+bnb4": 70.0})
+    assert t.limit_for("bnb4") == 10.0
+    assert t.limit_for("ah90+bnb4") == 10.0  # last step of a pipeline
+    assert t.limit_for("distil+bnb4") == 70.0  # exact name wins
+    assert t.limit_for("mag50") == 25.0
+
+
+def test_check_over_report_cases_skips_baseline_and_random_weights() -> None:
+    def case(tech: str, ppl: float, meaningful: bool = True, base: bool = False) -> dict:
+        return {"id": f"m-{tech}", "technique": tech, "is_baseline": base,
+                "perplexity": {"value": ppl, "meaningful": meaningful}, "baseline": {"perplexity": 10.0}}
+
+    cases = [case("fp16", 10.0, base=True), case("bnb4", 12.0), case("bnb8", 10.1), case("ah90", 50.0, False)]
+    found = check(cases, Thresholds(25.0, {"bnb4": 5.0, "bnb8": 5.0}), "fp16")
+    assert [v.case_id for v in found] == ["m-bnb4"]

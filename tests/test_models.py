@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, tiny_model
+from efficiency.models import REGISTRY, ModelUnavailable, SourceKind, load, resolve
+
+
+def test_registry_has_the_required_names() -> None:
+    required = {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "opt-125m", "opt-350m", "opt-1.3b",
+                "opt-2.7b", "opt-6.7b", "opt-13b", "smollm2-135m"}
+    assert required <= set(REGISTRY)
+    assert REGISTRY["opt-125m"].hub_id == "facebook/opt-125m"
+
+
+def test_unknown_name_lists_the_registry() -> None:
+    with pytest.raises(ModelUnavailable, match="unknown model 'gpt5'.*opt-125m"):
+        resolve("gpt5")
+
+
+def test_offline_without_local_files_says_what_to_provide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelUnavailable) as err:
+        resolve("opt-125m", (tmp_path,))
+    msg = str(err.value)
+    assert "not available offline" in msg and "--eff-model-dir" in msg and "opt-125m" in msg
+
+
+def test_local_hf_folder_wins_and_loads(tmp_path: Path) -> None:
+    import torch
+
+    model = tiny_model("opt")
+    model.save_pretrained(tmp_path / "opt-125m")
+    arch = SHARED_DATA / "architectures" / "opt-125m"
+    if not arch.is_dir():
+        pytest.skip("architectures folder missing")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(arch).save_pretrained(tmp_path / "opt-125m")
+    source = resolve("opt-125m", (tmp_path,))
+    assert source.kind is SourceKind.LOCAL_HF
+    loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
+    assert loaded.model.config.hidden_size == 32 and loaded.tokenizer is not None
+
+
+def test_config_without_weights_needs_random_weights(tmp_path: Path) -> None:
+    arch = SHARED_DATA / "architectures"
+    if not (arch / "opt-125m" / "config.json").is_file():
+        pytest.skip("architectures folder missing")
+    with pytest.raises(ModelUnavailable, match="no weights.*--eff-random-weights"):
+        resolve("opt-125m", (arch,))
+    source = resolve("opt-125m", (arch,), random_weights=True)
+    assert source.kind is SourceKind.RANDOM_CONFIG and source.random_weights
+
+
+def test_random_weights_build_the_published_shape() -> None:
+    import torch
+
+    arch = SHARED_DATA / "architectures"
+    if not (arch / "opt-125m" / "config.json").is_file():
+        pytest.skip("architectures folder missing")
+    loaded = load(resolve("opt-125m", (arch,), random_weights=True), "cpu", torch.float32, Path("/tmp"))
+    n = sum(p.numel() for p in loaded.model.parameters())
+    assert 125_000_000 < n < 126_000_000  # OPT-125m: 125.2 M parameters (tied LM head)
+
+
+def test_random_weights_need_a_config_folder() -> None:
+    with pytest.raises(ModelUnavailable, match="config folder"):
+        resolve("opt-1.3b", (), random_weights=True)
+
+
+def test_any_local_gguf_folder_resolves(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+    source = resolve("my-model", (tmp_path,))
+    assert source.kind is SourceKind.LOCAL_GGUF and source.gguf_file == "weights.Q4_0.gguf"

