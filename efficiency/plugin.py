@@ -70,6 +70,7 @@ session_key = pytest.StashKey["EfficiencySession"]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "efficiency: a model x technique case of pytest-efficiency")
+    config.addinivalue_line("markers", "xdist_group(name): cases of one model run on one pytest-xdist worker")
     opts = {name.replace("-", "_"): config.getoption(f"eff_{name.replace('-', '_')}") for name, _ in OPTIONS}
     try:
         cfg = build_config(opts, read_pyproject(config.rootpath), config.rootpath)
@@ -77,7 +78,24 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
     from efficiency.session import EfficiencySession
 
-    config.stash[session_key] = EfficiencySession(cfg, config.rootpath, quiet=bool(opts["quiet"]))
+    state = EfficiencySession(cfg, config.rootpath, quiet=bool(opts["quiet"]))
+    config.stash[session_key] = state
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
+        state.worker_output = config.workeroutput  # type: ignore[attr-defined]
+    elif config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistController(state), "efficiency-xdist")
+
+
+class XdistController:
+    """Registered only with pytest-xdist: collects each worker's cases into the controller's one report."""
+
+    def __init__(self, state: EfficiencySession) -> None:
+        self.state = state
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        cases = getattr(node, "workeroutput", {}).get("efficiency_cases")
+        if cases:
+            self.state.merge_worker_cases(cases)
 
 
 def _session(config: pytest.Config) -> EfficiencySession:
@@ -94,7 +112,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "eff_case" not in metafunc.fixturenames:
         return
     cases = grid(_session(metafunc.config).cfg)
-    metafunc.parametrize("eff_case", cases, ids=[c.id for c in cases])
+    # One model's cases share a worker under `-n N --dist loadgroup`, so its baseline is measured once.
+    params = [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.model)) for c in cases]
+    metafunc.parametrize("eff_case", params)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

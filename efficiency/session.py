@@ -32,6 +32,7 @@ class EfficiencySession:
     _runner: Any = None
     _baselines: dict[str, dict[str, Any] | BaseException] = field(default_factory=dict)
     _path: Path | None = None
+    worker_output: dict[str, Any] | None = None  # set on a pytest-xdist worker: cases go to the controller
 
     @property
     def runner(self) -> Any:
@@ -79,11 +80,30 @@ class EfficiencySession:
     def _record(self, case: dict[str, Any]) -> None:
         self._ensure_report()
         self.report["cases"].append(case)
-        self._write()
+        if self.worker_output is None:
+            self._write()
+
+    def merge_worker_cases(self, cases_json: str) -> None:
+        """On the xdist controller: add the cases a worker measured (sent as JSON when the worker finished)."""
+        import json
+
+        cases = json.loads(cases_json)
+        if cases:
+            self._ensure_report()
+            self.report["cases"].extend(cases)
+            self._write()
 
     def finish(self, exitstatus: int) -> None:
         if not self.report:
             return
+        if self.worker_output is not None:  # the controller writes the one report of the run
+            import json
+
+            self.worker_output["efficiency_cases"] = json.dumps(self.report["cases"])
+            return
+        order = {(m, t): i for i, (m, t) in enumerate(
+            (m, t) for m in self.cfg.models for t in (self.cfg.baseline, *self.cfg.techniques))}
+        self.report["cases"].sort(key=lambda c: order.get((c["model"], c["technique"]), len(order)))
         status = {0: "complete", 1: "complete", 2: "interrupted", 5: "complete"}.get(int(exitstatus), "failed")
         self.report["status"] = status
         self.report["finished_at"] = now_iso()

@@ -143,3 +143,20 @@ def pytest_runtest_call(item):
     assert result.ret == pytest.ExitCode.INTERRUPTED
     assert report["status"] == "interrupted" and report["finished_at"]
     assert [c["technique"] for c in report["cases"]] == ["fp32", "bnb8"]
+
+
+def test_xdist_workers_cases_end_up_in_one_report(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    import shutil
+
+    models = tiny_dir / "models"
+    if not (models / "tiny-gpt2-b").exists():
+        shutil.copytree(models / "tiny-gpt2", models / "tiny-gpt2-b")
+    result, report = run_grid(pytester, tiny_dir, "--eff-models", "tiny-gpt2,tiny-gpt2-b", "--eff-techniques",
+                              "fp32,bnb8", "-n", "2", "--dist", "loadgroup")
+    result.assert_outcomes(passed=4)
+    assert report["status"] == "complete"
+    assert [c["id"] for c in report["cases"]] == ["tiny-gpt2-fp32", "tiny-gpt2-bnb8", "tiny-gpt2-b-fp32",
+                                                  "tiny-gpt2-b-bnb8"]
+    assert all(c["deltas"] for c in report["cases"])
+    assert len(list((pytester.path / "reports").glob("*.json"))) == 1
+    result.stdout.fnmatch_lines(["*pytest-efficiency*", "tiny-gpt2-b-bnb8 *"])
