@@ -46,6 +46,12 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("strict", {"action": "store_true", "default": False,
                 "help": "fail, instead of skip, when a model or data is missing"}),
     ("quiet", {"action": "store_true", "default": False, "help": "no progress lines on stderr"}),
+    ("history", {"metavar": "PATH", "help": "SQLite history every run is added to at session end "
+                                            "(default <reports-dir>/history.sqlite; 'off' to disable)"}),
+    ("compare", {"metavar": "PATH|last|COMMIT", "help": "compare this run with a report, 'last' (the last "
+                 "complete clean run with the same settings and machine in the history) or a commit in it"}),
+    ("fail-on-regression", {"type": float, "metavar": "PCT", "help": "fail the session on a significant "
+                            "runtime/energy regression beyond PCT percent against --eff-compare (default last)"}),
 ]
 
 
@@ -148,6 +154,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(session_key, None)
     if state is not None:
         state.finish(exitstatus)
+        from efficiency.report.tracking import on_sessionfinish
+
+        on_sessionfinish(session, state.report, state.cfg.reports_dir)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -161,3 +170,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
     if state.written:
         terminalreporter.write_line("report: " + ", ".join(str(p) for p in state.written))
+    from efficiency.report.tracking import terminal_lines
+
+    for line in terminal_lines(config):  # history and --eff-compare
+        terminalreporter.write_line(line)

@@ -31,11 +31,12 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 @dataclass(frozen=True)
 class LatencyResult:
     prefill_s: float  # median forward pass over the prompt, no cache reuse
-    decode_s_per_token: float  # (t(generate N) - t(generate 1)) / (N - 1), medians
+    decode_s_per_token: float | None  # (t(generate N) - t(generate 1)) / (N - 1), medians; None if unresolved
     prompt_tokens: int
     new_tokens: int
     rounds: int
     prefill_s_all: tuple[float, ...]
+    reason: str | None = None
     method: str = "median of rounds after 1 warm-up; perf_counter with device sync at both edges; greedy decode"
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,9 +67,13 @@ def measure_latency(
     one = [timed(generate(1), sync) for _ in range(rounds)]
     many = [timed(generate(new_tokens), sync) for _ in range(rounds)]
     per_token = (statistics.median(many) - statistics.median(one)) / (new_tokens - 1)
+    reason = None
+    if per_token <= 0:  # timing noise larger than the decode work: say so instead of reporting 0
+        reason = f"generate({new_tokens}) was not slower than generate(1) (noise); use more --eff-decode-tokens"
     return LatencyResult(
         prefill_s=statistics.median(pre),
-        decode_s_per_token=max(per_token, 0.0),
+        decode_s_per_token=per_token if per_token > 0 else None,
+        reason=reason,
         prompt_tokens=prompt.shape[1],
         new_tokens=new_tokens,
         rounds=rounds,

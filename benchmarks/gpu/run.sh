@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/results.md, one mode per call: `bash benchmarks/gpu/run.sh MODE OUTDIR`.
+# Expects EFFICIENCY_DATA_DIR (WikiText-2 + architectures) and, on a machine without PyPI, the SmolLM2 GGUF
+# already in $EFFICIENCY_CACHE_DIR/smollm2/gguf/. Each mode writes a JSON report and a log to OUTDIR.
+set -uo pipefail
+mode=$1; out=$2; mkdir -p "$out"
+: "${EFFICIENCY_DATA_DIR:?set EFFICIENCY_DATA_DIR}"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+run() {  # run NAME pytest-args...
+  local name=$1; shift
+  $py -m pytest benchmarks/test_grid.py -p efficiency.plugin -p no:cacheprovider -q -rs --eff-device cuda \
+    --eff-data-dir "$EFFICIENCY_DATA_DIR" --eff-report "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" | \
+    grep -v "^Loading\|^Writing\|it/s\]$"
+}
+archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
+case $mode in
+  probe)     run probe $archs --eff-models opt-125m --eff-techniques fp16,bnb4 --eff-max-tokens 8192 --eff-min-window 3 ;;
+  archs)     run archs $archs --eff-models opt-125m,opt-1.3b,opt-6.7b --eff-techniques fp16,bf16,bnb8,bnb4 \
+               --eff-max-tokens 32768 ;;
+  smollm2)   run smollm2 --eff-models smollm2-135m --eff-techniques fp32,fp16,bf16,bnb8,bnb4,bnb4-fp4 ;;
+  pruning)   run pruning --eff-models smollm2-135m --eff-max-tokens 65536 --eff-techniques \
+               ah90,ah80,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4,ah90+bnb4,sparsegpt-2:4+bnb8 --eff-threshold 1000 ;;
+  pruning-archs) run pruning-archs $archs --eff-models opt-125m,opt-1.3b --eff-max-tokens 32768 --eff-techniques \
+               ah90,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4 ;;
+  *) echo "unknown mode $mode"; exit 2 ;;
+esac

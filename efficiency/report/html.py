@@ -1,0 +1,121 @@
+"""A self-contained HTML page for one run: header, plots embedded as base64 PNG, the case table, violations
+and, optionally, a comparison with a base run. No external resource is referenced (no script, font or CSS)."""
+
+from __future__ import annotations
+
+import base64
+from html import escape
+from typing import Any
+
+from efficiency.report import plots
+from efficiency.report.compare import Comparison
+from efficiency.report.summary import comparison_lines, fmt, pct
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1150px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; white-space: nowrap; }
+.fail { color: #b00020; font-weight: bold; } .ok { color: #1b7f3b; } .meta { color: #555; font-size: 13px; }
+figure { margin: 12px 0; } figcaption { font-size: 12px; color: #555; } img { max-width: 100%; }
+pre { background: #f7f7f7; padding: 8px; font-size: 12px; overflow-x: auto; }
+"""
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _score(s: dict[str, Any] | None) -> str:
+    s = s or {}
+    if s.get("status") in ("ok", "free"):
+        return f"{s['value']:.3g}"
+    return {"no-saving": "none", "unavailable": "n/a"}.get(str(s.get("status")), "")
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _cases_table(report: dict[str, Any]) -> str:
+    head = ("case", "perplexity", "Δppl", "runtime s", "Δt", "energy J", "ΔE", "J/token", "peak MiB",
+            "size MiB", "opt energy", "opt runtime", "opt balanced", "Pareto", "gate")
+    rows = []
+    for c in report.get("cases") or []:
+        if c.get("status") != "measured":
+            rows.append(f"<tr><td>{escape(c['id'])}</td><td colspan='{len(head) - 2}' "
+                        f"style='text-align:left'>{escape(str(c.get('reason')))}</td>"
+                        f"<td>{escape(str(c.get('status')))}</td></tr>")
+            continue
+        d, th, sc = c.get("deltas") or {}, c.get("threshold") or {}, c.get("scores") or {}
+        if c.get("is_baseline"):
+            gate = ("base", "ok")
+        elif not th.get("checked"):
+            gate = ("-", "")
+        else:
+            gate = ("ok", "ok") if th.get("passed") else ("FAIL", "fail")
+        ppl = c["perplexity"]
+        cells = [c["id"], fmt(ppl["value"]) + ("" if ppl["meaningful"] else "*"),
+                 pct(d.get("perplexity_pct")), fmt(c["runtime"]["median_s"]), pct(d.get("runtime_pct")),
+                 fmt(c["energy"]["energy_j"]), pct(d.get("energy_pct")), fmt(c["energy"].get("j_per_token")),
+                 _mib(c["memory"]["peak_bytes"]), _mib(c["size"]["size_bytes"]), _score(sc.get("energy")),
+                 _score(sc.get("runtime")), _score(sc.get("balanced")),
+                 "*" if (c.get("pareto") or {}).get("on_front") else ""]
+        rows.append("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in cells)
+                    + f"<td class='{gate[1]}'>{gate[0]}</td></tr>")
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+
+
+def _meta(report: dict[str, Any], source: str) -> str:
+    env, settings = report.get("environment") or {}, report.get("settings") or {}
+    git, wl = env.get("git") or {}, settings.get("workload") or {}
+    status = str(report.get("status"))
+    items = [
+        f"status <b class='{'ok' if status == 'complete' else 'fail'}'>{escape(status)}</b>",
+        "commit " + escape((git.get("commit") or "no git")[:12]
+                           + (" (dirty tree)" if git.get("dirty") else "")),
+        escape(f"{report.get('started_at')} to {report.get('finished_at')}"),
+        escape(f"device {settings.get('device')} ({(env.get('device') or {}).get('name')}), "
+               f"CPU {env.get('cpu')}"),
+        escape(f"baseline {settings.get('baseline')}"),
+        escape(f"{wl.get('dataset')} context {wl.get('context')} stride {wl.get('stride')} max_tokens "
+               f"{wl.get('max_tokens')}, batch {wl.get('batch_size')}"),
+    ] + ([f"source {escape(source)}"] if source else [])
+    return "<p class='meta'>" + "; ".join(items) + "</p>"
+
+
+def render(report: dict[str, Any], comparison: Comparison | None = None, source: str = "") -> str:
+    settings = report.get("settings") or {}
+    commit = (((report.get("environment") or {}).get("git") or {}).get("commit") or "no git")[:12]
+    _, xlabel = plots.quality_axis(report)
+    reasons = "".join("; " + escape(r) for r in plots.energy_reasons(report))
+    violations = report.get("violations") or []
+    if violations:
+        gate = (f"<p class='fail'>{len(violations)} threshold violation(s)</p><ul>"
+                + "".join(f"<li>{escape(v['message'])}</li>" for v in violations) + "</ul>")
+    else:
+        gate = "<p class='ok'>no threshold violation</p>"
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>pytest-efficiency report {escape(commit)}</title><style>{CSS}</style></head><body>",
+        f"<h1>pytest-efficiency: {escape(', '.join(settings.get('models') or []))}</h1>",
+        _meta(report, source),
+        "<h2>Threshold gate</h2>", gate,
+        "<div id='plots'><h2>Quality against cost</h2><figure>",
+        _img(plots.quality_plot(report), "perplexity against cost with the Pareto front"),
+        f"<figcaption>Perplexity against {escape(xlabel)}{reasons}. Dashed: each model's Pareto front in "
+        "these two axes (the report's own Pareto flag also uses energy when measured).</figcaption></figure>",
+        "<h2>Runtime and energy change per technique</h2><figure>",
+        _img(plots.changes_plot(report), "runtime and energy change per technique"),
+        "</figure><h2>Optimisation score per priority</h2><figure>",
+        _img(plots.scores_plot(report), "optimisation score per priority"),
+        f"<figcaption>{escape(str(settings.get('score_convention', '')))}</figcaption></figure></div>",
+        "<h2>Cases</h2>", _cases_table(report),
+        "<p class='meta'>* perplexity meaningless (random weights). Pareto: not dominated within the "
+        "model.</p>",
+    ]
+    if comparison is not None:
+        parts += ["<h2>Comparison</h2><pre>", escape("\n".join(comparison_lines(comparison))), "</pre>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,145 @@
+"""Text and Markdown renderings: a comparison (terminal and Markdown), a run's Markdown summary (for
+``$GITHUB_STEP_SUMMARY``) and a gate result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from efficiency.report.compare import METRICS, Comparison, MetricComparison
+
+LABELS = {m.name: m.label for m in METRICS}
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "B":
+        return f"{value / 2**20:.1f} MiB"
+    return f"{value:.4g}"
+
+
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{value:+.1f}%"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> list[str]:
+    if markdown:
+        esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+        return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |"
+                                                                                   for r in esc]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+            for r in [list(headers), *rows]]
+
+
+def _metric_row(case_id: str, m: MetricComparison) -> list[str]:
+    unit = {x.name: x.unit for x in METRICS}[m.metric]
+    p = "" if m.p_value is None else f"{m.p_value:.3g}"
+    n = f"{m.n_base}/{m.n_head}" if m.n_base or m.n_head else ""
+    return [case_id, LABELS[m.metric], fmt(m.base, unit), fmt(m.head, unit), pct(m.change_pct), n, p,
+            m.verdict]
+
+
+def comparison_lines(comp: Comparison, markdown: bool = False, verbose: bool = True,
+                     gated_only: bool = False) -> list[str]:
+    """A header, one row per case and metric (``verbose=False``: only rows with a value; ``gated_only``: only
+    the metrics that can fail a gate), then the verdict and the reasons behind uncalled changes."""
+    crit = comp.criteria
+    regs, imps = comp.regressions(), comp.improvements()
+    head = f"{comp.head_label} vs {comp.base_label}"
+    lines = [("### " if markdown else "") + f"Comparison: {head}",
+             f"criteria: runtime/energy ±{crit.runtime_pct:g}%, perplexity ±{crit.perplexity_pct:g}% "
+             f"(threshold only), others ±{crit.info_pct:g}% (reported, not gated); one-sided Mann-Whitney U "
+             f"on the rounds, alpha {crit.alpha:g}; both needed to call a change"]
+    if markdown:
+        lines.append("")
+    lines += [f"note: {n}" for n in comp.notes]
+    rows: list[list[str]] = []
+    skipped: list[str] = []
+    for case in comp.cases:
+        if not case.compared:
+            skipped.append(f"{case.case_id}: not compared: {case.reason}")
+            continue
+        for m in case.metrics:
+            if (verbose or m.verdict != "n/a") and (m.gated or not gated_only):
+                rows.append(_metric_row(case.case_id, m))
+    shown = [m for m in METRICS if m.gated or not gated_only]
+    absent = [m.label for m in shown if all(x.verdict == "n/a" for c in comp.cases if c.compared
+                                            for x in c.metrics if x.metric == m.name)]
+    if not verbose and absent and comp.compared:
+        lines.append("no value on either side for: " + ", ".join(absent))
+    if rows:
+        if markdown:
+            lines.append("")
+        headers = ["case", "metric", "base", "head", "change", "n base/head", "p", "verdict"]
+        lines += table(headers, rows, markdown)
+    if markdown and skipped:
+        lines.append("")
+    lines += [("- " if markdown else "") + s for s in skipped]
+    if markdown:
+        lines.append("")
+    if regs:
+        lines.append(f"REGRESSION: {len(regs)} significant regression(s) beyond the threshold:")
+        lines += [f"{'- ' if markdown else '  '}{cid}: {LABELS[m.metric]} {m.reason}" for cid, m in regs]
+    elif comp.compared == 0:
+        lines.append(f"nothing compared: none of the {len(comp.cases)} case(s) is comparable")
+    else:
+        lines.append(f"no significant regression ({comp.compared} of {len(comp.cases)} case(s) compared)")
+    if imps:
+        lines.append("improvements: " + ", ".join(f"{cid} {LABELS[m.metric]} {pct(m.change_pct)}"
+                                                   for cid, m in imps))
+    details = [f"{c.case_id} {LABELS[m.metric]}: {m.reason}" for c in comp.cases for m in c.metrics
+               if m.gated and m.verdict in ("insufficient rounds", "not significant", "not compared")]
+    lines += [("- " if markdown else "  ") + d for d in details]
+    return lines
+
+
+def _score(s: dict[str, Any] | None) -> str:
+    s = s or {}
+    if s.get("status") in ("ok", "free"):
+        return f"{s['value']:.3g}" + (" (free)" if s["status"] == "free" else "")
+    return {"no-saving": "no saving", "unavailable": "n/a"}.get(str(s.get("status")), "")
+
+
+def run_markdown(report: dict[str, Any]) -> list[str]:
+    """A run as Markdown: header, one row per case, violations, notes."""
+    env, settings = report.get("environment") or {}, report.get("settings") or {}
+    git, wl = env.get("git") or {}, settings.get("workload") or {}
+    commit = (git.get("commit") or "no git")[:12] + (" (dirty)" if git.get("dirty") else "")
+    lines = [
+        "## pytest-efficiency",
+        "",
+        f"status **{report.get('status')}**, commit `{commit}`, device {settings.get('device')} "
+        f"({(env.get('device') or {}).get('name')}), baseline {settings.get('baseline')}, "
+        f"{wl.get('dataset')} context {wl.get('context')} stride {wl.get('stride')} "
+        f"max_tokens {wl.get('max_tokens')}",
+        "",
+    ]
+    rows, notes = [], []
+    for c in report.get("cases") or []:
+        if c.get("status") != "measured":
+            rows.append([c["id"], "", "", "", "", "", "", "", c.get("status", "?")])
+            notes.append(f"{c['id']}: {c.get('status')}: {c.get('reason')}")
+            continue
+        d, th, scores = c.get("deltas") or {}, c.get("threshold") or {}, c.get("scores") or {}
+        if c.get("is_baseline"):
+            gate = "base"
+        else:
+            gate = "-" if not th.get("checked") else "ok" if th.get("passed") else "**FAIL**"
+        ppl = fmt(c["perplexity"]["value"]) + ("" if c["perplexity"]["meaningful"] else "*")
+        rows.append([c["id"], ppl, pct(d.get("perplexity_pct")), fmt(c["runtime"]["median_s"]),
+                     pct(d.get("runtime_pct")), fmt(c["energy"]["energy_j"]), pct(d.get("energy_pct")),
+                     " / ".join(_score(scores.get(k)) for k in ("energy", "runtime", "balanced")), gate])
+        if c["energy"]["energy_j"] is None and c["energy"].get("reason"):
+            notes.append(f"energy not measured: {c['energy']['reason']}")
+    headers = ["case", "ppl", "Δppl", "runtime s", "Δt", "energy J", "ΔE", "opt E / R / B", "gate"]
+    lines += table(headers, rows, True)
+    violations = report.get("violations") or []
+    lines += ["", f"**{len(violations)} threshold violation(s)**" if violations else "no threshold violation"]
+    lines += [f"- {v['message']}" for v in violations]
+    lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)] if notes else []
+    lines.append("")
+    lines.append("opt = Pc^1.5 / (alpha Tc + beta Ec), lower is better (arXiv 2502.00046; see the report's "
+                 "settings.score_convention)")
+    return lines
