@@ -109,10 +109,13 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path) 
     max_tokens = pick("max_tokens", t["max_tokens_gpu"] if gpu else t["max_tokens_cpu"])
     if isinstance(max_tokens, str):
         max_tokens = None if max_tokens.lower() in ("all", "none", "0") else int(max_tokens)
+    context = int(pick("context", t["context"] if gpu else t.get("context_cpu", t["context"])))
+    # A default stride longer than a chosen context means "non-overlapping"; an explicit one is validated.
+    stride = int(opts["stride"]) if opts.get("stride") is not None else min(int(t["stride"]), context)
     workload = Workload(
         dataset=str(pick("dataset", t["dataset"])),
-        context=int(pick("context", t["context"] if gpu else t.get("context_cpu", t["context"]))),
-        stride=int(pick("stride", t["stride"])),
+        context=context,
+        stride=stride,
         max_tokens=max_tokens,
         batch_size=int(pick("batch_size", t["batch_size"])),
         prefill_tokens=int(pick("prefill_tokens", t["prefill_tokens"])),

@@ -1,3 +1,3 @@
 """Importing this module registers the built-in techniques (each module registers its own names)."""
 
-from efficiency.techniques import bnb, precision  # noqa: F401
+from efficiency.techniques import bnb, distil, heads, magnitude, minitron, precision, sparsegpt  # noqa: F401

@@ -1,0 +1,77 @@
+"""Pipelines of pruning and quantisation: applied left to right, order recorded, and order matters
+(prune, then quantise works; quantise, then prune is refused with a reason)."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from efficiency.data import Corpus
+from efficiency.techniques.base import Context, Pipeline, UnsupportedTechnique, parse, parse_one
+from efficiency.techniques.heads import HeadPruning, attention_modules
+
+pytest.importorskip("bitsandbytes")
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for ``efficiency.data.tokenize``: bytes folded into the tiny models' 128 ids."""
+
+    bos_token_id = None
+    special_tokens_map: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return 128
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
+        ids = [b % 128 for b in text.encode()]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+
+def byte_context(tmp_path: Path) -> Context:
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran"]
+    text = " ".join(rng.choice(words) for _ in range(600))
+    corpus = Corpus("calib.txt", "test", text)
+    return Context("cpu", ByteTokenizer(), "tiny", tmp_path, calibration=lambda: corpus, progress=False)
+
+
+@pytest.mark.parametrize("tiny", ["opt"], indirect=True)
+def test_prune_then_quantise_keeps_the_zeros(tiny: Any, tmp_path: Path) -> None:
+    ctx = byte_context(tmp_path)
+    model = parse("mag50+bnb8").apply(tiny, ctx)
+    assert ctx.info["order"] == ["mag50", "bnb8"]
+    assert ctx.info["mag50"]["pruned_layers"] == ctx.info["bnb8"]["quantised_layers"] == 12
+    fc1 = model.model.decoder.layers[0].fc1
+    assert fc1.weight.dtype == torch.int8
+    assert float((fc1.weight == 0).float().mean()) >= 0.5  # int8 keeps zeros as zeros
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("tiny", ["opt"], indirect=True)
+def test_quantise_then_prune_is_refused(tiny: Any, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedTechnique, match="prune before quantising"):
+        parse("bnb8+mag50").apply(tiny, byte_context(tmp_path))
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_heads_then_quantise(tiny: Any, tmp_path: Path) -> None:
+    ctx = byte_context(tmp_path)
+    fresh = copy.deepcopy(tiny)
+    heads: Any = HeadPruning(0.0, n_sequences=2, seq_len=16)  # ah00 with a small calibration set
+    pipeline = Pipeline((heads, parse_one("bnb8")))
+    assert pipeline.name == parse("ah00+bnb8").name
+    model = pipeline.apply(tiny, ctx)
+    assert ctx.info["order"] == ["ah00", "bnb8"]
+    assert ctx.info["ah00"]["heads_removed_per_layer"] == [3, 3]
+    for attn in attention_modules(model):  # the quantised projections have the pruned shapes
+        assert type(attn.q_proj).__name__ == "Linear8bitLt"
+        assert attn.q_proj.out_features == attn.head_dim
+    assert model(torch.randint(0, 128, (1, 8))).logits.shape == (1, 8, 128)
+    with pytest.raises(UnsupportedTechnique, match="prune before quantising"):
+        parse("bnb8+ah00").apply(fresh, byte_context(tmp_path))
