@@ -19,9 +19,9 @@ case $mode in
   archs)     run archs $archs --eff-models opt-125m,opt-1.3b,opt-6.7b --eff-techniques fp16,bf16,bnb8,bnb4 \
                --eff-max-tokens 32768 ;;
   smollm2)   run smollm2 --eff-models smollm2-135m --eff-techniques fp32,fp16,bf16,bnb8,bnb4,bnb4-fp4 ;;
-  pruning)   run pruning --eff-models smollm2-135m --eff-max-tokens 65536 --eff-techniques \
-               ah90,ah80,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4,ah90+bnb4,sparsegpt-2:4+bnb8 --eff-threshold 1000 ;;
+  pruning)   run pruning --eff-models smollm2-135m --eff-max-tokens 65536 --eff-threshold 100000 --eff-techniques \
+               ah90,ah80,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4,ah90+bnb4,sparsegpt50+bnb4,minitron-w25,distil-d50 ;;
   pruning-archs) run pruning-archs $archs --eff-models opt-125m,opt-1.3b --eff-max-tokens 32768 --eff-techniques \
-               ah90,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4 ;;
+               mag50,mag-2:4,sparsegpt50,sparsegpt-2:4 ;;
   *) echo "unknown mode $mode"; exit 2 ;;
 esac
