@@ -26,6 +26,18 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
     return found
 
 
+SEMI_STRUCTURED_PARTS = ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")
+
+
+def _semi_structured_bytes(param: Any) -> int | None:
+    """Bytes of a PyTorch 2:4 semi-structured tensor as stored (kept values + metadata), None for others."""
+    data = getattr(param, "data", param)
+    if not type(data).__name__.startswith("SparseSemiStructuredTensor"):
+        return None
+    parts = [getattr(data, name, None) for name in SEMI_STRUCTURED_PARTS]
+    return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+
+
 def _logical_numel(param: Any) -> int:
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
@@ -54,6 +66,11 @@ def model_size(model: torch.nn.Module) -> SizeResult:
             continue
         seen.add(id(p))
         params += _logical_numel(p)
+        sparse_bytes = _semi_structured_bytes(p)
+        if sparse_bytes is not None:  # 2:4 sparse kernels: half the values are stored, plus metadata
+            nbytes += sparse_bytes
+            nonzero += p.numel() // 2
+            continue
         nbytes += p.numel() * p.element_size()
         nbytes += sum(t.numel() * t.element_size() for t in _quant_state_tensors(p))
         if getattr(p, "quant_state", None) is None and p.is_floating_point():
