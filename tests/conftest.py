@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,3 +52,31 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.skip(f"offline data folder not found at {SHARED_DATA} (set EFFICIENCY_DATA_DIR)")
     return SHARED_DATA
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for ``efficiency.data.tokenize``: bytes folded into the tiny models' 128 ids."""
+
+    bos_token_id = None
+    special_tokens_map: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return 128
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
+        import torch
+
+        ids = [b % 128 for b in text.encode()]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+
+def byte_context(tmp_path: Path) -> Any:
+    """A CPU Context whose calibration text is 600 random words, tokenised by :class:`ByteTokenizer`."""
+    from efficiency.data import Corpus
+    from efficiency.techniques.base import Context
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran"]
+    text = " ".join(rng.choice(words) for _ in range(600))
+    corpus = Corpus("calib.txt", "test", text)
+    return Context("cpu", ByteTokenizer(), "tiny", tmp_path, calibration=lambda: corpus, progress=False)

@@ -4,15 +4,13 @@ sparsity / 2:4 on tiny models, and the on-disk cache (hit on a repeat, miss when
 from __future__ import annotations
 
 import copy
-import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from efficiency.data import Corpus
+from conftest import ByteTokenizer, byte_context
 from efficiency.techniques.base import Context, UnsupportedTechnique, parse_one
 from efficiency.techniques.magnitude import (
     SparsityPattern,
@@ -30,29 +28,6 @@ from efficiency.techniques.sparsegpt import (
     run_block,
     sparsegpt_prune,
 )
-
-
-class ByteTokenizer:
-    """Enough of a tokenizer for ``efficiency.data.tokenize``: bytes folded into the tiny models' 128 ids."""
-
-    bos_token_id = None
-    special_tokens_map: dict[str, str] = {}
-
-    def __len__(self) -> int:
-        return 128
-
-    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
-        ids = [b % 128 for b in text.encode()]
-        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
-
-
-def byte_context(tmp_path: Path) -> Context:
-    rng = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran"]
-    text = " ".join(rng.choice(words) for _ in range(600))
-    corpus = Corpus("calib.txt", "test", text)
-    return Context("cpu", ByteTokenizer(), "tiny", tmp_path, calibration=lambda: corpus, progress=False)
-
 
 TINY: dict[str, Any] = {"n_sequences": 4, "seq_len": 32, "batch_size": 2, "block_size": 16}
 
