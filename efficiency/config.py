@@ -113,6 +113,7 @@ class SuiteConfig:
     random_weights: bool = False
     strict: bool = False
     compute_dtype: str | None = None
+    students: Mapping[str, str] = field(default_factory=dict)  # extra teacher -> published student names
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -103,7 +103,7 @@ class Runner:
         return Context(
             device=self.cfg.device, tokenizer=tokenizer, model_name=model_name, cache_dir=self.cfg.cache_dir,
             calibration=self.calibration, teacher=teacher, load_model=load_model,
-            compute_dtype=self.cfg.compute_dtype,
+            compute_dtype=self.cfg.compute_dtype, students=self.cfg.students,
         )
 
     def _measure_loaded(

@@ -141,4 +141,5 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path) 
         random_weights=bool(opts.get("random_weights")),
         strict=bool(opts.get("strict")),
         compute_dtype=pick("compute_dtype", t.get("compute_dtype")),
+        students={str(k): str(v) for k, v in dict(t.get("students", {})).items()},
     )

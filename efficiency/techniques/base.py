@@ -7,7 +7,7 @@ names into a :class:`Pipeline` applied left to right (``distil+ah90+bnb4``, the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -37,6 +37,7 @@ class Context:
     calibration: Callable[[], Corpus] | None = None
     teacher: Callable[[], Any] | None = None  # a fresh copy of the original model (for distillation)
     load_model: Callable[[str], Any] | None = None  # loads another model by name (published students)
+    students: Mapping[str, str] = field(default_factory=dict)  # teacher -> published student ([tool.efficiency])
     compute_dtype: str | None = None
     seed: int = 0
     progress: bool = True

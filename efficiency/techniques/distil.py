@@ -419,10 +419,11 @@ class PublishedStudent(TechniqueBase):
     family = "distillation"
 
     def _student(self, ctx: Context) -> tuple[str, Callable[[str], Any]]:
-        student = self.students.get(ctx.model_name)
+        known = {**self.students, **ctx.students}
+        student = known.get(ctx.model_name)
         if student is None:
             raise UnsupportedTechnique(
-                f"distil: no published student for {ctx.model_name!r} (known: {dict(self.students)}); "
+                f"distil: no published student for {ctx.model_name!r} (known: {known}); "
                 "register one under [tool.efficiency.students], or train one with distil-dNN / distil-wNN"
             )
         loader = ctx.load_model

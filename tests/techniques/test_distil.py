@@ -267,3 +267,20 @@ def test_training_is_reproducible_and_teacher_samples_stand_in_for_calibration(t
         assert ctx.info["distil-d50"]["data"]["source"] == "teacher-samples"
     ids = torch.arange(3, 19)[None]
     torch.testing.assert_close(students[0](ids).logits, students[1](ids).logits)
+
+
+def test_published_student_from_the_configured_registry(tmp_path: Path) -> None:
+    from conftest import tiny_model
+
+    student = tiny_model("gpt2", seed=1)
+    loaded: list[str] = []
+
+    def load_model(name: str) -> Any:
+        loaded.append(name)
+        return student
+
+    ctx = Context("cpu", None, "tiny-teacher", tmp_path, load_model=load_model, students={"tiny-teacher": "tiny-s"})
+    out = parse("distil").apply(tiny_model("gpt2"), ctx)
+    assert out is student and loaded == ["tiny-s"] and ctx.info["distil"]["student"] == "tiny-s"
+    with pytest.raises(UnsupportedTechnique, match="no published student"):
+        parse("distil").check(Context("cpu", None, "unknown", tmp_path, load_model=load_model))
