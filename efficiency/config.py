@@ -87,11 +87,14 @@ class Thresholds:
                 raise ConfigError(f"threshold for {name!r} must be >= 0 percent, got {value}")
 
     def limit_for(self, technique: str) -> float:
-        """The exact name first (``distil+bnb4``), else the last step of a pipeline, else the default."""
+        """The exact name first (``distil+bnb4``); for a pipeline without its own entry, the sum of its steps'
+        limits (quality losses of successive steps add up roughly); else the default."""
         if technique in self.per_technique:
             return self.per_technique[technique]
-        last = technique.split("+")[-1]
-        return self.per_technique.get(last, self.default_pct)
+        steps = technique.split("+")
+        if len(steps) > 1:
+            return sum(self.limit_for(step) for step in steps)
+        return self.default_pct
 
 
 @dataclass(frozen=True)

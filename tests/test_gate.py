@@ -18,7 +18,7 @@ def test_at_or_under_the_limit_passes() -> None:
 def test_thresholds_per_technique_pipeline_and_default() -> None:
     t = Thresholds(25.0, {"bnb4": 10.0, "distil+bnb4": 70.0})
     assert t.limit_for("bnb4") == 10.0
-    assert t.limit_for("ah90+bnb4") == 10.0  # last step of a pipeline
+    assert t.limit_for("ah90+bnb4") == 35.0  # a pipeline: its steps' limits added (default 25 + bnb4 10)
     assert t.limit_for("distil+bnb4") == 70.0  # exact name wins
     assert t.limit_for("mag50") == 25.0
 
