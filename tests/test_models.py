@@ -78,3 +78,29 @@ def test_any_local_gguf_folder_resolves(tmp_path: Path) -> None:
     (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
     source = resolve("my-model", (tmp_path,))
     assert source.kind is SourceKind.LOCAL_GGUF and source.gguf_file == "weights.Q4_0.gguf"
+
+
+def test_hub_id_loads_from_the_local_hf_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub path (`from_pretrained(hub_id)`) on local files: a snapshot laid out as huggingface_hub does."""
+    import torch
+    from transformers import AutoTokenizer
+
+    arch = SHARED_DATA / "architectures" / "opt-125m"
+    if not arch.is_dir():
+        pytest.skip("architectures folder missing")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hf" / "hub" / "models--facebook--opt-125m"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tiny_model("opt").save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(arch).save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # read at import time: set it as the hub sees it
+    source = resolve("opt-125m", (tmp_path / "no-local-models",))
+    assert source.kind is SourceKind.HF_CACHE and source.location == "facebook/opt-125m"
+    loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
+    assert loaded.model.config.hidden_size == 32
