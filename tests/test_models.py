@@ -104,3 +104,18 @@ def test_hub_id_loads_from_the_local_hf_cache_offline(tmp_path: Path, monkeypatc
     assert source.kind is SourceKind.HF_CACHE and source.location == "facebook/opt-125m"
     loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
     assert loaded.model.config.hidden_size == 32
+
+
+def test_hub_reachability_probe_is_fast_and_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from efficiency.models import _hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{port}")
+        assert _hub_reachable()
+    monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{port}")  # the listener is closed now
+    assert not _hub_reachable(timeout_s=1.0)
