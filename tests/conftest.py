@@ -80,3 +80,28 @@ def byte_context(tmp_path: Path) -> Any:
     text = " ".join(rng.choice(words) for _ in range(600))
     corpus = Corpus("calib.txt", "test", text)
     return Context("cpu", ByteTokenizer(), "tiny", tmp_path, calibration=lambda: corpus, progress=False)
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for efficiency.data.tokenize: one id per character, vocabulary 128, BOS = 1."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+    special_tokens_map = {"bos_token": "<s>"}
+
+    def __len__(self) -> int:
+        return 128
+
+    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
+        import torch
+
+        ids = ([1] if add_special_tokens else []) + [3 + ord(c) % 125 for c in text]
+        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
+
+
+def word_corpus() -> Any:
+    """3,000 random words from a small vocabulary: calibration / training text for the tiny models."""
+    from efficiency.data import Corpus
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat while dogs ran over hills and rivers under grey skies".split()
+    return Corpus("tiny.txt", "memory", " ".join(rng.choice(words) for _ in range(3000)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import tiny_model
-from efficiency.data import Corpus
+from conftest import CharTokenizer, tiny_model
+from conftest import word_corpus as corpus
 from efficiency.techniques.base import Context, UnsupportedTechnique, parse
 from efficiency.techniques.distil import KdSettings, count_params, sample_from_teacher
 from efficiency.techniques.minitron import (
@@ -29,24 +28,6 @@ from efficiency.techniques.minitron import (
 
 TINY = KdSettings(tokens=2048, batch_size=4, seq_len=32, lr=1e-3, warmup=0.1, heldout_tokens=256)
 IDS = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-
-
-class CharTokenizer:
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, None
-    special_tokens_map = {"bos_token": "<s>"}
-
-    def __len__(self) -> int:
-        return 128
-
-    def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
-        ids = ([1] if add_special_tokens else []) + [3 + ord(c) % 125 for c in text]
-        return SimpleNamespace(input_ids=torch.tensor([ids]) if return_tensors == "pt" else ids)
-
-
-def corpus() -> Corpus:
-    rng = random.Random(0)
-    words = "the cat sat on a mat while dogs ran over hills and rivers under grey skies".split()
-    return Corpus("tiny.txt", "memory", " ".join(rng.choice(words) for _ in range(3000)))
 
 
 def llama(kv_heads: int = 4, layers: int = 4, tied: bool = False, planted: bool = True) -> Any:
