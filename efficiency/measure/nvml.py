@@ -1,0 +1,293 @@
+"""NVIDIA GPU energy: the NVML total-energy counter, integrated sampled power where it is missing, and the
+GPU's power state (limit, clocks, temperature) for the report. pynvml is imported only when a meter is used."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from efficiency.measure.energy import (
+    _MAY_READ_ZERO,
+    _PIP_HINT,
+    NVML_UPDATE_PERIOD_S,
+    Clock,
+    EnergySample,
+    Meter,
+    NullMeter,
+    _short_window_caveat,
+    _Window,
+)
+
+
+def _nvml_open(indices: Sequence[int]) -> tuple[Any, list[Any]]:
+    """Import pynvml, init NVML (reference counted) and return (module, handles)."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+    except BaseException:
+        pynvml.nvmlShutdown()
+        raise
+
+
+def _nvml_close(nvml: Any) -> None:
+    try:
+        nvml.nvmlShutdown()
+    except nvml.NVMLError:  # closing is best effort: a failed shutdown must not lose the reading
+        pass
+
+
+class NvmlEnergyMeter:
+    """Sums `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load) over GPUs (Volta and newer).
+
+    `indices` are NVML indices (PCI bus order). They differ from CUDA ordinals under CUDA_VISIBLE_DEVICES
+    or the default CUDA_DEVICE_ORDER; map them (e.g. by PCI bus id) before building the meter.
+
+    Uncertainty: the counter updates about every `NVML_UPDATE_PERIOD_S`, so each edge can be off by one
+    period of energy: `2 * period * mean window power`, per GPU, summed. Below one period it is unknown.
+    """
+
+    def __init__(self, indices: Sequence[int], *, clock: Clock = time.perf_counter) -> None:
+        if not indices:
+            raise ValueError("NvmlEnergyMeter needs at least one GPU index")
+        self.indices = tuple(indices)
+        self.method = "nvml-total-energy"
+        self.domains = tuple(f"gpu:{i}" for i in self.indices)
+        self._window = _Window(clock)
+        self._nvml: Any = None
+        self._handles: list[Any] = []  # non-empty while NVML is open for a window
+        self._start_mj: list[int] = []
+
+    def _read_mj(self) -> list[int]:
+        return [int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(h)) for h in self._handles]
+
+    def _release(self) -> None:
+        if self._handles:
+            self._handles = []
+            _nvml_close(self._nvml)
+
+    def begin(self) -> None:
+        if self._handles:
+            raise RuntimeError("begin() called twice without end() or cancel()")
+        self._nvml, self._handles = _nvml_open(self.indices)
+        try:
+            self._window.open()
+            self._start_mj = self._read_mj()
+        except BaseException:
+            self.cancel()
+            raise
+
+    def end(self) -> EnergySample:
+        t0, t1 = self._window.close()
+        window_s = t1 - t0
+        try:
+            end_mj = self._read_mj()
+        except self._nvml.NVMLError as exc:
+            return EnergySample(None, window_s, self.method, None, self.domains, f"NVML read failed: {exc}")
+        finally:
+            self._release()
+        deltas_j = [(b - a) / 1000.0 for a, b in zip(self._start_mj, end_mj, strict=True)]
+        if any(d < 0 for d in deltas_j):
+            reason = "energy counter went backwards (driver reloaded?)"
+            return EnergySample(None, window_s, self.method, None, self.domains, reason)
+        caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "counter", _MAY_READ_ZERO)
+        uncertainty_j = None if caveat else sum(2 * NVML_UPDATE_PERIOD_S * d / window_s for d in deltas_j)
+        return EnergySample(sum(deltas_j), window_s, self.method, uncertainty_j, self.domains, caveat)
+
+    def cancel(self) -> None:
+        self._release()
+        self._window.drop()
+
+
+class NvmlPowerSamplingMeter:
+    """Integrates `nvmlDeviceGetPowerUsage` (mW) sampled by a background thread, for GPUs without the counter.
+
+    Samples are (perf_counter time, summed power) pairs: one at begin(), one every `interval_s`, one at end();
+    the energy is their trapezoid integral. Uncertainty (an estimate, not a bound): the power reading lags
+    by up to one update period at each edge (`2 * NVML_UPDATE_PERIOD_S * mean power`) plus the integration
+    error of straight lines between samples (`largest gap between samples * mean power`).
+    """
+
+    def __init__(
+        self, indices: Sequence[int], interval_s: float = 0.02, *, clock: Clock = time.perf_counter
+    ) -> None:
+        if not indices:
+            raise ValueError("NvmlPowerSamplingMeter needs at least one GPU index")
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.indices = tuple(indices)
+        self.interval_s = interval_s
+        self.method = "nvml-power-sampling"
+        self.domains = tuple(f"gpu:{i}" for i in self.indices)
+        self._clock = clock
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        self._samples: list[tuple[float, float]] = []  # (t_s, summed power_w)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def _sample(self) -> None:
+        t_s = self._clock()
+        power_w = sum(self._nvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0
+        with self._lock:
+            self._samples.append((t_s, power_w))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception as exc:  # reported by end() as an unavailable reading, not lost
+                self._error = f"power sampling failed during the window: {exc!r}"
+                return
+
+    def begin(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("begin() called twice without end() or cancel()")
+        self._nvml, self._handles = _nvml_open(self.indices)
+        self._samples, self._error = [], None
+        try:
+            self._sample()
+        except BaseException:
+            _nvml_close(self._nvml)
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-power-sampler", daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=max(1.0, 10 * self.interval_s))
+        self._thread = None
+
+    def end(self) -> EnergySample:
+        if self._thread is None:
+            raise RuntimeError("end() called without begin()")
+        self._stop_thread()
+        try:
+            self._sample()
+        except self._nvml.NVMLError as exc:
+            self._error = f"NVML read failed: {exc}"
+        finally:
+            _nvml_close(self._nvml)
+        with self._lock:
+            samples = list(self._samples)
+        window_s = samples[-1][0] - samples[0][0]
+        if self._error is not None:
+            return EnergySample(None, window_s, self.method, None, self.domains, self._error)
+        # trapezoid rule: sum of (t1 - t0) * (p0 + p1) / 2 over consecutive samples
+        pairs = list(zip(samples, samples[1:], strict=False))
+        energy_j = sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in pairs)
+        max_gap_s = max((t1 - t0 for (t0, _), (t1, _) in pairs), default=0.0)
+        reason = (
+            f"integrated from sampled power every {self.interval_s * 1000:g} ms "
+            f"(no energy counter on this GPU); {len(samples)} samples"
+        )
+        caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "power reading", "uncertainty unknown")
+        if caveat:
+            return EnergySample(energy_j, window_s, self.method, None, self.domains, f"{reason}; {caveat}")
+        mean_w = energy_j / window_s
+        uncertainty_j = mean_w * (2 * NVML_UPDATE_PERIOD_S + max_gap_s)
+        return EnergySample(energy_j, window_s, self.method, uncertainty_j, self.domains, reason)
+
+    def cancel(self) -> None:
+        if self._thread is None:
+            return
+        self._stop_thread()
+        _nvml_close(self._nvml)
+
+
+def select_gpu_meter(indices: Sequence[int], *, interval_s: float = 0.02) -> Meter:
+    """NVML energy counter if every GPU has it, else sampled power, else a NullMeter with the reason."""
+    if not indices:
+        return NullMeter("no GPU: no GPU index given")
+    try:
+        import pynvml
+    except ImportError:
+        return NullMeter(_PIP_HINT)
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return NullMeter(f"NVML init failed: {exc}")
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        if count == 0:
+            return NullMeter("no GPU: NVML sees 0 devices")
+        missing = [i for i in indices if not 0 <= i < count]
+        if missing:
+            return NullMeter(f"no GPU at NVML index {missing} (NVML sees {count} devices)")
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+        if _supports(pynvml, pynvml.nvmlDeviceGetTotalEnergyConsumption, handles):
+            return NvmlEnergyMeter(indices)
+        if _supports(pynvml, pynvml.nvmlDeviceGetPowerUsage, handles):
+            return NvmlPowerSamplingMeter(indices, interval_s)
+        return NullMeter(f"GPU {list(indices)}: NVML supports neither the energy counter nor power readings")
+    except pynvml.NVMLError as exc:
+        return NullMeter(f"NVML query failed: {exc}")
+    finally:
+        _nvml_close(pynvml)
+
+
+def _supports(nvml: Any, query: Callable[[Any], object], handles: Sequence[Any]) -> bool:
+    try:
+        for handle in handles:
+            query(handle)
+    except nvml.NVMLError_NotSupported:
+        return False
+    return True
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def power_state(indices: Sequence[int]) -> dict[str, object]:
+    """Per-GPU power limit (W), power draw (W), SM/memory clocks (MHz), temperature (C), name; driver version.
+
+    A field the GPU does not report is None. Returns {"available": False, "reason": ...} without NVML.
+    """
+    if not indices:
+        return {"available": False, "reason": "no GPU: no GPU index given"}
+    try:
+        import pynvml
+    except ImportError:
+        return {"available": False, "reason": _PIP_HINT}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return {"available": False, "reason": f"NVML init failed: {exc}"}
+
+    def query(fn: Callable[..., Any], *args: Any, scale: float = 1.0) -> float | None:
+        try:
+            return float(fn(*args)) * scale
+        except pynvml.NVMLError:
+            return None
+
+    try:
+        gpus: list[dict[str, object]] = []
+        for index in indices:
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            gpus.append(
+                {
+                    "index": index,
+                    "name": _text(pynvml.nvmlDeviceGetName(h)),
+                    "power_limit_w": query(pynvml.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3),
+                    "power_w": query(pynvml.nvmlDeviceGetPowerUsage, h, scale=1e-3),
+                    "sm_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
+                    "mem_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
+                    "temperature_c": query(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
+                }
+            )
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        return {"available": True, "driver_version": driver, "gpus": gpus}
+    except pynvml.NVMLError as exc:
+        return {"available": False, "reason": f"NVML query failed: {exc}"}
+    finally:
+        _nvml_close(pynvml)
+
