@@ -47,6 +47,17 @@ def tiny(request: pytest.FixtureRequest) -> Any:
     return tiny_model(request.param)
 
 
+@pytest.fixture
+def one_thread() -> Any:
+    """The machine is shared: tiny matmuls run faster on one thread than on oversubscribed ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
