@@ -35,13 +35,14 @@ class Context:
     model_name: str
     cache_dir: Path
     calibration: Callable[[], Corpus] | None = None
-    teacher: Callable[[], Any] | None = None  # a fresh copy of the original model (for distillation)
+    teacher: Callable[[], Any] | None = None  # loads the original model again (for distillation)
     load_model: Callable[[str], Any] | None = None  # loads another model by name (published students)
     students: Mapping[str, str] = field(default_factory=dict)  # teacher -> published student ([tool.efficiency])
     compute_dtype: str | None = None
     seed: int = 0
     progress: bool = True
     info: dict[str, Any] = field(default_factory=dict)  # per-step details that go into the report
+    steps_done: int = 0  # pipeline steps applied so far: 0 means the model in hand is still the original
 
     @property
     def is_cuda(self) -> bool:
@@ -136,6 +137,7 @@ class Pipeline:
         ctx.info["order"] = [step.name for step in self.steps]
         for step in self.steps:
             model = step.apply(model, ctx)
+            ctx.steps_done += 1
         return model
 
 

@@ -334,11 +334,12 @@ def count_params(model: Any) -> int:
 
 
 def _teacher(model: Any, ctx: Context) -> tuple[Any, str]:
-    """The model passed in, unless the context provides the original model as teacher."""
-    if ctx.teacher is not None:
+    """The original model teaches. As the first step of a pipeline that is the model passed in; after earlier
+    steps (``ah90+distil-d50``) the context loads the original again."""
+    if ctx.steps_done > 0 and ctx.teacher is not None:
         teacher = ctx.teacher()
         if teacher is not None:
-            return teacher, "ctx.teacher"
+            return teacher, "original model (reloaded after earlier pipeline steps)"
     return model, "input model"
 
 
@@ -368,8 +369,6 @@ def distil_into(
     plan = plan_data(ctx, teacher, settings, seed)
     source_fp = model_fingerprint(model)
     teacher_fp = source_fp if teacher is model else model_fingerprint(teacher)
-    if teacher_fp == source_fp:  # ctx.teacher gave a second copy of the input model: keep one
-        teacher, teacher_source = model, "input model"
     parts = student_cache_parts(name, ctx.model_name, source_fp, teacher_fp, settings, seed, structure,
                                 plan.key)
     built: dict[str, Any] = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import byte_context
-from efficiency.techniques.base import Pipeline, UnsupportedTechnique, parse, parse_one
+from efficiency.techniques.base import Context, Pipeline, UnsupportedTechnique, parse, parse_one
 from efficiency.techniques.heads import HeadPruning, attention_modules
 
 pytest.importorskip("bitsandbytes")
@@ -53,3 +53,26 @@ def test_heads_then_quantise(tiny: Any, tmp_path: Path) -> None:
     assert model(torch.randint(0, 128, (1, 8))).logits.shape == (1, 8, 128)
     with pytest.raises(UnsupportedTechnique, match="prune before quantising"):
         parse("bnb8+ah00").apply(fresh, byte_context(tmp_path))
+
+
+def test_pipeline_counts_applied_steps_for_later_ones(tmp_path: Path) -> None:
+    from dataclasses import dataclass
+
+    seen: list[int] = []
+
+    @dataclass(frozen=True)
+    class Probe:
+        name: str = "probe"
+
+        def check(self, ctx: Context) -> None: ...
+
+        def load_dtype(self, ctx: Context) -> None:
+            return None
+
+        def apply(self, model: Any, ctx: Context) -> Any:
+            seen.append(ctx.steps_done)
+            return model
+
+    ctx = Context("cpu", None, "tiny", tmp_path)
+    Pipeline((Probe(), Probe(), Probe())).apply(object(), ctx)
+    assert seen == [0, 1, 2] and ctx.steps_done == 3

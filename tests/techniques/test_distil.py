@@ -256,3 +256,22 @@ def test_published_student_from_the_configured_registry(tmp_path: Path) -> None:
     assert out is student and loaded == ["tiny-s"] and ctx.info["distil"]["student"] == "tiny-s"
     with pytest.raises(UnsupportedTechnique, match="no published student"):
         parse("distil").check(Context("cpu", None, "unknown", tmp_path, load_model=load_model))
+
+
+def test_the_original_is_reloaded_as_teacher_only_after_earlier_steps(tmp_path: Path) -> None:
+    from conftest import tiny_model
+    from efficiency.techniques.distil import _teacher
+
+    loads: list[int] = []
+    original = tiny_model("gpt2", seed=3)
+
+    def reload() -> Any:
+        loads.append(1)
+        return original
+
+    model = tiny_model("gpt2")
+    ctx = Context("cpu", None, "tiny", tmp_path, teacher=reload)
+    assert _teacher(model, ctx) == (model, "input model") and loads == []  # first step: no second load
+    ctx.steps_done = 1
+    teacher, source = _teacher(model, ctx)
+    assert teacher is original and loads == [1] and source.startswith("original model")
