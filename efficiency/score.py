@@ -17,7 +17,7 @@ The raw percentage changes stay in the report so any reader can recompute anothe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from efficiency.config import Priority
@@ -90,16 +90,18 @@ def pareto_front(points: Sequence[Sequence[float | None]]) -> list[bool]:
     return flags
 
 
+def number_at(d: Mapping[str, object], *path: str) -> float | None:
+    """The number at ``d[path[0]][path[1]]...`` of a report dict, or None where the path or number is missing."""
+    cur: object = d
+    for key in path:
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(key)
+    return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
+
+
 def case_deltas(case: dict[str, object], base: dict[str, object]) -> dict[str, float | None]:
     """Percentage changes of a case's numbers against its model's baseline case (report dicts)."""
-
-    def get(d: dict[str, object], *path: str) -> float | None:
-        cur: object = d
-        for key in path:
-            if not isinstance(cur, dict):
-                return None
-            cur = cur.get(key)
-        return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
 
     ppl_section = case.get("perplexity")
     meaningful = isinstance(ppl_section, dict) and bool(ppl_section.get("meaningful"))
@@ -114,11 +116,11 @@ def case_deltas(case: dict[str, object], base: dict[str, object]) -> dict[str, f
         "parameters_pct": ("size", "parameters"),
     }
     out: dict[str, float | None] = {
-        "perplexity_pct": pct_change(get(case, "perplexity", "value"), get(base, "perplexity", "value"))
+        "perplexity_pct": pct_change(number_at(case, "perplexity", "value"), number_at(base, "perplexity", "value"))
         if meaningful else None
     }
     for name, path in fields.items():
-        out[name] = pct_change(get(case, *path), get(base, *path))
+        out[name] = pct_change(number_at(case, *path), number_at(base, *path))
     return out
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from efficiency.report.stats import mann_whitney_u, testable
-from efficiency.score import pct_change
+from efficiency.score import number_at, pct_change
 
 Report = dict[str, Any]
 Case = dict[str, Any]
@@ -53,15 +53,6 @@ class Criteria:
             raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
 
 
-def _num(case: Case, *path: str) -> float | None:
-    cur: Any = case
-    for key in path:
-        if not isinstance(cur, dict):
-            return None
-        cur = cur.get(key)
-    return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
-
-
 def _list(case: Case, *path: str) -> list[float]:
     cur: Any = case
     for key in path:
@@ -81,42 +72,42 @@ class Metric:
 
 
 def _ppl(c: Case) -> float | None:
-    return _num(c, "perplexity", "value") if (c.get("perplexity") or {}).get("meaningful") else None
+    return number_at(c, "perplexity", "value") if (c.get("perplexity") or {}).get("meaningful") else None
 
 
 def _runtime(c: Case) -> float | None:
     rounds = _list(c, "runtime", "rounds_s")
-    return statistics.median(rounds) if rounds else _num(c, "runtime", "median_s")
+    return statistics.median(rounds) if rounds else number_at(c, "runtime", "median_s")
 
 
 def _energy_samples(c: Case) -> list[float]:
     per_round = _list(c, "energy", "rounds_j")
     if per_round:
         return per_round
-    value = _num(c, "energy", "energy_j")
+    value = number_at(c, "energy", "energy_j")
     return [value] if value is not None else []
 
 
 def _per_case_memory(c: Case) -> float | None:
     method = str((c.get("memory") or {}).get("method") or "")
-    return None if "not per case" in method else _num(c, "memory", "peak_bytes")
+    return None if "not per case" in method else number_at(c, "memory", "peak_bytes")
 
 
 METRICS: tuple[Metric, ...] = (
     Metric("perplexity", "perplexity", _ppl, None, True),
     Metric("runtime_s", "runtime (s)", _runtime, lambda c: _list(c, "runtime", "rounds_s"), True,
            ("batch_size",), "s"),
-    Metric("energy_j", "energy (J)", lambda c: _num(c, "energy", "energy_j"), _energy_samples, True,
+    Metric("energy_j", "energy (J)", lambda c: number_at(c, "energy", "energy_j"), _energy_samples, True,
            ("batch_size",), "J"),
-    Metric("j_per_token", "energy per token (J)", lambda c: _num(c, "energy", "j_per_token"), None, False,
+    Metric("j_per_token", "energy per token (J)", lambda c: number_at(c, "energy", "j_per_token"), None, False,
            ("batch_size",), "J"),
-    Metric("prefill_s", "prefill latency (s)", lambda c: _num(c, "latency", "prefill_s"),
+    Metric("prefill_s", "prefill latency (s)", lambda c: number_at(c, "latency", "prefill_s"),
            lambda c: _list(c, "latency", "prefill_s_all"), False, ("prefill_tokens",), "s"),
-    Metric("decode_s_per_token", "decode per token (s)", lambda c: _num(c, "latency", "decode_s_per_token"),
-           lambda c: [v] if (v := _num(c, "latency", "decode_s_per_token")) is not None else [], False,
+    Metric("decode_s_per_token", "decode per token (s)", lambda c: number_at(c, "latency", "decode_s_per_token"),
+           lambda c: [v] if (v := number_at(c, "latency", "decode_s_per_token")) is not None else [], False,
            ("prefill_tokens", "decode_tokens"), "s"),
     Metric("peak_bytes", "peak memory", _per_case_memory, None, False, ("batch_size",), "B"),
-    Metric("size_bytes", "size", lambda c: _num(c, "size", "size_bytes"), None, False, (), "B"),
+    Metric("size_bytes", "size", lambda c: number_at(c, "size", "size_bytes"), None, False, (), "B"),
 )
 METRIC_NAMES = tuple(m.name for m in METRICS)
 

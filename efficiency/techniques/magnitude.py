@@ -175,6 +175,15 @@ def semi_structured_unavailable(model: nn.Module, ctx: Context, pattern: Sparsit
     return None
 
 
+def sparse_kernel_report(model: nn.Module, layers: list[tuple[str, Any]], ctx: Context, pattern: SparsityPattern,
+                         semi_structured: bool) -> dict[str, Any]:
+    """What the report says about kernels: N:M layers go to the 2:4 sparse kernels when asked and possible;
+    otherwise the weights stay masked dense and no speed-up is expected."""
+    if pattern.is_nm and semi_structured:
+        return to_semi_structured(model, layers, ctx, pattern)
+    return {"sparse_kernels": False, "reason": NO_SPEEDUP}
+
+
 def to_semi_structured(model: nn.Module, layers: list[tuple[str, Any]], ctx: Context,
                        pattern: SparsityPattern) -> dict[str, Any]:
     """Swap 2:4-pruned ``nn.Linear`` weights for ``SparseSemiStructuredTensor`` where the device allows it.
@@ -251,10 +260,7 @@ class MagnitudePruning(TechniqueBase):
                 **sparsity_report(pruned)}
         if skipped:
             info["skipped_layers"] = skipped
-        if self.pattern.is_nm and self.semi_structured:
-            info.update(to_semi_structured(model, pruned, ctx, self.pattern))
-        else:
-            info.update({"sparse_kernels": False, "reason": NO_SPEEDUP})
+        info.update(sparse_kernel_report(model, pruned, ctx, self.pattern, self.semi_structured))
         ctx.info[self.name] = info
         return model
 

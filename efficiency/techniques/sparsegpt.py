@@ -36,15 +36,14 @@ from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechni
 from efficiency.techniques.bnb import FilterFn
 from efficiency.techniques.calibration import CalibrationSpec, calibration_ids, model_fingerprint
 from efficiency.techniques.magnitude import (
-    NO_SPEEDUP,
     SparsityPattern,
     block_filter,
     decoder_layers,
     ensure_float_layer,
     is_linear,
     nm_keep,
+    sparse_kernel_report,
     sparsity_report,
-    to_semi_structured,
     unstructured_keep,
     weight_view,
 )
@@ -330,10 +329,7 @@ class SparseGPT(TechniqueBase):
             "block_size": self.block_size, "damp": self.damp, "cache": "hit" if hit else "miss",
             "cache_entry": str(folder), **sparsity_report(layers),
         }
-        if self.pattern.is_nm and self.semi_structured:
-            info.update(to_semi_structured(model, layers, ctx, self.pattern))
-        else:
-            info.update({"sparse_kernels": False, "reason": NO_SPEEDUP})
+        info.update(sparse_kernel_report(model, layers, ctx, self.pattern, self.semi_structured))
         ctx.info[self.name] = info
         return model
 
