@@ -19,8 +19,6 @@ from efficiency.config import SuiteConfig
 from efficiency.report.schema import new_report, now_iso
 from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_front
 
-SKIP_ERRORS = ("ModelUnavailable", "DataUnavailable", "FetchError")
-
 
 @dataclass
 class EfficiencySession:
@@ -101,8 +99,9 @@ class EfficiencySession:
 
             self.worker_output["efficiency_cases"] = json.dumps(self.report["cases"])
             return
-        order = {(m, t): i for i, (m, t) in enumerate(
-            (m, t) for m in self.cfg.models for t in (self.cfg.baseline, *self.cfg.techniques))}
+        from efficiency.plugin import grid
+
+        order = {(c.model, c.technique): i for i, c in enumerate(grid(self.cfg))}
         self.report["cases"].sort(key=lambda c: order.get((c["model"], c["technique"]), len(order)))
         status = {0: "complete", 1: "complete", 2: "interrupted", 5: "complete"}.get(int(exitstatus), "failed")
         self.report["status"] = status
@@ -113,9 +112,8 @@ class EfficiencySession:
 
     # --- cases -----------------------------------------------------------------------------------------
     def _skip_or_fail(self, case_id: str, model: str, technique: str, err: BaseException) -> None:
-        kind = type(err).__name__
-        reason = f"{kind}: {err}"
-        strict = self.cfg.strict and kind in SKIP_ERRORS
+        reason = f"{type(err).__name__}: {err}"
+        strict = self.cfg.strict and isinstance(err, self._skip_types())
         self._record({"id": case_id, "model": model, "technique": technique, "status": "error" if strict else "skipped",
                       "reason": reason})
         if strict:
