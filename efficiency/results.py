@@ -83,7 +83,8 @@ def case_to_dict(result: CaseResult) -> dict[str, Any]:
         "model_info": _jsonable(result.model_info),
         **_jsonable(result.sections),
         "size": result.size.to_dict(),
-        "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None)}
+        "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None),
+                          "setup_s": rec.setup_s}
                    for name, rec in result.records.items()},
         "conditions": _jsonable(result.conditions),
     }

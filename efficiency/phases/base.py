@@ -69,6 +69,7 @@ class PhaseRecord:
     name: str
     result: Any  # the phase's typed result
     window: Window
+    setup_s: float = 0.0  # untimed preparation before the window (warm-up, compilation), reported apart
 
 
 @dataclass
@@ -179,9 +180,12 @@ def measured_window(ctx: PhaseContext) -> Iterator[dict[str, Any]]:
 
 
 def run_phase(phase: Phase, model: Any, ctx: PhaseContext) -> PhaseRecord:
+    t0 = time.perf_counter()
     phase.setup(model, ctx)
+    ctx.sync()
+    setup_s = time.perf_counter() - t0
     with measured_window(ctx) as out:
         result = phase.run(model, ctx)
-    record = PhaseRecord(phase.name, result, out["window"])
+    record = PhaseRecord(phase.name, result, out["window"], setup_s)
     ctx.records[phase.name] = record
     return record
