@@ -66,6 +66,15 @@ PEAKS: tuple[DevicePeak, ...] = (
 )
 
 
+def device_name(device: str) -> str:
+    """The name torch reports for a CUDA device ("NVIDIA H100 80GB HBM3"), "cpu" otherwise."""
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    return "cpu"
+
+
 def lookup(device_name: str | None) -> DevicePeak | None:
     if not device_name:
         return None

@@ -8,8 +8,9 @@ What a deployment runs instead of eager Hugging Face passes:
   the latency phases make (greedy, no padding, ``min_new_tokens == max_new_tokens``); any other call goes to
   Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
   equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
-- **forward without cache** (the perplexity pass, prefill latency): the model's forward compiled once per input
-  shape (``dynamic=False``).
+- **forward without cache** (the perplexity pass, prefill latency): regional compilation, each decoder block
+  compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one
+  block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks).
 
 Compilation happens at the first call of each shape, which the phases make in their untimed setup (warm-up); the
 report gives it as each phase's ``setup_s``. The static cache's length is the prompt plus the new tokens rounded
@@ -47,7 +48,10 @@ class CompiledExecution:
         self.orig_forward = model.forward
         self.orig_generate = model.generate
         self.cache_bucket = cache_bucket
-        self.full = torch.compile(self.orig_forward, backend=backend, dynamic=False)
+        # Passes without cache: regional compilation (each repeated decoder block compiled; the blocks share one
+        # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
+        self.container, self.blocks = repeated_blocks(model)
+        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in self.blocks]
         self.step = torch.compile(self._step, backend=backend, mode=decode_mode, fullgraph=True, dynamic=False)
         params = inspect.signature(self.orig_forward).parameters
         self.takes_cache_position = "cache_position" in params
@@ -57,10 +61,18 @@ class CompiledExecution:
 
     # --- forward ---------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("use_cache") is False and kwargs.get("past_key_values") is None:
+        if kwargs.get("use_cache") is False and kwargs.get("past_key_values") is None and self.blocks:
             self.calls["compiled_forward"] += 1
-            return self.full(*args, **kwargs)
+            container = self.container
+            try:
+                for i, block in enumerate(self.compiled_blocks):
+                    container[i] = block
+                return self.orig_forward(*args, **kwargs)
+            finally:
+                for i, block in enumerate(self.blocks):
+                    container[i] = block
         return self.orig_forward(*args, **kwargs)
+
 
     # --- decode ----------------------------------------------------------------------------------------
     def _kwargs(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any, mask: torch.Tensor) -> dict[str, Any]:
@@ -120,6 +132,15 @@ class CompiledExecution:
         return torch.cat([input_ids, *tokens], dim=1)
 
 
+def repeated_blocks(model: Any) -> tuple[Any, list[Any]]:
+    """(the ``ModuleList``, its blocks): the transformer's decoder blocks, the longest list of one class."""
+    best: Any = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > len(best or ()) and len({type(b) for b in m}) == 1:
+            best = m
+    return best, list(best or ())
+
+
 def _max_positions(config: Any) -> int:
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
@@ -165,7 +186,8 @@ class Compile(TechniqueBase):
             "torch": torch.__version__,
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
                       f"one-token step torch.compile(fullgraph, mode={decode_mode}); prefill eager",
-            "forward": "torch.compile(model.forward, dynamic=False) for passes without cache (perplexity, prefill)",
+            "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks for passes "
+                       "without cache (perplexity, prefill)",
             "cuda_graphs": decode_mode == DECODE_MODE,
             "warm_up": "compilation at the first call of each shape, in the phases' untimed setup (setup_s)",
         }

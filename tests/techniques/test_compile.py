@@ -72,16 +72,32 @@ def test_other_generate_calls_go_to_hugging_face(one_thread: Any) -> None:
     assert state is not None and state.calls["hf_generate"] == 1 and state.calls["compiled_generate"] == 0
 
 
-def test_compiled_forward_gives_the_same_perplexity(one_thread: Any) -> None:
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any) -> None:
+    """Regional compilation: the blocks share one graph per input shape (not one per block)."""
+    from torch._dynamo.utils import counters
+
+    from efficiency.measure.perplexity import _batches
+
     torch._dynamo.reset()
-    model = tiny_model("opt")
+    counters.clear()
+    model = tiny_model(family)
     ids = torch.randint(0, 128, (200,))
     eager = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
     model = Compile(backend="eager").apply(model, _ctx(["compile"]))
-    compiled = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
+    ev = PerplexityEvaluator(ids, 64, 32, 4)
+    compiled = ev.run(model, "cpu")
     state = compiled_state(model)
-    assert state is not None and state.calls["compiled_forward"] > 0
+    assert state is not None and state.calls["compiled_forward"] > 0 and len(state.blocks) == 2
     assert abs(compiled.perplexity - eager.perplexity) / eager.perplexity < 1e-6
+    shapes = {(len(g), g[0].length) for g in _batches(ev.plan, 4)}
+    assert counters["stats"]["unique_graphs"] <= len(shapes)
+    assert all(b is model.get_submodule(n) for b, n in zip(state.blocks, _block_names(model)))  # put back
+
+
+def _block_names(model: Any) -> list[str]:
+    return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()
+            and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.ModuleList)]
 
 
 def test_compile_must_be_last() -> None:

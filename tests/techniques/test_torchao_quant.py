@@ -1,0 +1,55 @@
+"""torchao techniques on the CPU with tiny models: the ones with CPU kernels quantise every block linear layer,
+keep the perplexity close, shrink the weights and name the kernel; the GPU-only ones skip with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from efficiency.measure.perplexity import PerplexityEvaluator
+from efficiency.measure.roofline import weights_read_per_token
+from efficiency.techniques.base import Context, UnsupportedTechnique, parse
+
+from conftest import tiny_model
+
+pytest.importorskip("torchao")
+
+
+def _ctx() -> Context:
+    return Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+@pytest.mark.parametrize("name,max_rel,max_bytes_ratio", [("int8wo", 1e-3, 0.45), ("int8dq", 1e-3, 0.45),
+                                                          ("fp8wo", 1e-3, 0.45)])
+def test_cpu_techniques_quantise(family: str, name: str, max_rel: float, max_bytes_ratio: float,
+                                 one_thread: None) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (300,))
+    model = tiny_model(family)
+    ref = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu").perplexity
+    base_bytes = weights_read_per_token(model)[0]
+    ctx = _ctx()
+    pipe = parse(name)
+    pipe.check(ctx)
+    model = pipe.apply(model.to(pipe.load_dtype(ctx, torch.float32)), ctx)
+    got = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu").perplexity
+    assert abs(got - ref) / ref < max_rel
+    info = ctx.info[name]
+    assert info["quantised_layers"] == {"gpt2": 8, "opt": 12, "llama": 14}[family]
+    assert info["kernel"] and info["weight_tensor"] != "Parameter"
+    # tiny models are embedding-heavy: the linear layers shrink 4x, the whole read set to under ~45%
+    assert weights_read_per_token(model)[0] < base_bytes * max_bytes_ratio + 2 * 128 * 32 * 4
+
+
+@pytest.mark.parametrize("name", ["fp8dq", "int4wo", "gemlite-int4", "gemlite-fp8wo"])
+def test_gpu_only_techniques_skip_on_cpu_with_the_reason(name: str) -> None:
+    with pytest.raises(UnsupportedTechnique, match="CUDA|GPU"):
+        parse(name).check(_ctx())
+
+
+def test_names() -> None:
+    assert parse("int4wo-g64-hqq+compile").name == "int4wo-g64-hqq+compile"
+    assert parse("int4wo").name == "int4wo" and parse("gemlite-int4").name == "gemlite-int4"
