@@ -30,9 +30,13 @@ class QualityPhase:
     name: ClassVar[str] = "quality"
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
+        from efficiency.techniques.compile import compiled_state
+
         ev = _evaluator(ctx)
         ctx.log(f"{ctx.case_id}: perplexity pass over {len(ctx.tokens)} tokens ({len(ev.plan)} windows of "
                 f"{ctx.context})")
+        if compiled_state(model) is not None:  # compile every input shape of the pass here, not in the window
+            ev.run(model, ctx.device)
 
     def run(self, model: Any, ctx: PhaseContext) -> Any:
         return _evaluator(ctx).run(model, ctx.device)
