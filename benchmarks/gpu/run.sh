@@ -19,7 +19,7 @@ archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
 deploy_techniques=${DEPLOY_TECHNIQUES:-bf16,bf16+compile,int4wo+compile,gemlite-int4+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile}
 deploy() {  # deploy NAME MODEL
   run "$1" $archs --eff-models "$2" --eff-techniques "$deploy_techniques" --eff-baseline bf16+compile \
-    --eff-max-tokens 17408 --eff-batch-size 8 --eff-decode-tokens 64 --eff-prefill-tokens 128 \
+    --eff-max-tokens "${DEPLOY_MAX_TOKENS:-17408}" --eff-batch-size 8 --eff-decode-tokens 64 --eff-prefill-tokens 128 \
     --eff-min-window "${DEPLOY_MIN_WINDOW:-3}" --eff-threshold 100000 --eff-history off
 }
 case $mode in
