@@ -46,7 +46,8 @@ def table(report: dict[str, Any]) -> list[str]:
         tok = lat.get("decode_s_per_token")
         setup = sum((p.get("setup_s") or 0) for p in (c.get("phases") or {}).values())
         lines.append(
-            f"| {c['id']} | {f(tok * 1e3 if tok else None)} | {f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
+            f"| {c['id']} | {f(tok * 1e3 if tok else None)} | "
+            f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
             f"{f(lat['decode_j_per_token'] * 1e3 if lat.get('decode_j_per_token') else None)} | "
             f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "

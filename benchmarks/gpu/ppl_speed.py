@@ -74,17 +74,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (a.tokens,), generator=g).cuda()
     rows: list[dict[str, Any]] = []
+    model: Any = None
+    cmodel: Any = None
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        t_hf, ppl_hf = timed(lambda: hf_recipe(model, ids, a.context, a.stride))
+        t_hf, ppl_hf = timed(lambda m=model: hf_recipe(m, ids, a.context, a.stride))
         rows.append({"dtype": str(dtype), "variant": "hf-recipe (1 window)", "s": t_hf, "ppl": ppl_hf})
         n_windows = len(PerplexityEvaluator(ids, a.context, a.stride, 1).plan)
         auto = auto_batch_size(model, a.context, a.stride, "cuda", n_windows)
         for label, batch in (("suite batch 4", 4), (f"suite auto batch ({auto})", None)):
             ev = PerplexityEvaluator(ids, a.context, a.stride, batch)
-            t, res = timed(lambda: ev.run(model, "cuda"))
+            t, res = timed(lambda e=ev, m=model: e.run(m, "cuda"))
             rows.append({"dtype": str(dtype), "variant": label, "s": t, "ppl": res.perplexity,
                          "batch": res.batch_size})
         if dtype == torch.bfloat16:
@@ -93,10 +95,10 @@ def main() -> None:
             ctx.info["order"] = ["compile"]
             cmodel = pipe.apply(model, ctx)
             ev = PerplexityEvaluator(ids, a.context, a.stride, None)
-            t, res = timed(lambda: ev.run(cmodel, "cuda"))
+            t, res = timed(lambda e=ev, m=cmodel: e.run(m, "cuda"))
             rows.append({"dtype": str(dtype), "variant": f"suite auto batch ({res.batch_size}) + compile", "s": t,
                          "ppl": res.perplexity, "batch": res.batch_size})
-        del model
+        model = cmodel = None
         torch.cuda.empty_cache()
     for r in rows:
         base = next(x for x in rows if x["dtype"] == r["dtype"] and x["variant"].startswith("hf-recipe"))

@@ -70,8 +70,10 @@ class GemliteQuant(TechniqueBase):
         device = ctx.device
 
         def make(mod: nn.Module, name: str) -> nn.Module:
-            weight = mod.weight.detach()
-            bias = mod.bias.detach() if mod.bias is not None else None
+            lin: Any = mod
+            weight = lin.weight.detach()
+            raw_bias = lin.bias
+            bias = raw_bias.detach() if raw_bias is not None else None
             if self.kind == "fp8wo":
                 return helper.A16W8_FP8(device=device, dtype=dtype).from_weights(weight, bias)
             if weight.shape[1] % self.group_size:

@@ -4,13 +4,14 @@ Each is one torchao config applied with ``torchao.quantization.quantize_`` to th
 LM head and embeddings stay; GPT-2's ``Conv1D`` layers become ``nn.Linear`` first). The report names the kernel
 that runs and the tensor subclass torchao put in place of the weight (``ctx.info``).
 
-| name | weights | activations | kernel on CUDA | on the CPU |
-|---|---|---|---|---|
-| ``int8wo`` | int8, per channel | bf16 | int8 weight dequantised inside the matmul (fused by inductor under compile) | ``_weight_int8pack_mm`` |
-| ``int4wo`` | int4, group 128 (``int4wo-g64``: 64; ``-hqq``: HQQ scales) | bf16 | tinygemm ``_weight_int4pack_mm`` (tile-packed) | skipped |
-| ``fp8wo`` | fp8 e4m3, per channel | bf16 | fp8 weight dequantised inside the matmul | same, slow |
-| ``fp8dq`` | fp8 e4m3, per row | fp8, per row, dynamic | ``torch._scaled_mm`` (needs compute capability >= 8.9) | skipped |
-| ``int8dq`` | int8, per channel | int8, per token, dynamic | ``torch._int_mm`` | ``torch._int_mm`` |
+- ``int8wo``: int8 weights per channel, bf16 activations; CUDA: the int8 weight dequantised inside the matmul
+  (fused by inductor under compile); CPU: ``_weight_int8pack_mm``.
+- ``int4wo`` (group 128; ``int4wo-g64``: 64; ``-hqq``: HQQ scales): tinygemm ``_weight_int4pack_mm``
+  (tile-packed), CUDA only (torchao removed its CPU packing).
+- ``fp8wo``: fp8 e4m3 weights per channel, bf16 activations, dequantised inside the matmul.
+- ``fp8dq``: fp8 weights and dynamically quantised fp8 activations, per row: ``torch._scaled_mm``; CUDA with
+  compute capability >= 8.9 only.
+- ``int8dq``: int8 weights per channel, int8 activations per token (dynamic): ``torch._int_mm``.
 
 The int4 packing: without fbgemm-gpu-genai (its ``plain``/``preshuffled`` formats), tinygemm is torchao's int4
 kernel on CUDA; gemlite's Triton kernels are the alternative (``gemlite-int4``, efficiency.techniques.gemlite_quant),
@@ -60,11 +61,13 @@ def conv1d_to_linear(model: nn.Module) -> int:
     """Replace GPT-2's ``Conv1D`` (weight stored (in, out)) by ``nn.Linear`` with the same function."""
 
     def make(mod: nn.Module, name: str) -> nn.Module:
-        w = mod.weight.detach()
-        lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+        conv: Any = mod
+        w = conv.weight.detach()  # (in, out) in Conv1D
+        bias = conv.bias
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype)
         lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
-        if mod.bias is not None:
-            lin.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return lin
 
     return swap_modules(model, make, lambda m, n: is_conv1d(m))

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from conftest import tiny_model
 from efficiency.measure.perplexity import (
     AUTO_MAX_BATCH,
     CPU_AUTO_BATCH,
@@ -13,8 +14,6 @@ from efficiency.measure.perplexity import (
     auto_batch_size,
     window_bytes,
 )
-
-from conftest import tiny_model
 
 
 def test_auto_batch_gives_the_one_window_perplexity_in_fp32() -> None:

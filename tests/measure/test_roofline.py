@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_model
 from efficiency.measure import roofline
 from efficiency.measure.roofline import decode_roofline, lookup, mfu, stored_bytes, weights_read_per_token
-
-from conftest import tiny_model
 
 
 @pytest.mark.parametrize("name,expected", [

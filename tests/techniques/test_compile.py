@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import tiny_model
 from efficiency.config import ConfigError
 from efficiency.measure.perplexity import PerplexityEvaluator
 from efficiency.techniques.base import Context, UnsupportedTechnique, parse
 from efficiency.techniques.compile import Compile, compiled_state
-
-from conftest import tiny_model
 
 
 def _ctx(order: list[str]) -> Context:
@@ -92,7 +91,7 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
     assert abs(compiled.perplexity - eager.perplexity) / eager.perplexity < 1e-6
     shapes = {(len(g), g[0].length) for g in _batches(ev.plan, 4)}
     assert counters["stats"]["unique_graphs"] <= len(shapes)
-    assert all(b is model.get_submodule(n) for b, n in zip(state.blocks, _block_names(model)))  # put back
+    assert all(b is model.get_submodule(n) for b, n in zip(state.blocks, _block_names(model), strict=True))  # put back
 
 
 def _block_names(model: Any) -> list[str]:

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_model
 from efficiency.measure.perplexity import PerplexityEvaluator
 from efficiency.measure.roofline import weights_read_per_token
 from efficiency.techniques.base import Context, UnsupportedTechnique, parse
-
-from conftest import tiny_model
 
 pytest.importorskip("torchao")
 
