@@ -182,4 +182,9 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
         if id(b) not in seen and b.dim() >= 2:
             seen.add(id(b))
             nbytes += stored_bytes(b)
+    for mod in model.modules():  # their logical weights: a linear layer without a weight parameter
+        w = getattr(mod, "weight", None)
+        n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
+        if not isinstance(w, nn.Parameter) and isinstance(n_in, int) and isinstance(n_out, int):
+            params += n_in * n_out
     return nbytes, params

@@ -89,3 +89,20 @@ def test_model_size_counts_torchao_weights_as_stored() -> None:
     size = model_size(model)
     assert size.parameters == 64 * 32
     assert 64 * 32 <= size.size_bytes < 64 * 32 * 2
+
+
+def test_linear_layers_with_packed_buffers_count_their_logical_weights() -> None:
+    """Before: a layer keeping its packed weight as a buffer (gemlite) added no parameters, so the FLOPs of the
+    pass, and its MFU, came out near zero."""
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self, n_in: int, n_out: int) -> None:
+            super().__init__()
+            self.in_features, self.out_features = n_in, n_out
+            self.register_buffer("W_q", torch.zeros(n_out, n_in // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(n_out, n_in // 64, dtype=torch.bfloat16))
+
+    model = torch.nn.Sequential(PackedLinear(128, 64), torch.nn.Linear(64, 8, bias=False))
+    nbytes, params = weights_read_per_token(model)
+    assert params == 128 * 64 + 64 * 8
+    assert nbytes == 64 * 64 + 64 * 2 * 2 + 64 * 8 * 4
