@@ -131,7 +131,7 @@ class PluginState:
                 self.session = EfficiencySession(self.cfg, self.root, log=log)  # type: ignore[call-arg]
             else:  # session.py before its log keyword: route its progress lines the same way
                 self.session = EfficiencySession(self.cfg, self.root, quiet=bool(self.opts.get("quiet")))
-                self.session._log = log  # type: ignore[method-assign]
+                self.session._log = log  # type: ignore[method-assign,assignment]
             if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
                 self.session.worker_output = self.config.workeroutput  # type: ignore[attr-defined]
         return self.session
@@ -281,8 +281,8 @@ def check_before_loading(state: PluginState) -> None:
         raise state.config_error
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ConfigError(f"efficiency cases were collected but the measuring stack is not installed ({', '.join(missing)}"
-                          "): pip install 'pytest-efficiency[ml]'")
+        raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
+                          f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
     cfg = state.cfg
     _check_techniques(cfg)
     from efficiency.models import unknown_model_message

@@ -212,7 +212,8 @@ def test_unwritable_outputs_are_refused_before_any_model_loads(pytester: pytest.
 
 
 @pytest.mark.parametrize(("pyproject", "message"), [
-    ("[tool.efficiency]\nmax_tokens = 256\n", "*unknown key 'max_tokens' in ?tool.efficiency? (now spelled max-tokens)*"),
+    ("[tool.efficiency]\nmax_tokens = 256\n",
+     "*unknown key 'max_tokens' in ?tool.efficiency? (now spelled max-tokens)*"),
     ("[tool.efficiency.thresholds]\nbnb44 = 5\n", "*unknown technique 'bnb44'*"),
     ("[tool.efficiency]\nmin-window = nan\n", "*min-window must be a finite number*"),
 ])
@@ -305,11 +306,12 @@ def pytest_runtest_call(item):
         open("started", "w").close()
         time.sleep(120)
 """)
-    cmd = [sys.executable, "-m", "pytest", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet",
-           "--eff-models", "tiny-gpt2", "--eff-model-dir", str(tiny_dir / "models"), "--eff-dataset",
-           str(tiny_dir / "corpus.txt"), "--eff-max-tokens", "200", "--eff-context", "64", "--eff-rounds", "2",
-           "--eff-decode-tokens", "3", "--eff-prefill-tokens", "16", "--eff-cache-dir", str(tiny_dir / "cache"),
-           "--eff-report", "run.json", "--eff-techniques", "fp32,bnb8,bnb4"]
+    cmd = [sys.executable, "-m", "pytest", f"--rootdir={pytester.path}", "-p", "no:cacheprovider",
+           "--benchmark-disable", "--eff-quiet", "--eff-models", "tiny-gpt2",
+           "--eff-model-dir", str(tiny_dir / "models"), "--eff-dataset", str(tiny_dir / "corpus.txt"),
+           "--eff-max-tokens", "200", "--eff-context", "64", "--eff-rounds", "2", "--eff-decode-tokens", "3",
+           "--eff-prefill-tokens", "16", "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json",
+           "--eff-techniques", "fp32,bnb8,bnb4"]
     proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not (pytester.path / "started").exists():
