@@ -11,7 +11,6 @@ once efficiency cases are collected, before any model loads. All state lives in 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import signal
 import sys
 import threading
@@ -110,6 +109,7 @@ class PluginState:
     previous_sigterm: Any = None
     sigterm_installed: bool = False
     notes: list[str] = field(default_factory=list)
+    expected: set[str] = field(default_factory=set)  # ids of the efficiency cases selected in this run
 
     @property
     def root(self) -> Path:
@@ -126,14 +126,11 @@ class PluginState:
         if self.session is None:
             from efficiency.session import EfficiencySession
 
-            log = make_log(self.config)
-            if "log" in inspect.signature(EfficiencySession).parameters:
-                self.session = EfficiencySession(self.cfg, self.root, log=log)  # type: ignore[call-arg]
-            else:  # session.py before its log keyword: route its progress lines the same way
-                self.session = EfficiencySession(self.cfg, self.root, quiet=bool(self.opts.get("quiet")))
-                self.session._log = log  # type: ignore[method-assign,assignment]
+            self.session = EfficiencySession(self.cfg, self.root, log=make_log(self.config))
             if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
                 self.session.worker_output = self.config.workeroutput  # type: ignore[attr-defined]
+            if self.expected:
+                self.session.expect(self.expected)
         return self.session
 
     # Kept for code written against the session object in the stash (report/tracking tests plant a report).
@@ -274,6 +271,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     _narrow_benchmark_table(config)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The cases selected after -k / -m: a run that measures fewer is ``incomplete`` (session.run_status)."""
+    state = _state(session.config)
+    params = (getattr(getattr(item, "callspec", None), "params", {}).get("eff_case") for item in session.items)
+    state.expected = {case.id for case in params if isinstance(case, Case)}  # called even after a usage error
+    if state.session is not None and state.expected:
+        state.session.expect(state.expected)
+
+
 def check_before_loading(state: PluginState) -> None:
     if state.checked:
         return
@@ -390,7 +396,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         state.notes.append("no efficiency case was measured (all skipped or deselected): exit "
                            f"{int(NOTHING_MEASURED)}; --eff-allow-empty accepts such a run")
     if state.session is not None:
-        state.session.finish(int(session.exitstatus))
+        stopped_early = bool(session.shouldfail or session.shouldstop)  # -x / --maxfail
+        state.session.finish(int(session.exitstatus), stopped_early=stopped_early)
         from efficiency.report.tracking import on_sessionfinish
 
         on_sessionfinish(session, state.session.report, state.session.cfg.reports_dir)
