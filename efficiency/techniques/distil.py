@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 from efficiency.cache import cached_build
 from efficiency.data import tokenize, tokenizer_fingerprint
-from efficiency.measure.energy import Meter, measure_energy, select_cpu_meter, select_gpu_meter
+from efficiency.measure.meters import select_meters
 from efficiency.measure.perplexity import PerplexityEvaluator
+from efficiency.measure.sample import Meter, measure_energy
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.calibration import model_fingerprint
 
@@ -230,28 +231,10 @@ def _autocast(ctx: Context) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def _nvml_index(cuda_index: int) -> int:
-    """NVML index of a CUDA ordinal, matched by PCI bus id (they differ under CUDA_VISIBLE_DEVICES)."""
-    try:
-        import pynvml
-
-        props: Any = torch.cuda.get_device_properties(cuda_index)
-        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByPciBusId(bus)))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no pynvml / older torch: the ordinal is right whenever no devices are hidden
-        return cuda_index
-
-
 def _meter(ctx: Context) -> tuple[Meter, Callable[[], None]]:
-    if ctx.is_cuda:
-        device = torch.device(ctx.device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return select_gpu_meter([_nvml_index(index)]), torch.cuda.synchronize
-    return select_cpu_meter(), lambda: None
+    """The run's primary meter (the one place choosing it: measure/meters.py) and the device sync."""
+    meter = select_meters(ctx.device).primary
+    return meter, (torch.cuda.synchronize if ctx.is_cuda else lambda: None)
 
 
 def train_student(
