@@ -67,7 +67,6 @@ class BnbQuant(TechniqueBase):
     compute: str | None = None  # None: the model's own float dtype
     threshold: float = 6.0
     double_quant: bool = False
-    family = "quantisation"
 
     @property
     def name(self) -> str:
@@ -121,11 +120,13 @@ class BnbQuant(TechniqueBase):
         return model
 
 
-@register(r"bnb8(?:@(fp32|fp16|bf16))?", "bnb8[@fp16|@bf16|@fp32]")
+@register(r"bnb8(?:@(fp32|fp16|bf16))?", "bnb8[@fp16|@bf16|@fp32]",
+          examples=("bnb8", "bnb8@fp16", "bnb8@bf16", "bnb8@fp32"))
 def _bnb8(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(8, compute=m.group(1))
 
 
-@register(r"bnb4(-fp4|-nf4)?(?:@(fp32|fp16|bf16))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]")
+@register(r"bnb4(-fp4|-nf4)?(?:@(fp32|fp16|bf16))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]",
+          examples=("bnb4", "bnb4-nf4", "bnb4-fp4", "bnb4@bf16", "bnb4-fp4@fp16", "bnb4-nf4@fp32"))
 def _bnb4(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(4, quant_type="fp4" if m.group(1) == "-fp4" else "nf4", compute=m.group(2))

@@ -25,9 +25,8 @@ import copy
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,11 @@ from efficiency.measure.perplexity import PerplexityEvaluator
 from efficiency.measure.sample import Meter, measure_energy
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.calibration import model_fingerprint
+from efficiency.techniques.progress import Progress
 
 # Teacher -> published distilled student. Only true distillations belong here (a smaller sibling pretrained
-# from scratch, such as opt-125m for opt-1.3b, is not a student). Extended via [tool.efficiency.students].
+# from scratch, such as opt-125m for opt-1.3b, is not a student). Extended via the technique option
+# [tool.efficiency.technique.distil] students = {...}.
 STUDENTS: dict[str, str] = {"gpt2": "distilgpt2"}
 CACHE_FORMAT = 1
 HELDOUT_LABEL = "held-out tail of the calibration corpus (not the evaluation split)"
@@ -51,14 +52,28 @@ HELDOUT_LABEL = "held-out tail of the calibration corpus (not the evaluation spl
 MakeStudent = Callable[[Any, torch.Tensor], tuple[Any, dict[str, Any]]]
 
 
+# Per-device defaults of the settings left None. GPU: the budget the recipe was tuned with. CPU: sized so that
+# minitron-w25 and distil-d50 on SmolLM2-135M finish their apply step in well under 10 minutes on 2 shared
+# cores (training runs at ~30 tokens/s there; docs/results.md): recovery is partial, and the report says how
+# much (held-out perplexity before and after training).
+DEVICE_DEFAULTS: dict[str, dict[str, int]] = {
+    "cuda": {"tokens": 200_000, "batch_size": 8, "heldout_tokens": 8192},
+    "cpu": {"tokens": 4096, "batch_size": 4, "heldout_tokens": 2048},
+}
+
+
 @dataclass(frozen=True)
 class KdSettings:
-    """Training recipe. ``tokens`` is the training budget (tokens seen by the student). The peak lr was picked
-    on SmolLM2-135M (H100, 200k tokens: 1e-3 recovered distil-d50 to WikiText-2 perplexity 110 against 181 at
-    2e-4, minitron-w25 to 48.7 against 49.1); larger models likely want less."""
+    """Training recipe. ``tokens`` is the training budget (tokens seen by the student). ``tokens``,
+    ``batch_size`` and ``heldout_tokens`` left None take the device's default (``DEVICE_DEFAULTS``, or
+    ``gpu_tokens`` / ``cpu_tokens`` for the budget); every field is settable as a technique option.
+    The peak lr was picked on SmolLM2-135M (H100, 200k tokens: 1e-3 recovered distil-d50 to WikiText-2
+    perplexity 110 against 181 at 2e-4, minitron-w25 to 48.7 against 49.1); larger models likely want less."""
 
-    tokens: int = 200_000
-    batch_size: int = 8
+    tokens: int | None = None
+    gpu_tokens: int = DEVICE_DEFAULTS["cuda"]["tokens"]
+    cpu_tokens: int = DEVICE_DEFAULTS["cpu"]["tokens"]
+    batch_size: int | None = None
     seq_len: int = 256
     lr: float = 1e-3
     temperature: float = 1.0
@@ -69,11 +84,12 @@ class KdSettings:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    heldout_tokens: int = 8192
+    heldout_tokens: int | None = None
     seed: int | None = None  # None: ctx.seed
 
     def __post_init__(self) -> None:
-        if min(self.tokens, self.batch_size) < 1 or self.seq_len < 2 or self.heldout_tokens < self.seq_len:
+        counts = [t for t in (self.tokens, self.gpu_tokens, self.cpu_tokens, self.batch_size) if t is not None]
+        if min(counts) < 1 or self.seq_len < 2 or (self.heldout_tokens or self.seq_len) < self.seq_len:
             raise ValueError("tokens and batch_size must be >= 1, seq_len >= 2 and heldout_tokens >= seq_len")
         if self.kl not in ("forward", "reverse") or self.schedule not in ("cosine", "linear"):
             raise ValueError(f"kl: forward|reverse, schedule: cosine|linear; got {self.kl}, {self.schedule}")
@@ -82,9 +98,33 @@ class KdSettings:
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("temperature and lr must be > 0")
 
+    def for_device(self, device: str) -> KdSettings:
+        """These settings with every None filled with the default of ``device`` ("cuda..." or anything else)."""
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        defaults = DEVICE_DEFAULTS[kind]
+        return replace(
+            self,
+            tokens=self.tokens if self.tokens is not None else (self.gpu_tokens if kind == "cuda" else self.cpu_tokens),
+            batch_size=self.batch_size or defaults["batch_size"],
+            heldout_tokens=self.heldout_tokens or max(self.seq_len, defaults["heldout_tokens"]),
+        )
+
+    def _resolved(self, value: int | None, what: str) -> int:
+        if value is None:
+            raise ValueError(f"{what} depends on the device: call for_device() first")
+        return value
+
+    @property
+    def batch(self) -> int:
+        return self._resolved(self.batch_size, "batch_size")
+
+    @property
+    def heldout(self) -> int:
+        return self._resolved(self.heldout_tokens, "heldout_tokens")
+
     @property
     def steps(self) -> int:
-        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+        return max(1, math.ceil(self._resolved(self.tokens, "tokens") / (self.batch * self.seq_len)))
 
 
 def kd_loss(
@@ -177,25 +217,25 @@ def sample_from_teacher(
 def plan_data(ctx: Context, teacher: Any, settings: KdSettings, seed: int) -> DataPlan:
     """Training windows at seeded random offsets in the calibration corpus minus its last ``heldout_tokens``
     (the held-out slice); without calibration text, sequences the teacher samples itself from BOS."""
-    n_train = settings.steps * settings.batch_size
-    shape = {"n_sequences": n_train, "seq_len": settings.seq_len, "heldout_tokens": settings.heldout_tokens,
+    n_train = settings.steps * settings.batch
+    shape = {"n_sequences": n_train, "seq_len": settings.seq_len, "heldout_tokens": settings.heldout,
              "seed": seed}
     if ctx.calibration is None:
         bos = _bos_id(ctx, teacher)
-        n_held = math.ceil(settings.heldout_tokens / settings.seq_len)
+        n_held = math.ceil(settings.heldout / settings.seq_len)
 
         def generate() -> TrainingData:
-            seqs = sample_from_teacher(teacher, bos, n_train + n_held, settings.seq_len, settings.batch_size,
+            seqs = sample_from_teacher(teacher, bos, n_train + n_held, settings.seq_len, settings.batch,
                                        seed, ctx.device)
             return TrainingData(seqs[:n_train], seqs[n_train:].reshape(-1))
 
         return DataPlan({"source": "teacher-samples", "bos": bos, **shape}, generate)
     corpus = ctx.calibration()
     ids = tokenize(corpus, ctx.tokenizer, ctx.cache_dir)
-    usable = len(ids) - settings.heldout_tokens
+    usable = len(ids) - settings.heldout
     if usable <= settings.seq_len:
         raise UnsupportedTechnique(
-            f"calibration text has {len(ids)} tokens: too few for {settings.heldout_tokens} held-out tokens "
+            f"calibration text has {len(ids)} tokens: too few for {settings.heldout} held-out tokens "
             f"plus training windows of {settings.seq_len}"
         )
     key = {"source": "calibration", "corpus_sha256": corpus.sha256,
@@ -242,22 +282,19 @@ def train_student(
 ) -> TrainResult:
     """AdamW on ``kd_loss`` over ``train`` (n, L) in a seeded order; fp32 weights, bf16 autocast on CUDA,
     dropout off (short recovery runs), gradient-norm clipping, warmup then cosine/linear lr decay."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
     student.float().eval().requires_grad_(True)
     teacher.eval()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
-    steps, batch, device = settings.steps, settings.batch_size, ctx.device
+    steps, batch, device = settings.steps, settings.batch, ctx.device
     warmup = int(settings.warmup * steps)
     every = max(1, steps // 20)
     losses: list[float] = []
     curve: list[float] = []
     meter, sync = _meter(ctx)
-    bar = tqdm(total=steps * batch * train.size(1), unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
-               disable=not ctx.progress, dynamic_ncols=True)
+    progress = Progress(ctx.say, f"{desc}: training", steps, "steps")
     with measure_energy(meter, sync) as window:
         for step in range(steps):
             ids = train[order[step * batch : (step + 1) * batch]].to(device)  # (b, L)
@@ -277,9 +314,7 @@ def train_student(
             losses.append(float(loss.detach()))
             if step % every == 0 or step == steps - 1:
                 curve.append(losses[-1])
-            bar.update(ids.numel())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
+            progress.update(step + 1, f"loss {losses[-1]:.4f}")
     student.requires_grad_(False)
     assert window.sample is not None
     return TrainResult(steps, steps * batch * train.size(1), losses[0], losses[-1], curve,
@@ -318,11 +353,13 @@ def count_params(model: Any) -> int:
 
 def _teacher(model: Any, ctx: Context) -> tuple[Any, str]:
     """The original model teaches. As the first step of a pipeline that is the model passed in; after earlier
-    steps (``ah90+distil-d50``) the context loads the original again."""
-    if ctx.steps_done > 0 and ctx.teacher is not None:
-        teacher = ctx.teacher()
-        if teacher is not None:
-            return teacher, "original model (reloaded after earlier pipeline steps)"
+    steps (``ah90+distil-d50``) the original is loaded again with ``ctx.load_model(ctx.model_name)``."""
+    if ctx.steps_done > 0:
+        if ctx.load_model is None:
+            raise UnsupportedTechnique("distillation after earlier pipeline steps needs the original model as "
+                                       "teacher, and this Context cannot load a model (no load_model)")
+        ctx.say(f"loading {ctx.model_name} again as the teacher")
+        return ctx.load_model(ctx.model_name), "original model (reloaded after earlier pipeline steps)"
     return model, "input model"
 
 
@@ -347,6 +384,7 @@ def distil_into(
     if any(not p.is_floating_point() for p in model.parameters()):
         raise UnsupportedTechnique(f"{name} needs float weights; apply it before quantisation")
     dtype = next(model.parameters()).dtype
+    settings = settings.for_device(ctx.device)
     seed = ctx.seed if settings.seed is None else settings.seed
     teacher, teacher_source = _teacher(model, ctx)
     plan = plan_data(ctx, teacher, settings, seed)
@@ -357,12 +395,17 @@ def distil_into(
     built: dict[str, Any] = {}
 
     def build(tmp: Path) -> None:
+        ctx.say(f"{name}: preparing {settings.steps * settings.batch} training sequences of "
+                f"{settings.seq_len} tokens ({plan.key['source']})")
         data = plan.load()
         student, surgery = make_student(copy.deepcopy(model), data.train)
+        ctx.say(f"{name}: held-out perplexity of teacher and student before training")
         reference = heldout_scores(teacher, None, data.heldout, settings.seq_len, ctx)
         before = heldout_scores(student, teacher, data.heldout, settings.seq_len, ctx)
         result = train_student(student, teacher, data.train, settings, ctx, seed, name)
         after = heldout_scores(student, teacher, data.heldout, settings.seq_len, ctx)
+        ctx.say(f"{name}: held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+                f"after {result.steps} steps in {result.time_s:.0f} s")
         record = {
             "structure": surgery, "teacher": teacher_source, "params_teacher": count_params(teacher),
             "params_source": count_params(model), "params_student": count_params(student),
@@ -393,20 +436,20 @@ def distil_into(
 
 @dataclass(frozen=True)
 class PublishedStudent(TechniqueBase):
-    """``distil``: replace the model with its published distilled student (``students`` maps teacher ->
-    student name; pass ``{**STUDENTS, **pyproject_students}`` to extend it)."""
+    """``distil``: replace the model with its published distilled student. ``students`` maps teacher -> student
+    name; the option ``[tool.efficiency.technique.distil] students = {...}`` merges over the defaults."""
 
     students: Mapping[str, str] = field(default_factory=lambda: dict(STUDENTS), hash=False)
     name: str = "distil"
-    family = "distillation"
 
     def _student(self, ctx: Context) -> tuple[str, Callable[[str], Any]]:
-        known = {**self.students, **ctx.students}
+        known = dict(self.students)
         student = known.get(ctx.model_name)
         if student is None:
             raise UnsupportedTechnique(
                 f"distil: no published student for {ctx.model_name!r} (known: {known}); "
-                "register one under [tool.efficiency.students], or train one with distil-dNN / distil-wNN"
+                "register one under [tool.efficiency.technique.distil] students = {...}, or train one with "
+                "distil-dNN / distil-wNN"
             )
         loader = ctx.load_model
         if loader is None:
@@ -432,7 +475,6 @@ class TrainedStudent(TechniqueBase):
     axis: str  # "d" | "w"
     keep_pct: int
     settings: KdSettings = KdSettings()
-    family = "distillation"
 
     def __post_init__(self) -> None:
         if self.axis not in ("d", "w") or not 0 < self.keep_pct < 100:
@@ -460,11 +502,12 @@ class TrainedStudent(TechniqueBase):
                            make_student=lambda student, train: self.make_student(student, train, ctx.device))
 
 
-@register(r"distil", "distil")
+@register(r"distil", "distil", examples=("distil",))
 def _distil(m: re.Match[str]) -> PublishedStudent:
     return PublishedStudent()
 
 
-@register(r"distil-([dw])(\d{1,2})(-rkl)?", "distil-dNN | distil-wNN [-rkl] (student keeps NN%)")
+@register(r"distil-([dw])(\d{1,2})(-rkl)?", "distil-dNN | distil-wNN [-rkl] (student keeps NN%)",
+          examples=("distil-d50", "distil-w75", "distil-d50-rkl", "distil-w5"))
 def _distil_trained(m: re.Match[str]) -> TrainedStudent:
     return TrainedStudent(m.group(1), int(m.group(2)), KdSettings(kl="reverse" if m.group(3) else "forward"))

@@ -251,8 +251,10 @@ def test_published_student_from_the_configured_registry(tmp_path: Path) -> None:
         loaded.append(name)
         return student
 
-    ctx = Context("cpu", None, "tiny-teacher", tmp_path, load_model=load_model, students={"tiny-teacher": "tiny-s"})
-    out = parse("distil").apply(tiny_model("gpt2"), ctx)
+    ctx = Context("cpu", None, "tiny-teacher", tmp_path, load_model=load_model)
+    pipeline = parse("distil", {"distil": {"students": {"tiny-teacher": "tiny-s"}}})
+    assert dict(pipeline.steps[0].students) == {"gpt2": "distilgpt2", "tiny-teacher": "tiny-s"}  # type: ignore[attr-defined]
+    out = pipeline.apply(tiny_model("gpt2"), ctx)
     assert out is student and loaded == ["tiny-s"] and ctx.info["distil"]["student"] == "tiny-s"
     with pytest.raises(UnsupportedTechnique, match="no published student"):
         parse("distil").check(Context("cpu", None, "unknown", tmp_path, load_model=load_model))
@@ -265,12 +267,13 @@ def test_the_original_is_reloaded_as_teacher_only_after_earlier_steps(tmp_path: 
     loads: list[int] = []
     original = tiny_model("gpt2", seed=3)
 
-    def reload() -> Any:
+    def reload(name: str) -> Any:
+        assert name == "tiny"
         loads.append(1)
         return original
 
     model = tiny_model("gpt2")
-    ctx = Context("cpu", None, "tiny", tmp_path, teacher=reload)
+    ctx = Context("cpu", None, "tiny", tmp_path, load_model=reload)
     assert _teacher(model, ctx) == (model, "input model") and loads == []  # first step: no second load
     ctx.steps_done = 1
     teacher, source = _teacher(model, ctx)
