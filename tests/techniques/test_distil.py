@@ -278,3 +278,18 @@ def test_the_original_is_reloaded_as_teacher_only_after_earlier_steps(tmp_path: 
     ctx.steps_done = 1
     teacher, source = _teacher(model, ctx)
     assert teacher is original and loads == [1] and source.startswith("original model")
+
+
+def test_training_reports_progress_through_ctx_log(tmp_path: Path) -> None:
+    lines: list[str] = []
+    ctx = Context("cpu", CharTokenizer(), "tiny-llama", tmp_path, calibration=corpus, log=lines.append)
+    TrainedStudent("d", 50, TINY).apply(llama_teacher(), ctx)
+    training = [line for line in lines if ": training:" in line]
+    assert training[0].startswith(f"distil-d50: training: 1/{TINY.steps} steps") and "ETA" in training[0]
+    assert training[-1].startswith(f"distil-d50: training: {TINY.steps}/{TINY.steps} steps (100%)")
+    assert any("held-out perplexity" in line and "->" in line for line in lines)
+    quiet: list[str] = []
+    ctx = Context("cpu", CharTokenizer(), "tiny-llama", tmp_path / "q", calibration=corpus, log=quiet.append,
+                  progress=False)
+    TrainedStudent("d", 50, TINY).apply(llama_teacher(), ctx)
+    assert quiet == []
