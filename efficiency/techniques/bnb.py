@@ -117,7 +117,7 @@ class BnbQuant(TechniqueBase):
             if device.type == "cpu" and state is not None and in_f % state.blocksize:
                 # bitsandbytes' packed CPU kernel reshapes absmax to (out, in / blocksize) and fails on other
                 # widths (so does from_pretrained(quantization_config=...) for them): its reference kernel.
-                new.support_avx512bf16_for_cpu = False
+                setattr(new, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module attribute typing)
                 reference.append(name)
             return new
 
