@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from efficiency.config import Priority
+from efficiency.metrics import METRICS, finite, pareto_axes
 
 CONVENTION = (
     "opt = max(0, ppl_increase_pct)^1.5 / (alpha*runtime_reduction_pct + beta*energy_reduction_pct); lower is "
@@ -47,15 +48,18 @@ class Score:
         return asdict(self)
 
 
-def opt(ppl_pct: float | None, runtime_pct: float | None, energy_pct: float | None, priority: Priority) -> Score:
-    """The paper's score for one case; the inputs are percentage changes against the baseline (+ = larger)."""
-    name = priority.name.lower()
-    missing = [n for n, v, w in (("perplexity", ppl_pct, 1.0), ("runtime", runtime_pct, priority.alpha),
-                                 ("energy", energy_pct, priority.beta)) if v is None and w > 0]
+def opt(ppl_pct: float | None, runtime_pct: float | None, energy_pct: float | None, priority: Priority,
+        runtime_only: bool = False) -> Score:
+    """The paper's score for one case; the inputs are percentage changes against the baseline (+ = larger).
+    ``runtime_only``: alpha 1, beta 0 (energy ignored), labelled ``runtime_only``."""
+    name = "runtime_only" if runtime_only else priority.name.lower()
+    alpha, beta = (1.0, 0.0) if runtime_only else (priority.alpha, priority.beta)
+    missing = [n for n, v, w in (("perplexity", ppl_pct, 1.0), ("runtime", runtime_pct, alpha),
+                                 ("energy", energy_pct, beta)) if v is None and w > 0]
     if missing:
         return Score(name, None, "unavailable", f"{' and '.join(missing)} change not measured")
     assert ppl_pct is not None
-    saving = priority.alpha * -(runtime_pct or 0.0) + priority.beta * -(energy_pct or 0.0)
+    saving = alpha * -(runtime_pct or 0.0) + beta * -(energy_pct or 0.0)
     if saving <= 0:
         return Score(name, None, "no-saving",
                      f"weighted saving {saving:.2f}% <= 0: saves nothing under the {name} priority", saving)
@@ -71,21 +75,25 @@ def rank_key(score: Score) -> tuple[int, float]:
     return order[score.status], score.value if score.value is not None else float("inf")
 
 
-def pareto_front(points: Sequence[Sequence[float | None]]) -> list[bool]:
-    """For points whose coordinates are all to be minimised, True where no other point dominates it
-    (<= in every coordinate, < in one). Points with a missing coordinate are never on the front."""
+def pareto_front(points: Sequence[Sequence[float | None]], tolerances: Sequence[float] | None = None) -> list[bool]:
+    """For points whose coordinates are all to be minimised, True where no other point dominates it. ``q``
+    dominates ``p`` when, in every coordinate, ``q <= p * (1 + tol)`` and, in one, ``q < p * (1 - tol)``
+    (relative tolerances, 0 by default: plain dominance). Points with a missing coordinate are never on the
+    front."""
+    tols = list(tolerances) if tolerances is not None else [0.0] * (len(points[0]) if points else 0)
+
+    def dominates(q: Sequence[float], p: Sequence[float]) -> bool:
+        no_worse = all(b <= a + abs(a) * t for a, b, t in zip(p, q, tols, strict=True))
+        better = any(b < a - abs(a) * t for a, b, t in zip(p, q, tols, strict=True))
+        return no_worse and better
+
     flags: list[bool] = []
     for i, p in enumerate(points):
         if any(v is None for v in p):
             flags.append(False)
             continue
-        dominated = False
-        for j, q in enumerate(points):
-            if i == j or any(v is None for v in q):
-                continue
-            if all(b <= a for a, b in zip(p, q, strict=True)) and any(b < a for a, b in zip(p, q, strict=True)):  # type: ignore[operator]
-                dominated = True
-                break
+        dominated = any(j != i and all(v is not None for v in q) and dominates(q, p)  # type: ignore[arg-type]
+                        for j, q in enumerate(points))
         flags.append(not dominated)
     return flags
 
@@ -97,35 +105,33 @@ def number_at(d: Mapping[str, object], *path: str) -> float | None:
         if not isinstance(cur, Mapping):
             return None
         cur = cur.get(key)
-    return float(cur) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else None
+    return finite(cur)
 
 
-def case_deltas(case: dict[str, object], base: dict[str, object]) -> dict[str, float | None]:
-    """Percentage changes of a case's numbers against its model's baseline case (report dicts)."""
+def case_deltas(case: Mapping[str, object], base: Mapping[str, object]) -> dict[str, float | None]:
+    """Percentage change of every registry metric of a case against its model's baseline case (report dicts),
+    keyed by metric name."""
+    return {m.name: pct_change(m.value(case), m.value(base)) for m in METRICS}
 
-    ppl_section = case.get("perplexity")
-    meaningful = isinstance(ppl_section, dict) and bool(ppl_section.get("meaningful"))
-    fields = {
-        "runtime_pct": ("runtime", "median_s"),
-        "energy_pct": ("energy", "energy_j"),
-        "j_per_token_pct": ("energy", "j_per_token"),
-        "prefill_pct": ("latency", "prefill_s"),
-        "decode_per_token_pct": ("latency", "decode_s_per_token"),
-        "peak_memory_pct": ("memory", "peak_bytes"),
-        "size_pct": ("size", "size_bytes"),
-        "parameters_pct": ("size", "parameters"),
-    }
-    out: dict[str, float | None] = {
-        "perplexity_pct": pct_change(number_at(case, "perplexity", "value"), number_at(base, "perplexity", "value"))
-        if meaningful else None
-    }
-    for name, path in fields.items():
-        out[name] = pct_change(number_at(case, *path), number_at(base, *path))
+
+RUNTIME_ONLY = "runtime_only"
+
+
+def case_scores(deltas: Mapping[str, float | None]) -> dict[str, dict[str, object]]:
+    """The paper's three priorities, plus ``runtime_only`` (alpha 1, beta 0): always computable where runtime
+    and perplexity are, so a machine without energy counters still ranks techniques (labelled as such)."""
+    ppl, runtime, energy = deltas.get("perplexity"), deltas.get("runtime_s"), deltas.get("energy_j")
+    out = {p.name.lower(): opt(ppl, runtime, energy, p).to_dict() for p in Priority}
+    only = opt(ppl, runtime, None, Priority.RUNTIME, runtime_only=True)
+    out[RUNTIME_ONLY] = only.to_dict()
     return out
 
 
-def case_scores(deltas: dict[str, float | None]) -> dict[str, dict[str, object]]:
-    return {
-        p.name.lower(): opt(deltas["perplexity_pct"], deltas["runtime_pct"], deltas["energy_pct"], p).to_dict()
-        for p in Priority
-    }
+def pareto_flags(cases: Sequence[Mapping[str, object]]) -> tuple[list[bool], list[str]]:
+    """Pareto flags of a group of cases (one model) over the registry's Pareto axes measured in every case,
+    with each axis's noise tolerance: a case is dominated only by one that is better beyond the tolerance in
+    some axis and not worse beyond it in any. Returns (flags, axis names)."""
+    axes = pareto_axes(cases)
+    points = [[m.value(c) for m in axes] for c in cases]
+    tolerances = [(m.pareto_tolerance_pct or 0.0) / 100 for m in axes]
+    return pareto_front(points, tolerances), [m.name for m in axes]

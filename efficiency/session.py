@@ -1,14 +1,19 @@
 """State of one run: the runner, the baselines measured once per model, the report written after every case.
 
-A case's outcome: measured (deltas, scores, threshold verdict), skipped (model, data or technique not available
-here, with the reason) or error. The report is rewritten atomically after each case with status ``running``,
-and finally ``complete`` / ``interrupted`` / ``failed``, so an interrupted run leaves a readable report.
+A case's outcome (``status`` in the report): ``measured`` (deltas, scores, threshold verdict), ``skipped``
+(model, data or technique not available here, with the reason), ``error``, ``invalid`` (a number that must be
+finite was not, e.g. a NaN perplexity: no score, the test and the gate fail) or ``oom`` (out of device memory,
+with the memory figures; the model is freed before the next case). The report is rewritten atomically after
+each case with status ``running`` and finally ``complete`` / ``incomplete`` (stopped early: ``-x``,
+``--maxfail``, deselected grid cases never ran) / ``interrupted`` / ``failed``; only ``complete`` runs are ever
+a baseline.
 """
 
 from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +22,19 @@ import pytest
 
 from efficiency.config import SuiteConfig
 from efficiency.report.schema import new_report, now_iso
-from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_front
+from efficiency.results import unmeasured_case
+from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_flags
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A baseline that could not be measured: its error type and message (never the exception and its frames,
+    which would keep the model alive)."""
+
+    kind: type[BaseException]
+    message: str
+    skip: bool
+    figures: dict[str, Any] = field(default_factory=dict)  # memory figures of an out-of-memory failure
 
 
 @dataclass
@@ -25,10 +42,14 @@ class EfficiencySession:
     cfg: SuiteConfig
     root: Path
     quiet: bool = False
+    log: Callable[[str], None] | None = None
     report: dict[str, Any] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    write_errors: list[str] = field(default_factory=list)
+    expected: set[str] = field(default_factory=set)  # case ids collected for this run (set by the plugin)
+    started_at: str = field(default_factory=now_iso)
     _runner: Any = None
-    _baselines: dict[str, dict[str, Any] | BaseException] = field(default_factory=dict)
+    _baselines: dict[str, dict[str, Any] | _Failed] = field(default_factory=dict)
     _path: Path | None = None
     worker_output: dict[str, Any] | None = None  # set on a pytest-xdist worker: cases go to the controller
 
@@ -41,8 +62,15 @@ class EfficiencySession:
         return self._runner
 
     def _log(self, msg: str) -> None:
-        if not self.quiet:
+        if self.quiet:
+            return
+        if self.log is not None:
+            self.log(msg)
+        else:
             print(f"\n[efficiency] {msg}", file=sys.__stderr__, flush=True)
+
+    def expect(self, case_ids: Iterable[str]) -> None:
+        self.expected = set(case_ids)
 
     # --- report ----------------------------------------------------------------------------------------
     def _ensure_report(self) -> None:
@@ -51,6 +79,7 @@ class EfficiencySession:
         from efficiency.report.env import capture
 
         self.report = new_report(capture(self.root, self.cfg.device), self.settings())
+        self.report["started_at"] = self.started_at
 
     def settings(self) -> dict[str, Any]:
         wl, cfg = self.cfg.workload, self.cfg
@@ -71,9 +100,16 @@ class EfficiencySession:
             git = self.report["environment"]["git"]
             self._path = next_report_path(self.cfg.reports_dir, git.get("commit"), bool(git.get("dirty")))
         targets = [self._path] + ([self.cfg.report_path] if self.cfg.report_path else [])
+        written: list[Path] = []
         for path in targets:
-            write_atomic(path, self.report)
-        self.written = targets
+            try:
+                write_atomic(path, self.report)
+                written.append(path)
+            except OSError as err:  # keep measuring; the failure is reported at the end
+                message = f"could not write the report to {path}: {err}"
+                if message not in self.write_errors:
+                    self.write_errors.append(message)
+        self.written = written
 
     def _record(self, case: dict[str, Any]) -> None:
         self._ensure_report()
@@ -91,7 +127,17 @@ class EfficiencySession:
             self.report["cases"].extend(cases)
             self._write()
 
-    def finish(self, exitstatus: int) -> None:
+    def run_status(self, exitstatus: int, stopped_early: bool = False) -> str:
+        if int(exitstatus) == 2:
+            return "interrupted"
+        if int(exitstatus) not in (0, 1, 5):
+            return "failed"
+        done = {c["id"] for c in self.report.get("cases") or []}
+        if stopped_early or (self.expected and not self.expected <= done):
+            return "incomplete"
+        return "complete"
+
+    def finish(self, exitstatus: int, stopped_early: bool = False) -> None:
         if not self.report:
             return
         if self.worker_output is not None:  # the controller writes the one report of the run
@@ -103,87 +149,107 @@ class EfficiencySession:
 
         order = {(c.model, c.technique): i for i, c in enumerate(grid(self.cfg))}
         self.report["cases"].sort(key=lambda c: order.get((c["model"], c["technique"]), len(order)))
-        status = {0: "complete", 1: "complete", 2: "interrupted", 5: "complete"}.get(int(exitstatus), "failed")
-        self.report["status"] = status
+        self.report["status"] = self.run_status(exitstatus, stopped_early)
         self.report["finished_at"] = now_iso()
         _mark_pareto(self.report["cases"])
         self.report["violations"] = [v for c in self.report["cases"] if (v := c.get("threshold", {}).get("violation"))]
         self._write()
 
     # --- cases -----------------------------------------------------------------------------------------
-    def _skip_or_fail(self, case_id: str, model: str, technique: str, err: BaseException) -> None:
-        reason = f"{type(err).__name__}: {err}"
-        strict = self.cfg.strict and isinstance(err, self._skip_types())
-        self._record({"id": case_id, "model": model, "technique": technique, "status": "error" if strict else "skipped",
-                      "reason": reason})
-        if strict:
-            pytest.fail(f"{case_id}: {reason} (--eff-strict)", pytrace=False)
-        pytest.skip(f"{case_id}: {reason}")
+    def _not_measured(self, case_id: str, model: str, technique: str, err: BaseException | _Failed) -> None:
+        kind = err.kind if isinstance(err, _Failed) else type(err)
+        message = err.message if isinstance(err, _Failed) else str(err)
+        skip = err.skip if isinstance(err, _Failed) else isinstance(err, self._skip_types())
+        reason = f"{kind.__name__}: {message}"
+        from efficiency.runner import CaseOutOfMemory
 
-    def baseline(self, model: str) -> dict[str, Any]:
-        """The model's baseline case, measured once (without pytest-benchmark if no baseline test ran first)."""
+        if issubclass(kind, CaseOutOfMemory):
+            figures = err.figures if isinstance(err, (_Failed, CaseOutOfMemory)) else {}
+            self._record(unmeasured_case(case_id, model, technique, "oom", reason, memory=figures))
+            pytest.fail(f"{case_id}: {reason}", pytrace=False)
+        strict = self.cfg.strict and skip
+        status = "skipped" if skip and not strict else "error"
+        self._record(unmeasured_case(case_id, model, technique, status, reason))
+        if status == "skipped":
+            pytest.skip(f"{case_id}: {reason}")
+        pytest.fail(f"{case_id}: {reason}" + (" (--eff-strict)" if strict else ""), pytrace=False)
+
+    def _measure_baseline(self, model: str, benchmark: Any = None) -> dict[str, Any] | _Failed:
         if model not in self._baselines:
             try:
-                self._baselines[model] = self.runner.measure(model, self.cfg.baseline)
+                self._baselines[model] = self.runner.measure(model, self.cfg.baseline, benchmark).to_dict()
             except Exception as err:
-                self._baselines[model] = err
-        result = self._baselines[model]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+                from efficiency.runner import CaseOutOfMemory
+
+                figures = err.figures if isinstance(err, CaseOutOfMemory) else {}
+                self._baselines[model] = _Failed(type(err), str(err), isinstance(err, self._skip_types()), figures)
+        return self._baselines[model]
 
     def run_case(self, model: str, technique: str, benchmark: Any = None) -> dict[str, Any]:
-        from efficiency.techniques.base import UnsupportedTechnique
-
         case_id = f"{model}-{technique}"
-        expected: tuple[type[Exception], ...] = (UnsupportedTechnique, *self._skip_types())
         try:
+            base = self._measure_baseline(model, benchmark if technique == self.cfg.baseline else None)
+            if isinstance(base, _Failed):
+                if technique == self.cfg.baseline:
+                    self._not_measured(case_id, model, technique, base)
+                why = _Failed(base.kind, f"baseline {self.cfg.baseline} unavailable: {base.message}", base.skip,
+                              base.figures)
+                self._not_measured(case_id, model, technique, why)
+                raise AssertionError("unreachable")
             if technique == self.cfg.baseline:
-                if model not in self._baselines:
-                    self._baselines[model] = self.runner.measure(model, technique, benchmark)
-                result = self.baseline(model)
-                base = result
+                result = dict(base)
             else:
-                try:
-                    base = self.baseline(model)
-                except expected as err:
-                    raise type(err)(f"baseline {self.cfg.baseline} unavailable: {err}") from err
-                result = self.runner.measure(model, technique, benchmark)
-        except expected as err:
-            self._skip_or_fail(case_id, model, technique, err)
-            raise AssertionError("unreachable") from err
-        except Exception as err:
-            self._record({"id": case_id, "model": model, "technique": technique, "status": "error",
-                          "reason": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]})
+                result = self.runner.measure(model, technique, benchmark).to_dict()
+        except (pytest.skip.Exception, pytest.fail.Exception):
             raise
-        return self._judge(dict(result), base)
+        except Exception as err:
+            from efficiency.runner import CaseOutOfMemory
+
+            if isinstance(err, (CaseOutOfMemory, *self._skip_types())):
+                self._not_measured(case_id, model, technique, err)
+            self._record(unmeasured_case(case_id, model, technique, "error", f"{type(err).__name__}: {err}",
+                                         traceback=traceback.format_exc()[-4000:]))
+            raise
+        return self._judge(result, base)
 
     def _skip_types(self) -> tuple[type[Exception], ...]:
         from efficiency.data import DataUnavailable
         from efficiency.models import ModelUnavailable
         from efficiency.smollm2 import FetchError
+        from efficiency.techniques.base import UnsupportedTechnique
 
-        return (ModelUnavailable, DataUnavailable, FetchError)
+        return (ModelUnavailable, DataUnavailable, FetchError, UnsupportedTechnique)
 
     def _judge(self, result: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         from efficiency.gate import check_perplexity
 
         technique = result["technique"]
+        ppl = result["perplexity"]
         result["baseline"] = {
             "technique": base["technique"], "perplexity": base["perplexity"]["value"],
-            "runtime_s": base["runtime"]["median_s"], "energy_j": base["energy"]["energy_j"],
+            "runtime_s": base["metrics"]["runtime_s"], "energy_j": base["metrics"]["energy_j"],
         }
-        result["deltas"] = case_deltas(result, base)
-        result["scores"] = case_scores(result["deltas"])
         limit = self.cfg.thresholds.limit_for(technique)
         threshold: dict[str, Any] = {"limit_pct": limit, "checked": False, "passed": None, "violation": None}
+        if ppl["value"] is None:  # non-finite: a broken technique is data, not a crash
+            result["status"] = "invalid"
+            result["reason"] = (f"perplexity is not finite ({', '.join(result.get('non_finite') or ['value'])}); "
+                                "no score, and the case fails")
+            threshold.update(checked=True, passed=False, reason=result["reason"])
+            result["threshold"] = threshold
+            self._record(result)
+            pytest.fail(f"{result['id']}: {result['reason']}", pytrace=False)
+        result["deltas"] = case_deltas(result, base)
+        result["scores"] = case_scores(result["deltas"])
         if result["is_baseline"]:
             threshold["reason"] = "baseline case"
-        elif not result["perplexity"]["meaningful"]:
-            threshold["reason"] = result["perplexity"]["reason"]
+        elif not ppl["meaningful"]:
+            threshold["reason"] = ppl["reason"]
+        elif base["perplexity"]["value"] is None:
+            threshold["reason"] = "the baseline's perplexity is not finite"
         else:
-            violation = check_perplexity(result["id"], technique, result["perplexity"]["value"],
-                                         base["perplexity"]["value"], self.cfg.baseline, limit)
+            violation = check_perplexity(result["id"], technique, ppl["value"], base["perplexity"]["value"],
+                                         self.cfg.baseline, limit)
             threshold.update(checked=True, passed=violation is None,
                              violation=violation.to_dict() if violation else None)
         result["threshold"] = threshold
@@ -194,17 +260,11 @@ class EfficiencySession:
 
 
 def _mark_pareto(cases: list[dict[str, Any]]) -> None:
-    """Per model, flag cases not dominated in (perplexity if meaningful, runtime, energy if measured for all)."""
+    """Per model, flag cases not dominated beyond the noise tolerance of each Pareto axis of the registry
+    (perplexity where meaningful, runtime, energy where measured for every case of the model)."""
     measured = [c for c in cases if c.get("status") == "measured"]
     for model in {c["model"] for c in measured}:
         group = [c for c in measured if c["model"] == model]
-        use_ppl = all(c["perplexity"]["meaningful"] for c in group)
-        use_energy = all(c["energy"]["energy_j"] is not None for c in group)
-        points = [
-            ([c["perplexity"]["value"]] if use_ppl else []) + [c["runtime"]["median_s"]]
-            + ([c["energy"]["energy_j"]] if use_energy else [])
-            for c in group
-        ]
-        axes = (["perplexity"] if use_ppl else []) + ["runtime_s"] + (["energy_j"] if use_energy else [])
-        for c, flag in zip(group, pareto_front(points), strict=True):
+        flags, axes = pareto_flags(group)
+        for c, flag in zip(group, flags, strict=True):
             c["pareto"] = {"on_front": flag, "axes": axes}

@@ -56,7 +56,7 @@ def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: 
         "*test_efficiency?tiny-gpt2-fp32? PASSED*", "*test_efficiency?tiny-gpt2-bnb4? PASSED*",
         "*pytest-efficiency*", "case*ppl*energy J*", "tiny-gpt2-bnb4*",
     ])
-    assert report["status"] == "complete" and report["schema_version"] == 1
+    assert report["status"] == "complete" and report["schema_version"] == 2
     cases = {c["technique"]: c for c in report["cases"]}
     assert set(cases) == {"fp32", "bnb8", "bnb4"}
     base, q4 = cases["fp32"], cases["bnb4"]
@@ -66,7 +66,7 @@ def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: 
         assert c["energy"]["energy_j"] is None and c["energy"]["reason"]  # no RAPL/GPU here: null + reason
     assert q4["size"]["size_bytes"] < base["size"]["size_bytes"]
     assert q4["size"]["parameters"] == base["size"]["parameters"]
-    assert q4["deltas"]["perplexity_pct"] == pytest.approx(
+    assert q4["deltas"]["perplexity"] == pytest.approx(
         (q4["perplexity"]["value"] / base["perplexity"]["value"] - 1) * 100)
     assert q4["scores"]["balanced"]["status"] == "unavailable"
     assert report["environment"]["packages"]["torch"]
@@ -75,7 +75,7 @@ def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: 
 
 def test_threshold_breach_fails_the_case_and_the_run(pytester: pytest.Pytester, tiny_dir: Path) -> None:
     _, first = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "--eff-threshold", "bnb4=1000")
-    increase = next(c for c in first["cases"] if c["technique"] == "bnb4")["deltas"]["perplexity_pct"]
+    increase = next(c for c in first["cases"] if c["technique"] == "bnb4")["deltas"]["perplexity"]
     assert increase > 0, "this seed's bnb4 must raise perplexity for the test to mean anything"
     result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4",
                               "--eff-threshold", f"bnb4={increase / 2:.6f}")

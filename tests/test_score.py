@@ -60,6 +60,6 @@ def test_case_deltas_skip_meaningless_perplexity() -> None:
     case = {"perplexity": {"value": 25.0, "meaningful": False}, "runtime": {"median_s": 1.0},
             "energy": {"energy_j": None, "j_per_token": None}}
     d = case_deltas(case, base)
-    assert d["perplexity_pct"] is None and d["runtime_pct"] == pytest.approx(-50.0) and d["energy_pct"] is None
+    assert d["perplexity"] is None and d["runtime_s"] == pytest.approx(-50.0) and d["energy_j"] is None
     case["perplexity"]["meaningful"] = True
-    assert case_deltas(case, base)["perplexity_pct"] == pytest.approx(25.0)
+    assert case_deltas(case, base)["perplexity"] == pytest.approx(25.0)

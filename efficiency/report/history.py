@@ -144,7 +144,10 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
 
 
 def report_hash(report: Report) -> str:
-    return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+    """Hash of the report's content in the current schema (a version-1 file and its upgrade are one run)."""
+    from efficiency.report.schema import upgrade
+
+    return hashlib.sha256(json.dumps(upgrade(report), sort_keys=True).encode()).hexdigest()
 
 
 def _key_json(report: Report) -> str:

@@ -7,9 +7,10 @@ import base64
 from html import escape
 from typing import Any
 
-from efficiency.report import plots
+from efficiency.metrics import METRICS
+from efficiency.report import plots, view
 from efficiency.report.compare import Comparison
-from efficiency.report.summary import comparison_lines, fmt, pct
+from efficiency.report.summary import comparison_lines
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1150px; }
@@ -27,44 +28,37 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def _score(s: dict[str, Any] | None) -> str:
-    s = s or {}
-    if s.get("status") in ("ok", "free"):
-        return f"{s['value']:.3g}"
-    return {"no-saving": "none", "unavailable": "n/a"}.get(str(s.get("status")), "")
-
-
-def _mib(value: float | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
-
-
 def _cases_table(report: dict[str, Any]) -> str:
-    head = ("case", "perplexity", "Δppl", "runtime s", "Δt", "energy J", "ΔE", "J/token", "peak MiB",
-            "size MiB", "opt energy", "opt runtime", "opt balanced", "Pareto", "gate")
-    rows = []
-    for c in report.get("cases") or []:
-        if c.get("status") != "measured":
-            rows.append(f"<tr><td>{escape(c['id'])}</td><td colspan='{len(head) - 2}' "
-                        f"style='text-align:left'>{escape(str(c.get('reason')))}</td>"
-                        f"<td>{escape(str(c.get('status')))}</td></tr>")
-            continue
-        d, th, sc = c.get("deltas") or {}, c.get("threshold") or {}, c.get("scores") or {}
-        if c.get("is_baseline"):
-            gate = ("base", "ok")
-        elif not th.get("checked"):
-            gate = ("-", "")
-        else:
-            gate = ("ok", "ok") if th.get("passed") else ("FAIL", "fail")
-        ppl = c["perplexity"]
-        cells = [c["id"], fmt(ppl["value"]) + ("" if ppl["meaningful"] else "*"),
-                 pct(d.get("perplexity_pct")), fmt(c["runtime"]["median_s"]), pct(d.get("runtime_pct")),
-                 fmt(c["energy"]["energy_j"]), pct(d.get("energy_pct")), fmt(c["energy"].get("j_per_token")),
-                 _mib(c["memory"]["peak_bytes"]), _mib(c["size"]["size_bytes"]), _score(sc.get("energy")),
-                 _score(sc.get("runtime")), _score(sc.get("balanced")),
-                 "*" if (c.get("pareto") or {}).get("on_front") else ""]
-        rows.append("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in cells)
-                    + f"<td class='{gate[1]}'>{gate[0]}</td></tr>")
-    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+    """The case table from the view-model: every registry metric with a column header, its change against the
+    baseline (rounds, spread, ``~`` when not significant), the scores, the Pareto flag and the gate."""
+    env = _environment()
+    template = env.from_string(CASES_TEMPLATE)
+    metrics = [m for m in METRICS if m.short or m.name in ("tokens_per_s", "j_per_token", "decode_j_per_token")]
+    return template.render(rows=view.rows(report), metrics=metrics)
+
+
+CASES_TEMPLATE = """<table><tr><th>case</th>{% for m in metrics %}<th>{{ m.short or m.label }}</th>\
+{% endfor %}<th>opt E/R/B</th><th>opt runtime-only</th><th>Pareto</th><th>gate</th></tr>
+{% for r in rows %}<tr><td>{{ r.id }}</td>{% if r.status != 'measured' %}\
+<td colspan='{{ metrics|length + 3 }}' style='text-align:left'>{{ r.notes|join('; ') }}</td><td>{{ r.gate }}</td>\
+{% else %}{% for m in metrics %}<td>{{ r.cells[m.name].value }}\
+{% if r.cells[m.name].change %}<br><small>{{ r.cells[m.name].change }}</small>{% endif %}</td>{% endfor %}\
+<td>{{ r.scores }}</td><td>{{ r.runtime_only_score }}</td><td>{{ '*' if r.pareto else '' }}</td>\
+<td class='{{ 'fail' if r.gate == 'FAIL' else 'ok' if r.gate in ('ok', 'base') else '' }}'>{{ r.gate }}</td>\
+{% endif %}</tr>
+{% endfor %}</table>"""
+
+
+def _environment() -> Any:
+    try:
+        import jinja2
+    except ImportError as err:
+        raise MissingDependency("the HTML report needs jinja2: pip install 'pytest-efficiency[report]'") from err
+    return jinja2.Environment(autoescape=True, trim_blocks=True)
+
+
+class MissingDependency(RuntimeError):
+    """An optional library the command needs is not installed; the message says what to install."""
 
 
 def _meta(report: dict[str, Any], source: str) -> str:
@@ -113,7 +107,10 @@ def render(report: dict[str, Any], comparison: Comparison | None = None, source:
         f"<figcaption>{escape(str(settings.get('score_convention', '')))}</figcaption></figure></div>",
         "<h2>Cases</h2>", _cases_table(report),
         "<p class='meta'>* perplexity meaningless (random weights). Pareto: not dominated within the "
-        "model.</p>",
+        "model beyond each axis's noise tolerance. Changes: against the model's baseline in this run, n = "
+        "rounds, ± half-range spread, ~ = not significant.</p>",
+        "<ul class='meta'>" + "".join(f"<li>{escape(n)}</li>" for n in view.unique_notes(view.rows(report)))
+        + "</ul>",
     ]
     if comparison is not None:
         parts += ["<h2>Comparison</h2><pre>", escape("\n".join(comparison_lines(comparison))), "</pre>"]

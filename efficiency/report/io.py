@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from efficiency.report.schema import SCHEMA_VERSION
+from efficiency.report.schema import SchemaError, upgrade
 
 
 class ReportError(ValueError):
@@ -41,14 +41,10 @@ def read(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ReportError(f"cannot read report {path}: {err}") from err
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if not isinstance(version, int):
-        raise ReportError(f"{path} is not a pytest-efficiency report (no schema_version)")
-    if version > SCHEMA_VERSION:
-        raise ReportError(
-            f"{path} has schema version {version}; this pytest-efficiency understands <= {SCHEMA_VERSION}"
-        )
-    return data
+    try:
+        return upgrade(data, path)  # older schema versions are upgraded, unreadable ones refused
+    except SchemaError as err:
+        raise ReportError(str(err)) from err
 
 
 def next_report_path(reports_dir: Path, commit: str | None, dirty: bool) -> Path:

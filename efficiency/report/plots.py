@@ -78,8 +78,9 @@ def quality_plot(report: dict[str, Any]) -> bytes:
         ys = [c["perplexity"]["value"] for c in group]
         color = COLORS[i % len(COLORS)]
         ax.scatter(xs, ys, color=color, s=45, zorder=3, label=model)
-        for x, y, c in zip(xs, ys, group, strict=True):
-            ax.annotate(c["technique"], (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
+        for k, (x, y, c) in enumerate(zip(xs, ys, group, strict=True)):  # staggered so labels do not overlap
+            ax.annotate(c["technique"], (x, y), textcoords="offset points", xytext=(6, 5 - 11 * (k % 3)),
+                        fontsize=8, arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5})
         front = sorted((x, y) for x, y, on in zip(xs, ys, pareto_front(list(zip(xs, ys, strict=True))),
                                                   strict=True) if on)
         if len(front) > 1:
@@ -100,7 +101,7 @@ def changes_plot(report: dict[str, Any]) -> bytes:
     fig = _figure()
     ax = fig.add_subplot()
     cases = [c for c in _measured(report) if not c.get("is_baseline")]
-    series = [("runtime_pct", "runtime", COLORS[0]), ("energy_pct", "energy", COLORS[2])]
+    series = [("runtime_s", "runtime", COLORS[0]), ("energy_j", "energy", COLORS[2])]
     present = [s for s in series if any((c.get("deltas") or {}).get(s[0]) is not None for c in cases)]
     if not cases or not present:
         _empty(ax, "no change to show (no measured non-baseline case)")
@@ -128,7 +129,9 @@ def changes_plot(report: dict[str, Any]) -> bytes:
 def scores_plot(report: dict[str, Any]) -> bytes:
     """The optimisation score per priority (lower is better); cases without a score are named, not drawn."""
     cases = [c for c in _measured(report) if not c.get("is_baseline")]
-    priorities = ("energy", "runtime", "balanced")
+    priorities: tuple[str, ...] = ("energy", "runtime", "balanced")
+    if cases and all(((c.get("scores") or {}).get("energy") or {}).get("status") == "unavailable" for c in cases):
+        priorities = ("runtime_only",)  # no energy anywhere: the always-available runtime-only score
     scored = [(c, p, (c.get("scores") or {}).get(p) or {}) for c in cases for p in priorities]
     drawable = any(s.get("status") in ("ok", "free") for _, _, s in scored)
     fig = _figure() if drawable else _figure(7.5, 1.4)
@@ -141,7 +144,7 @@ def scores_plot(report: dict[str, Any]) -> bytes:
         return png(fig)
     width = 0.8 / len(priorities)
     for k, p in enumerate(priorities):
-        pos = [i + (k - 1) * width for i in range(len(cases))]
+        pos = [i + (k - (len(priorities) - 1) / 2) * width for i in range(len(cases))]
         for x, c in zip(pos, cases, strict=True):
             s = (c.get("scores") or {}).get(p) or {}
             ok = s.get("status") in ("ok", "free")
@@ -152,7 +155,9 @@ def scores_plot(report: dict[str, Any]) -> bytes:
                             xytext=(0, 3), textcoords="offset points", fontsize=7)
     ax.set_xticks(range(len(cases)), [c["id"] for c in cases], fontsize=8, rotation=15)
     ax.set_ylabel("opt = Pc^1.5 / (αTc + βEc)")
-    ax.set_title("optimisation score per priority (lower is better; 'none' = saves nothing)")
+    only = priorities == ("runtime_only",)
+    ax.set_title("optimisation score per priority (lower is better; 'none' = saves nothing)"
+                 + ("\nruntime only (alpha 1, beta 0): energy was not measured" if only else ""), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return png(fig)

@@ -1,10 +1,16 @@
 """The JSON report: one file per run, schema-versioned.
 
-Top level: ``schema_version``, ``status`` (running | complete | interrupted | failed), ``started_at``,
-``finished_at``, ``environment`` (report/env.py), ``settings`` (workload, device, baseline, thresholds, the score
-convention), ``cases`` (one dict per model x technique, built by efficiency/runner.py) and ``violations``.
-Units are in the field names (``_s``, ``_j``, ``_bytes``, ``_pct``); a number that could not be measured is
-``null`` next to a ``reason``.
+Top level: ``schema_version``, ``status`` (running | complete | incomplete | interrupted | failed),
+``started_at``, ``finished_at``, ``environment`` (report/env.py), ``settings`` (workload, device, baseline,
+thresholds, the score convention), ``cases`` (one dict per model x technique, written by
+efficiency.results.case_to_dict) and ``violations``. Units are in the field names (``_s``, ``_j``, ``_bytes``,
+``_pct``); a number that could not be measured is ``null`` next to a ``reason``.
+
+Version 2 (this one) adds to every measured case ``metrics`` (every registry metric's value, efficiency.metrics),
+``phases`` (each phase's window: wall time, energy of every meter, peak memory), the ``latency`` decode energy,
+``deltas`` keyed by metric name, the ``runtime_only`` score, and the case statuses ``invalid`` and ``oom`` and
+the run status ``incomplete``. Version-1 reports are upgraded on read by :func:`upgrade` (their content is
+kept; what version 1 did not measure stays null); anything older or unversioned is refused.
 """
 
 from __future__ import annotations
@@ -12,8 +18,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-SCHEMA_VERSION = 1
-STATUSES = ("running", "complete", "interrupted", "failed")
+SCHEMA_VERSION = 2
+STATUSES = ("running", "complete", "incomplete", "interrupted", "failed")
+_V1_DELTAS = {"perplexity_pct": "perplexity", "runtime_pct": "runtime_s", "energy_pct": "energy_j",
+              "j_per_token_pct": "j_per_token", "prefill_pct": "prefill_s",
+              "decode_per_token_pct": "decode_s_per_token", "peak_memory_pct": "peak_bytes",
+              "size_pct": "size_bytes", "parameters_pct": "parameters"}
+
+
+class SchemaError(ValueError):
+    """A report this version cannot read (too old, too new, or not a report)."""
 
 
 def now_iso() -> str:
@@ -31,3 +45,43 @@ def new_report(environment: dict[str, Any], settings: dict[str, Any]) -> dict[st
         "cases": [],
         "violations": [],
     }
+
+
+def _upgrade_case_v1(case: dict[str, Any]) -> dict[str, Any]:
+    from efficiency.metrics import case_values
+    from efficiency.score import case_scores
+
+    case = dict(case)
+    memory = case.get("memory")
+    if isinstance(memory, dict) and "not per case" in str(memory.get("method") or ""):
+        # version 1 on CPU recorded the process high-water mark since start: not a per-case figure
+        memory = dict(memory)
+        memory["process_high_water_bytes"] = memory.get("peak_bytes")
+        memory["peak_bytes"] = None
+        memory["reason"] = "version-1 report: the CPU figure was the process high-water mark, not per case"
+        case["memory"] = memory
+    if isinstance(case.get("deltas"), dict):
+        case["deltas"] = {_V1_DELTAS.get(k, k): v for k, v in case["deltas"].items()}
+        case["scores"] = case_scores(case["deltas"])
+    if case.get("status") == "measured":
+        case["metrics"] = case_values(case)
+        case.setdefault("phases", {})
+    return case
+
+
+def upgrade(report: dict[str, Any], source: object = "report") -> dict[str, Any]:
+    """The report in the current schema; raises SchemaError for a version this code cannot read."""
+    version = report.get("schema_version") if isinstance(report, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise SchemaError(f"{source} is not a pytest-efficiency report of a readable schema version "
+                          f"(schema_version {version!r}; versions 1 to {SCHEMA_VERSION} are read)")
+    if version > SCHEMA_VERSION:
+        raise SchemaError(f"{source} has schema version {version}; this pytest-efficiency understands "
+                          f"<= {SCHEMA_VERSION}: upgrade pytest-efficiency")
+    if version == SCHEMA_VERSION:
+        return report
+    out = dict(report)
+    out["cases"] = [_upgrade_case_v1(c) for c in report.get("cases") or []]
+    out["schema_version"] = SCHEMA_VERSION
+    out["upgraded_from"] = version
+    return out

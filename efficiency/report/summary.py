@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from efficiency.report.compare import METRICS, Comparison, MetricComparison
+from efficiency.metrics import BY_NAME, METRICS
+from efficiency.report.compare import Comparison, MetricComparison
+from efficiency.report.view import rows as view_rows
+from efficiency.report.view import unique_notes
 
 LABELS = {m.name: m.label for m in METRICS}
 
@@ -34,7 +37,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool)
 
 
 def _metric_row(case_id: str, m: MetricComparison) -> list[str]:
-    unit = {x.name: x.unit for x in METRICS}[m.metric]
+    unit = BY_NAME[m.metric].unit if m.metric in BY_NAME else ""
     p = "" if m.p_value is None else f"{m.p_value:.3g}"
     n = f"{m.n_base}/{m.n_head}" if m.n_base or m.n_head else ""
     return [case_id, LABELS[m.metric], fmt(m.base, unit), fmt(m.head, unit), pct(m.change_pct), n, p,
@@ -95,15 +98,9 @@ def comparison_lines(comp: Comparison, markdown: bool = False, verbose: bool = T
     return lines
 
 
-def _score(s: dict[str, Any] | None) -> str:
-    s = s or {}
-    if s.get("status") in ("ok", "free"):
-        return f"{s['value']:.3g}" + (" (free)" if s["status"] == "free" else "")
-    return {"no-saving": "no saving", "unavailable": "n/a"}.get(str(s.get("status")), "")
-
-
 def run_markdown(report: dict[str, Any]) -> list[str]:
-    """A run as Markdown: header, one row per case, violations, notes."""
+    """A run as Markdown: header, one row per case (the view-model of efficiency.report.view), violations,
+    notes."""
     env, settings = report.get("environment") or {}, report.get("settings") or {}
     git, wl = env.get("git") or {}, settings.get("workload") or {}
     commit = (git.get("commit") or "no git")[:12] + (" (dirty)" if git.get("dirty") else "")
@@ -116,25 +113,21 @@ def run_markdown(report: dict[str, Any]) -> list[str]:
         f"max_tokens {wl.get('max_tokens')}",
         "",
     ]
-    rows, notes = [], []
-    for c in report.get("cases") or []:
-        if c.get("status") != "measured":
-            rows.append([c["id"], "", "", "", "", "", "", "", c.get("status", "?")])
-            notes.append(f"{c['id']}: {c.get('status')}: {c.get('reason')}")
+    case_rows = view_rows(report)
+    table_rows = []
+    for r in case_rows:
+        if r.status != "measured":
+            table_rows.append([r.id, "", "", "", "", "", "", "", r.status])
             continue
-        d, th, scores = c.get("deltas") or {}, c.get("threshold") or {}, c.get("scores") or {}
-        if c.get("is_baseline"):
-            gate = "base"
-        else:
-            gate = "-" if not th.get("checked") else "ok" if th.get("passed") else "**FAIL**"
-        ppl = fmt(c["perplexity"]["value"]) + ("" if c["perplexity"]["meaningful"] else "*")
-        rows.append([c["id"], ppl, pct(d.get("perplexity_pct")), fmt(c["runtime"]["median_s"]),
-                     pct(d.get("runtime_pct")), fmt(c["energy"]["energy_j"]), pct(d.get("energy_pct")),
-                     " / ".join(_score(scores.get(k)) for k in ("energy", "runtime", "balanced")), gate])
-        if c["energy"]["energy_j"] is None and c["energy"].get("reason"):
-            notes.append(f"energy not measured: {c['energy']['reason']}")
+        c = r.cells
+        gate = "**FAIL**" if r.gate == "FAIL" else r.gate
+        table_rows.append([r.id, c["perplexity"].value, c["perplexity"].change, c["runtime_s"].value,
+                           c["runtime_s"].change, c["energy_j"].value, c["energy_j"].change,
+                           " / ".join(r.scores.split("/")) + (f" (R-only {r.runtime_only_score})"
+                                                              if r.runtime_only_score else ""), gate])
+    notes = unique_notes(case_rows)
     headers = ["case", "ppl", "Δppl", "runtime s", "Δt", "energy J", "ΔE", "opt E / R / B", "gate"]
-    lines += table(headers, rows, True)
+    lines += table(headers, table_rows, True)
     violations = report.get("violations") or []
     lines += ["", f"**{len(violations)} threshold violation(s)**" if violations else "no threshold violation"]
     lines += [f"- {v['message']}" for v in violations]

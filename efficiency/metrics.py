@@ -1,0 +1,153 @@
+"""The metric registry: one entry per metric, read by every consumer.
+
+An entry says what a metric is (name, label, unit, which direction is better), where its value and its
+per-round samples come from in a report case (a path into the case dict, filled at the JSON edge by
+``efficiency.results.case_to_dict``), whether a change of it can fail a gate, how it is compared (threshold
+kind) and formatted, and whether it is an axis of the Pareto front. Deltas (score.case_deltas), scores, the
+Pareto front, ``efficiency compare``, the history store and the terminal, Markdown and HTML renderers all
+iterate :data:`METRICS`; none of them names a report path itself.
+
+Adding a metric: one :class:`Metric` entry here, and its producer (the phase result field its ``path``
+points at). Nothing else: the history stores metrics in a long table (run, case, metric, value), so a new
+metric needs no schema migration.
+
+This module imports nothing heavy (no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Better = Literal["lower", "higher"]
+# How a change is judged in a comparison: "quality" (the perplexity threshold, deterministic), "regression"
+# (the practical regression threshold plus a significance test: gated), "info" (reported, not gated).
+Kind = Literal["quality", "regression", "info"]
+
+
+def _get(d: Any, path: Sequence[str]) -> Any:
+    cur = d
+    for key in path:
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(key)
+    return cur
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def fmt_number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def fmt_mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 1000:.3g}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # key in case["metrics"], in deltas and in the history
+    label: str  # human label with its unit as shown
+    unit: str  # "s", "J", "B", "tok/s", "" (dimensionless)
+    better: Better
+    path: tuple[str, ...]  # where the value is in a report case
+    kind: Kind = "info"
+    samples_path: tuple[str, ...] | None = None  # per-round values; None: one value per run
+    per_run_samples: bool = False  # the value itself is one sample per run (energy windows span all rounds)
+    workload_keys: tuple[str, ...] = ()  # workload settings that must match for this metric to be compared
+    pareto_tolerance_pct: float | None = None  # an axis of the Pareto front, with its noise tolerance
+    short: str = ""  # column header in the terminal table ("" = not a terminal column)
+    formatter: Callable[[float | None], str] = fmt_number
+    requires_meaningful_quality: bool = False  # perplexity of random weights is not a value
+
+    @property
+    def gated(self) -> bool:
+        return self.kind in ("quality", "regression")
+
+    def value(self, case: Mapping[str, Any]) -> float | None:
+        """The metric's value in a v2 report case, None when not measured (or not meaningful)."""
+        if case.get("status") not in (None, "measured"):
+            return None
+        if self.requires_meaningful_quality and not _get(case, ("perplexity", "meaningful")):
+            return None
+        return finite(_get(case, self.path))
+
+    def samples(self, case: Mapping[str, Any]) -> list[float]:
+        """Per-round values where the producer recorded them; the value itself for per-run metrics."""
+        if self.samples_path is not None:
+            raw = _get(case, self.samples_path)
+            if isinstance(raw, list):
+                return [v for v in (finite(x) for x in raw) if v is not None]
+        if self.per_run_samples:
+            v = self.value(case)
+            return [] if v is None else [v]
+        return []
+
+    def is_worse(self, change_pct: float) -> bool:
+        """True when a relative change in this direction makes the metric worse."""
+        return change_pct > 0 if self.better == "lower" else change_pct < 0
+
+    def format(self, value: float | None) -> str:
+        return self.formatter(value)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("perplexity", "perplexity", "", "lower", ("perplexity", "value"), kind="quality",
+           pareto_tolerance_pct=0.5, short="ppl", requires_meaningful_quality=True),
+    Metric("runtime_s", "runtime (s)", "s", "lower", ("runtime", "median_s"),
+           kind="regression", samples_path=("runtime", "rounds_s"), workload_keys=("batch_size",),
+           pareto_tolerance_pct=3.0, short="time s"),
+    Metric("energy_j", "energy (J)", "J", "lower", ("energy", "energy_j"),
+           kind="regression", samples_path=("energy", "rounds_j"), per_run_samples=True,
+           workload_keys=("batch_size",), pareto_tolerance_pct=3.0, short="energy J"),
+    Metric("j_per_token", "energy per token (J)", "J", "lower", ("energy", "j_per_token"),
+           workload_keys=("batch_size",)),
+    Metric("tokens_per_s", "throughput (tokens/s)", "tok/s", "higher",
+           ("runtime", "tokens_per_s"), workload_keys=("batch_size",)),
+    Metric("prefill_s", "prefill latency (s)", "s", "lower", ("latency", "prefill_s"),
+           samples_path=("latency", "prefill_s_all"), workload_keys=("prefill_tokens",), short="prefill ms",
+           formatter=fmt_ms),
+    Metric("decode_s_per_token", "decode per token (s)", "s", "lower", ("latency", "decode_s_per_token"),
+           per_run_samples=True, workload_keys=("prefill_tokens", "decode_tokens"), short="decode ms/tok",
+           formatter=fmt_ms),
+    Metric("decode_j_per_token", "decode energy per token (J)", "J", "lower",
+           ("latency", "decode_j_per_token"), per_run_samples=True,
+           workload_keys=("prefill_tokens", "decode_tokens")),
+    Metric("peak_bytes", "peak memory", "B", "lower", ("memory", "peak_bytes"),
+           workload_keys=("batch_size",), short="peak MiB", formatter=fmt_mib),
+    Metric("size_bytes", "size", "B", "lower", ("size", "size_bytes"), short="size MiB",
+           formatter=fmt_mib),
+    Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+
+def get(name: str) -> Metric:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def case_values(case: Mapping[str, Any]) -> dict[str, float | None]:
+    """Every registry metric's value in a report case."""
+    return {m.name: m.value(case) for m in METRICS}
+
+
+def pareto_axes(cases: Sequence[Mapping[str, Any]]) -> list[Metric]:
+    """The Pareto axes usable for a group of cases: those measured in every case."""
+    return [m for m in METRICS if m.pareto_tolerance_pct is not None
+            and cases and all(m.value(c) is not None for c in cases)]

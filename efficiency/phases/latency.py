@@ -1,0 +1,142 @@
+"""Latency phases, each in its own energy window: ``prefill`` (one forward pass over the prompt, no cache),
+``first_token`` (``generate`` of 1 token: prefill plus the first sampled token) and ``decode`` (``generate`` of
+exactly N tokens, min_new_tokens = max_new_tokens, greedy).
+
+Decode per token is a difference, so that the prompt's prefill cancels out:
+``decode_s_per_token = (median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
+``decode_j_per_token = (E(generate N) per round - E(generate 1) per round) / (N - 1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from efficiency.phases.base import PhaseContext, PhaseRecord, Rounds
+
+METHOD = ("median of rounds after 1 warm-up; perf_counter with device sync at both edges; greedy decode; "
+          "each phase in its own energy window")
+
+
+def _prompt(ctx: PhaseContext) -> tuple[Any, Any]:
+    if "prompt" not in ctx.shared:
+        import torch
+
+        prompt = ctx.tokens[: min(ctx.workload.prefill_tokens, ctx.context)].unsqueeze(0).to(ctx.device)
+        ctx.shared["prompt"] = (prompt, torch.ones_like(prompt))  # (1, P) ids and attention mask
+    return ctx.shared["prompt"]
+
+
+def _generate(model: Any, ctx: PhaseContext, n: int) -> Callable[[], Any]:
+    prompt, mask = _prompt(ctx)
+    pad = getattr(ctx.tokenizer, "pad_token_id", None)
+
+    def go() -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return model.generate(prompt, attention_mask=mask, do_sample=False, min_new_tokens=n,
+                                  max_new_tokens=n, pad_token_id=pad)
+
+    return go
+
+
+def _prefill(model: Any, ctx: PhaseContext) -> Callable[[], Any]:
+    prompt, mask = _prompt(ctx)
+
+    def go() -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return model(prompt, attention_mask=mask, use_cache=False)
+
+    return go
+
+
+def _energy_per_round_j(record: PhaseRecord, key: str) -> float | None:
+    sample = record.window.sample(key)
+    energy = getattr(sample, "energy_j", None)
+    return energy / record.result.n if energy is not None and record.result.n else None
+
+
+@dataclass
+class PrefillPhase:
+    name: ClassVar[str] = "prefill"
+
+    def setup(self, model: Any, ctx: PhaseContext) -> None:
+        for fn in (_prefill(model, ctx), _generate(model, ctx, 2)):  # warm-up: kernels, caches, allocator
+            ctx.sync()
+            fn()
+            ctx.sync()
+
+    def run(self, model: Any, ctx: PhaseContext) -> Rounds:
+        return ctx.repeat(_prefill(model, ctx), ctx.workload.min_rounds)
+
+    def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
+        return {}  # the latency section is written by DecodePhase from the three records
+
+
+@dataclass
+class FirstTokenPhase:
+    name: ClassVar[str] = "first_token"
+
+    def setup(self, model: Any, ctx: PhaseContext) -> None:
+        return None
+
+    def run(self, model: Any, ctx: PhaseContext) -> Rounds:
+        return ctx.repeat(_generate(model, ctx, 1), ctx.workload.min_rounds)
+
+    def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class DecodePhase:
+    name: ClassVar[str] = "decode"
+
+    def setup(self, model: Any, ctx: PhaseContext) -> None:
+        return None
+
+    def run(self, model: Any, ctx: PhaseContext) -> Rounds:
+        return ctx.repeat(_generate(model, ctx, ctx.workload.decode_tokens), ctx.workload.min_rounds)
+
+    def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
+        n = ctx.workload.decode_tokens
+        pre, one = ctx.records["prefill"].result, ctx.records["first_token"].result
+        many: Rounds = record.result
+        per_token = (many.median_s - one.median_s) / (n - 1)
+        reason = None
+        if per_token <= 0:  # timing noise larger than the decode work: say so instead of reporting 0
+            reason = f"generate({n}) was not slower than generate(1) (noise); use more --eff-decode-tokens"
+        e_many = _energy_per_round_j(record, ctx.primary)
+        e_one = _energy_per_round_j(ctx.records["first_token"], ctx.primary)
+        j_per_token: float | None = None
+        energy_reason = None
+        if e_many is None or e_one is None:
+            sample = record.window.sample(ctx.primary)
+            energy_reason = getattr(sample, "reason", None) or "energy not measured"
+        elif e_many - e_one <= 0:
+            energy_reason = (f"E(generate {n}) per round was not above E(generate 1) per round (meter resolution "
+                             "or noise); use a longer --eff-min-window or more --eff-decode-tokens")
+        else:
+            j_per_token = (e_many - e_one) / (n - 1)
+        prompt, _ = _prompt(ctx)
+        return {"latency": {
+            "prefill_s": pre.median_s,
+            "first_token_s": one.median_s,
+            "decode_s_per_token": per_token if per_token > 0 else None,
+            "decode_j_per_token": j_per_token,
+            "decode_energy_reason": energy_reason,
+            "tokens_per_s_decode": 1.0 / per_token if per_token > 0 else None,
+            "prompt_tokens": int(prompt.shape[1]),
+            "new_tokens": n,
+            "rounds": pre.n,
+            "rounds_first_token": one.n,
+            "rounds_decode": many.n,
+            "prefill_s_all": list(pre.times_s),
+            "first_token_s_all": list(one.times_s),
+            "decode_s_all": list(many.times_s),
+            "reason": reason,
+            "method": METHOD,
+        }}

@@ -1,0 +1,145 @@
+"""The perplexity phases: ``quality`` (one pass: the perplexity, the first-pass time and the case's peak memory)
+and ``ppl_pass`` (the paper's runtime: the same pass repeated in timed rounds inside an energy window)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from efficiency.phases.base import PhaseContext, PhaseRecord, Rounds
+
+RANDOM_PPL_REASON = "random weights: the perplexity of an untrained model is meaningless (architecture timing only)"
+
+
+def _evaluator(ctx: PhaseContext) -> Any:
+    """One evaluator per case, shared by the two phases (same windows, same token ids)."""
+    if "evaluator" not in ctx.shared:
+        from efficiency.measure.perplexity import PerplexityEvaluator
+
+        ctx.shared["evaluator"] = PerplexityEvaluator(ctx.tokens, ctx.context, ctx.stride,
+                                                      ctx.workload.batch_size)
+    return ctx.shared["evaluator"]
+
+
+@dataclass
+class QualityPhase:
+    """Perplexity over the evaluation text, once. Its window gives the first pass's time (with one-time costs
+    such as kernel loading) and the peak memory the report shows for the case."""
+
+    random_weights: bool = False
+    name: ClassVar[str] = "quality"
+
+    def setup(self, model: Any, ctx: PhaseContext) -> None:
+        ev = _evaluator(ctx)
+        ctx.log(f"{ctx.case_id}: perplexity pass over {len(ctx.tokens)} tokens ({len(ev.plan)} windows of "
+                f"{ctx.context})")
+
+    def run(self, model: Any, ctx: PhaseContext) -> Any:
+        return _evaluator(ctx).run(model, ctx.device)
+
+    def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
+        ppl = record.result
+        return {
+            "perplexity": {
+                "value": ppl.perplexity,
+                "meaningful": not self.random_weights,
+                "reason": RANDOM_PPL_REASON if self.random_weights else None,
+                **ppl.to_dict(),
+            },
+            "memory": record.window.peak.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class TimedPass:
+    rounds: Rounds
+    n_tokens: int
+    n_scored_tokens: int
+
+    @property
+    def n(self) -> int:
+        return self.rounds.n
+
+    @property
+    def capped(self) -> bool:
+        return self.rounds.capped
+
+
+def energy_per_unit(window: Any, units: int, primary: str) -> dict[str, Any]:
+    """Per-unit energy from a window's readings: ``energy_j`` is the primary meter's (the GPU's on a GPU run,
+    the CPU package's otherwise), null with the reason when that meter is unavailable; every meter's window
+    reading is kept under its key."""
+
+    def per_unit(sample: Any) -> dict[str, Any]:
+        if sample is None:
+            return {"energy_j": None, "reason": "measurement window was cancelled"}
+        d = sample.to_dict()
+        d["window_energy_j"] = d.pop("energy_j")
+        d["window_uncertainty_j"] = d.pop("uncertainty_j")
+        d["rounds_in_window"] = units
+        d["energy_j"] = d["window_energy_j"] / units if d["window_energy_j"] is not None else None
+        d["uncertainty_j"] = d["window_uncertainty_j"] / units if d["window_uncertainty_j"] is not None else None
+        return d
+
+    per_meter = {k: per_unit(s) for k, s in window.energy.items()}
+    main = per_meter.get(primary) or {"energy_j": None, "reason": f"no {primary} meter"}
+    return {
+        "energy_j": main["energy_j"],
+        "uncertainty_j": main.get("uncertainty_j"),
+        "primary": primary,
+        "reason": main.get("reason") if main["energy_j"] is None else None,
+        **per_meter,
+    }
+
+
+@dataclass
+class TimedPassPhase:
+    """The perplexity pass in timed rounds (pytest-benchmark's when the fixture is enabled), inside one energy
+    window of at least the minimum window; energy per pass = window energy / rounds."""
+
+    name: ClassVar[str] = "ppl_pass"
+    _estimate_s: float = 0.0
+
+    def setup(self, model: Any, ctx: PhaseContext) -> None:
+        import time
+
+        ev = _evaluator(ctx)
+        first = ctx.records.get("quality")
+        self._estimate_s = first.window.wall_s if first else 0.0
+        if ctx.min_window_s > 0:  # the first pass carries one-time costs: size the window from a warm one
+            ctx.sync()
+            t0 = time.perf_counter()
+            ev.run(model, ctx.device)
+            ctx.sync()
+            self._estimate_s = time.perf_counter() - t0
+        planned = ctx.rounds_for(self._estimate_s, ctx.workload.min_rounds)
+        ctx.log(f"{ctx.case_id}: {planned} timed rounds (energy window >= {ctx.min_window_s:g} s)")
+
+    def run(self, model: Any, ctx: PhaseContext) -> TimedPass:
+        ev = _evaluator(ctx)
+        rounds = ctx.repeat(lambda: ev.run(model, ctx.device), ctx.workload.min_rounds, self._estimate_s,
+                            use_benchmark=True)
+        return TimedPass(rounds, len(ev.ids), ev.n_scored_tokens)
+
+    def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
+        tp: TimedPass = record.result
+        median_s = tp.rounds.median_s
+        energy = energy_per_unit(record.window, tp.rounds.n, ctx.primary)
+        energy["j_per_token"] = energy["energy_j"] / tp.n_scored_tokens if energy["energy_j"] is not None else None
+        if tp.rounds.note:
+            energy["round_cap"] = tp.rounds.note
+        first = ctx.records.get("quality")
+        return {
+            "runtime": {
+                "median_s": median_s,
+                "min_s": min(tp.rounds.times_s),
+                "rounds_s": list(tp.rounds.times_s),
+                "rounds": tp.rounds.n,
+                "first_pass_s": first.window.wall_s if first else None,
+                "tokens_per_s": tp.n_tokens / median_s if median_s > 0 else None,
+                "round_cap": tp.rounds.note,
+                "method": "perplexity pass; perf_counter with device sync at both edges; median of rounds "
+                          "after one untimed pass",
+            },
+            "energy": energy,
+        }
