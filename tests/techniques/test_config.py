@@ -12,7 +12,8 @@ import pytest
 from efficiency.errors import ConfigError, EfficiencyError, TechniqueUnavailable, Unavailable
 from efficiency.techniques import base
 from efficiency.techniques.base import UnknownTechnique, UnsupportedTechnique, parse, registrations
-from efficiency.techniques.distil import DEVICE_DEFAULTS, KdSettings, TrainedStudent
+from efficiency.techniques.distil import TrainedStudent
+from efficiency.techniques.kd import DEVICE_DEFAULTS, KdSettings
 from efficiency.techniques.minitron import Minitron
 from efficiency.techniques.progress import Progress
 
