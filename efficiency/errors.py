@@ -1,37 +1,34 @@
-"""The error hierarchy of the suite: one root, an ``Unavailable`` branch the skip policy catches in one
-``except``, and ``ConfigError`` for bad user input (a usage error, never a skip).
+"""One error hierarchy for the suite.
 
-Old names stay importable from their old modules as aliases (``models.ModelUnavailable``,
-``data.DataUnavailable``, ``smollm2.FetchError``, ``techniques.base.UnsupportedTechnique``,
-``config.ConfigError``).
+``Unavailable`` and its subclasses mean "something needed is not available here": the case is skipped with the
+reason (or fails under ``--eff-strict``). ``ConfigError`` means bad user input: a usage error.
 """
 
 from __future__ import annotations
 
 
 class EfficiencyError(Exception):
-    """Root of every error this package raises on purpose."""
+    """Root of every error pytest-efficiency raises on purpose."""
 
 
 class Unavailable(EfficiencyError):
-    """Something the case needs is not available here (model, data, download, technique, meter): the case is
-    skipped with this reason."""
+    """Something the case needs is not available here; the message says what to provide."""
 
 
 class ModelUnavailable(Unavailable):
-    """The model cannot be loaded here (not cached offline, unknown to the hub, missing library)."""
+    """The model cannot be found or loaded here; the message says exactly what to provide."""
 
 
 class DataUnavailable(Unavailable):
-    """The evaluation or calibration data is missing or unusable."""
+    """The corpus cannot be found; the message says what to provide."""
 
 
 class FetchError(Unavailable):
-    """A download failed (network, checksum)."""
+    """A download failed (PyPI wheel, hub file)."""
 
 
 class TechniqueUnavailable(Unavailable):
-    """The technique cannot run in this context (device, dtype, missing library, model family)."""
+    """The technique cannot run here (missing library, unsupported device or model)."""
 
 
 class MeterUnavailable(Unavailable):
@@ -39,10 +36,4 @@ class MeterUnavailable(Unavailable):
 
 
 class ConfigError(EfficiencyError, ValueError):
-    """Bad user input (an option, a pyproject key, a technique name or its options): a usage error."""
-
-
-__all__ = [
-    "ConfigError", "DataUnavailable", "EfficiencyError", "FetchError", "MeterUnavailable", "ModelUnavailable",
-    "TechniqueUnavailable", "Unavailable",
-]
+    """A setting the user gave is invalid; the message says which and why."""
