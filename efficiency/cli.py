@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from efficiency.report import history
-from efficiency.report.compare import METRIC_NAMES, Criteria, compare
+from efficiency.metrics import NAMES as METRIC_NAMES
+from efficiency.report.compare import Criteria, compare
 from efficiency.report.gating import Baseline, gate, resolve
 from efficiency.report.io import ReportError, read
 from efficiency.report.summary import comparison_lines, fmt, run_markdown, table
