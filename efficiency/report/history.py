@@ -36,8 +36,8 @@ from typing import Any
 
 from efficiency.metrics import METRICS, NAMES
 from efficiency.report.compare import comparable_key, machine_of
-from efficiency.report.io import read
 from efficiency.report.schema import SchemaError, upgrade
+from efficiency.report.structure import read_checked
 
 DEFAULT_DB = Path("reports") / "history.sqlite"
 Report = dict[str, Any]
@@ -297,7 +297,7 @@ def add_report(conn: sqlite3.Connection, report: Report, source: str | None = No
 
 
 def import_files(conn: sqlite3.Connection, paths: Iterable[Path]) -> list[tuple[Path, int, bool]]:
-    return [(Path(p), *add_report(conn, read(Path(p)), str(p))) for p in paths]
+    return [(Path(p), *add_report(conn, read_checked(Path(p)), str(p))) for p in paths]
 
 
 def runs(conn: sqlite3.Connection, commit: str | None = None) -> list[Run]:
