@@ -18,16 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from efficiency.metrics import NAMES as METRIC_NAMES
-from efficiency.report import history
-from efficiency.report.compare import (
+from efficiency.defaults import (
     ALPHA,
-    MIN_RUNS,
+    HISTORY_FILENAME,
     PERPLEXITY_COMPARE_PCT,
     REGRESSION_THRESHOLD_PCT,
-    Criteria,
-    compare,
+    REPORTS_DIRNAME,
 )
+from efficiency.metrics import NAMES as METRIC_NAMES
+from efficiency.report import history
+from efficiency.report.compare import MIN_RUNS, Criteria, compare
 from efficiency.report.gating import Baseline, gate, head_runs, report_files, resolve
 from efficiency.report.io import ReportError
 from efficiency.report.structure import read_checked
@@ -49,7 +49,7 @@ def project_root(start: Path | None = None) -> Path:
 
 
 def default_db() -> Path:
-    return project_root() / history.DEFAULT_DB
+    return project_root() / REPORTS_DIRNAME / HISTORY_FILENAME
 
 
 def _version() -> str:

@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from efficiency.defaults import ALPHA, INFO_COMPARE_PCT, PERPLEXITY_COMPARE_PCT, REGRESSION_THRESHOLD_PCT
 from efficiency.metrics import METRICS, Metric
 from efficiency.report.schema import upgrade
 from efficiency.report.stats import mann_whitney_u, testable
@@ -51,12 +52,8 @@ from efficiency.score import pct_change
 Report = dict[str, Any]
 Case = dict[str, Any]
 
-# The defaults of every verdict (the CLI, the gate and the plugin read them here).
-REGRESSION_THRESHOLD_PCT = 5.0  # runtime and energy
-PERPLEXITY_COMPARE_PCT = 1.0
-INFO_COMPARE_PCT = 5.0  # latency, throughput, memory, size (reported, not gated)
-ALPHA = 0.05
-MIN_RUNS = 5  # independent runs per side for a statistical verdict
+# Thresholds and alpha come from efficiency.defaults; the runs a side needs is this module's decision.
+MIN_RUNS = 5  # independent runs per side for a statistical verdict (see the module docstring)
 
 REGRESSION, IMPROVEMENT = "regression", "improvement"
 UNCHANGED, NOT_SIGNIFICANT = "unchanged", "not significant"

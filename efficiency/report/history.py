@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from efficiency.defaults import HISTORY_FILENAME, REPORTS_DIRNAME
 from efficiency.metrics import METRICS, NAMES
 from efficiency.report.compare import comparable_key, machine_of
 from efficiency.report.schema import SchemaError, upgrade
 from efficiency.report.structure import read_checked
 
-DEFAULT_DB = Path("reports") / "history.sqlite"
+DEFAULT_DB = Path(REPORTS_DIRNAME) / HISTORY_FILENAME  # relative: the CLI puts it under the project root
 Report = dict[str, Any]
 
 

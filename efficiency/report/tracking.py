@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from efficiency.defaults import HISTORY_FILENAME
 from efficiency.report import history
 from efficiency.report.compare import Criteria, compare
 from efficiency.report.gating import Baseline, head_runs, report_files, resolve
@@ -32,7 +33,7 @@ lines_key = pytest.StashKey[list[str]]()
 
 def history_path(value: str | None, reports_dir: Path) -> Path | None:
     if value is None or value == "":
-        return Path(reports_dir) / "history.sqlite"
+        return Path(reports_dir) / HISTORY_FILENAME
     return None if value.lower() in ("off", "none", "no") else Path(value).expanduser()
 
 
@@ -49,7 +50,7 @@ def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, c
     head = [report]
     problem: str | None = None  # why there is no usable baseline
     if compare_spec:
-        lookup_db = db or Path(reports_dir) / "history.sqlite"
+        lookup_db = db or Path(reports_dir) / HISTORY_FILENAME
         try:
             if db is None and report_files(compare_spec) is None:
                 raise history.HistoryError(f"--eff-history off: cannot look up {compare_spec!r} in the history")
