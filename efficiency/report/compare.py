@@ -19,9 +19,11 @@ Why this test: it makes no assumption about the shape of run-to-run noise (a run
 one outlier, not a shifted mean as in a t-test), is exact at these sample sizes, and testing against the
 threshold (not against "no change") makes a false regression need the data to show a slowdown beyond the
 threshold with 95% confidence. Simulated (tests/report/test_compare.py, 3% run-to-run and 1% round noise,
-7 rounds, 5 runs per side): 0 to 0.1% false regressions in A/A comparisons, a planted 15% slowdown detected
-in more than 95%. Why ``MIN_RUNS = 5`` per side: with 3 or 4 runs the power for 15% drops below 95% (92% at
-4, with an occasional busy run 82%), and a one-run-per-side comparison can never be a verdict.
+7 rounds, 5 runs per side, 2000 to 4000 comparisons): 0.00% false regressions in A/A comparisons (0.03% when 1
+run in 10 is slowed 4-10% by a busy machine; the old rule on rounds of one run: 12% and 17%); a planted 15%
+slowdown detected in 99.2% (94.5% with busy runs), a 10% one in 70%. Why ``MIN_RUNS = 5`` per side: with 4 the
+power for 15% falls to about 92% (82% with busy runs), with 3 far lower, and one run per side is never a
+verdict.
 
 Fewer runs on a side than ``Criteria.min_runs``: ``insufficient runs`` (the reason says how many are needed),
 never called. Deterministic metrics (perplexity, size, parameters, memory) are judged by the threshold alone
