@@ -62,6 +62,14 @@ class TimedPass:
     n_processed_tokens: int = 0  # window overlap counted
     batch_size: int | None = None
 
+    @property
+    def n(self) -> int:
+        return self.rounds.n
+
+    @property
+    def capped(self) -> bool:
+        return self.rounds.capped
+
 
 def energy_per_unit(window: Any, units: int, primary: str) -> dict[str, Any]:
     """Per-unit energy from a window's readings: ``energy_j`` is the primary meter's (the GPU's on a GPU run,
