@@ -1,6 +1,6 @@
 """Importing this module registers the built-in techniques (each module registers its own names)."""
 
-from efficiency.techniques import (  # noqa: F401  # noqa: F401
+from efficiency.techniques import (  # noqa: F401
     bnb,
     compile,
     distil,
