@@ -1,19 +1,21 @@
 """KL divergence of a case's next-token distribution from the baseline's, token by token.
 
 The baseline is run once (``reference``) over the first N evaluation tokens, in consecutive windows of the
-perplexity context; per position it keeps only its ``k`` most likely tokens (ids and log-probabilities) and
-the log of the probability mass of all other tokens: ``N x k`` numbers instead of ``N x vocabulary`` (4,096
-tokens x k=256: 8 MiB, against 0.8 GB of full float32 log-probabilities for a 49k vocabulary).
+perplexity context; per position it keeps only its ``k`` most likely tokens (int32 ids and float32
+log-probabilities) and the log of the probability mass of all other tokens: ``N x k x 8`` bytes instead of
+``N x vocabulary x 4`` (4,096 tokens x k = 4,096: 128 MiB, against 0.8 GB of full log-probabilities for
+SmolLM2's 49k vocabulary; the reference is kept on the CPU).
 
 A case is then run over the same tokens (``compare``) and its distribution Q is read on the same ``k + 1``
 bins: the baseline's top-k tokens one by one, and the rest lumped. The KL divergence reported is
 ``KL(P_k+1 || Q_k+1) = sum_top p_i log(p_i / q_i) + p_rest log(p_rest / q_rest)``. By the chain rule of the KL
 divergence, the full-vocabulary value is exactly this plus ``p_rest * KL(P_tail / p_rest || Q_tail / q_rest)``:
-the reported value is a lower bound, short by at most the baseline's tail mass times the divergence inside
-the tail. It is exact when ``k`` covers the vocabulary; the report carries the mean tail mass of the baseline
-(``tail_mass_mean``) so that a reader sees how much the lumped bin holds (for trained models and k = 256 it is
-typically a few percent). The top-1 agreement is exact: the case's argmax over the full vocabulary is compared
-with the baseline's top token.
+the reported value is a lower bound, short by the baseline's tail mass times the divergence inside the tail,
+and exact when ``k`` covers the vocabulary. Measured on SmolLM2-135M against its bnb4 version (1,024
+WikiText-2 tokens; full value 0.3159 nats): k = 256 gives 0.2795 (-11.5 %, tail mass 9.4 %), k = 1,024 0.3011
+(-4.7 %, 3.8 %), k = 4,096 0.3122 (-1.2 %, 0.9 %); hence the default k = 4,096. The report carries the mean
+tail mass (``tail_mass_mean``) so that a reader sees how much the lumped bin holds. The top-1 agreement is
+exact: the case's argmax over the full vocabulary is compared with the baseline's top token.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Reference:
     ids_digest: str
     n_tokens: int
     context: int
-    top_ids: Any  # (N, k) int64
+    top_ids: Any  # (N, k) int32
     top_logp: Any  # (N, k) float32
     rest_logp: Any  # (N,) float32; -inf when k covers the vocabulary
     vocab: int
@@ -42,7 +44,7 @@ class Reference:
 
     @property
     def nbytes(self) -> int:
-        return int(self.top_ids.numel() * 8 + self.top_logp.numel() * 4 + self.rest_logp.numel() * 4)
+        return int(self.top_ids.numel() * 4 + self.top_logp.numel() * 4 + self.rest_logp.numel() * 4)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def reference(model: Any, ids: Any, context: int, device: str, top_k: int) -> Re
         lp = _log_probs(model, ids, start, end, device)
         vocab = lp.shape[-1]
         top_logp, top_ids = torch.topk(lp, min(top_k, vocab), dim=-1)
-        tops.append(top_ids.cpu())
+        tops.append(top_ids.to(torch.int32).cpu())
         logps.append(top_logp.cpu())
         # k covering the vocabulary leaves no tail: -inf, not the rounding error of 1 - sum(p)
         rest = _rest(top_logp) if top_k < vocab else torch.full_like(top_logp[:, 0], float("-inf"))
@@ -140,7 +142,7 @@ def compare(model: Any, ids: Any, ref: Reference, device: str) -> KldResult:
         if lq.shape[-1] != ref.vocab:
             raise DataUnavailable(f"KL divergence: vocabulary {lq.shape[-1]} differs from the baseline's "
                                   f"{ref.vocab}")
-        top_ids = ref.top_ids[start:end].to(lq.device)
+        top_ids = ref.top_ids[start:end].to(device=lq.device, dtype=torch.int64)
         kls.append(_kl_rows(lq, top_ids, ref.top_logp[start:end].to(lq.device),
                             ref.rest_logp[start:end].to(lq.device)).cpu())
         matches.append((lq.argmax(-1) == top_ids[:, 0]).cpu())

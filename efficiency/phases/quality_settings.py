@@ -14,7 +14,7 @@ from pathlib import Path
 from efficiency.config import ConfigError
 
 DEFAULT_KLD_TOKENS = 4096
-DEFAULT_KLD_TOP_K = 256  # baseline log-probs kept per token (plus one bin for the rest); see measure/kld.py
+DEFAULT_KLD_TOP_K = 4096  # baseline log-probs kept per token (plus one bin for the rest); see measure/kld.py
 DEFAULT_INPUT_TOKENS = 128
 DEFAULT_OUTPUT_TOKENS = 64
 

@@ -92,3 +92,19 @@ def test_settings_validation() -> None:
         ServingSettings(batch_sizes=(1,), output_tokens=1)
     with pytest.raises(ConfigError, match="kld tokens"):
         KldSettings(tokens=1)
+
+
+def test_serving_plot_draws_a_png_per_report() -> None:
+    from efficiency.report.serving_plots import serving_plot, serving_series
+
+    def case(cid: str, tps: list[float], j: list[float | None]) -> dict[str, Any]:
+        rows = [{"batch_size": b, "tokens_per_s": t, "j_per_token": e, "energy_reason": None if e else "no meter"}
+                for b, t, e in zip((1, 8, 32), tps, j, strict=True)]
+        return {"id": cid, "status": "measured", "serving": {"batches": rows}}
+
+    report = {"cases": [case("m-bf16", [10, 70, 200], [2.0, 0.4, 0.2]), case("m-int4", [12, 80, 150], [None] * 3),
+                        {"id": "m-x", "status": "skipped"}]}
+    assert list(serving_series(report)) == ["m-bf16", "m-int4"]
+    data = serving_plot(report)
+    assert data is not None and data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert serving_plot({"cases": [{"id": "m-x", "status": "measured"}]}) is None
