@@ -1,14 +1,17 @@
 """On-disk cache for expensive steps (calibration statistics, pruned weights, trained students).
 
 An entry is a folder ``<cache_dir>/<kind>/<key>`` where ``key`` hashes everything the result depends on.
-Entries are built in a temporary folder and renamed into place, so an interrupted build leaves no entry
-(only a ``*.tmp-*`` folder that the next build of the same key removes).
+Entries are built in a temporary folder named after the building process (``<key>.tmp-<pid>-<random>``) and
+renamed into place, so an interrupted build leaves no entry, only a temporary folder that a later build of the
+same key removes once its process is gone. Builders running at the same time (concurrent runs, pytest-xdist
+workers) never touch each other's folders; the first finished build wins.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -26,6 +29,22 @@ def entry_dir(cache_dir: Path, kind: str, parts: Mapping[str, Any]) -> Path:
     return cache_dir / kind / cache_key(parts)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours (EPERM)
+        return True
+    return True
+
+
+def _stale(tmp: Path, key: str) -> bool:
+    """A temporary folder of a build whose process is gone (or of the old unnamed layout)."""
+    pid = tmp.name.removeprefix(f"{key}.tmp-").split("-", 1)[0]
+    return not pid.isdigit() or not _pid_alive(int(pid))
+
+
 def cached_build(
     cache_dir: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]
 ) -> tuple[Path, bool]:
@@ -34,16 +53,19 @@ def cached_build(
     if (final / "meta.json").is_file():
         return final, True
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f"{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp-"))
+    for old in final.parent.glob(f"{final.name}.tmp-*"):
+        if _stale(old, final.name):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp-{os.getpid()}-"))
     try:
         build(tmp)
         (tmp / "meta.json").write_text(json.dumps(dict(parts), sort_keys=True, default=str, indent=1))
-        if final.exists():  # a concurrent builder won; keep its entry
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.replace(final)
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # a concurrent builder won; keep its entry
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

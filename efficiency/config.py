@@ -7,13 +7,21 @@ these dataclasses or enums.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from efficiency import defaults
+from efficiency.errors import ConfigError
+
+__all__ = ["ConfigError", "Priority", "SuiteConfig", "Thresholds", "Workload"]
 
 
-class ConfigError(ValueError):
-    """A setting the user gave is invalid; the message says which and why."""
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
 
 
 class Priority(enum.Enum):
@@ -49,10 +57,10 @@ class Workload:
     prefill_tokens: int = 128
     decode_tokens: int = 16
     min_rounds: int = 3
-    min_window_s: float = 0.0
-    warmup_rounds: int = 1
+    min_window_s: float = defaults.MIN_WINDOW_S
 
     def __post_init__(self) -> None:
+        _finite("min_window_s", self.min_window_s)
         if self.context < 2:
             raise ConfigError(f"context must be at least 2 tokens, got {self.context}")
         if not 1 <= self.stride <= self.context:
@@ -66,23 +74,20 @@ class Workload:
             raise ConfigError(
                 f"decode_tokens must be at least 2 (decode time is a difference), got {self.decode_tokens}"
             )
-        if self.min_window_s < 0 or self.warmup_rounds < 0:
-            raise ConfigError("min_window_s and warmup_rounds must not be negative")
-
-    def comparable_key(self) -> dict[str, object]:
-        """The settings that make two perplexities comparable (the gate compares only equal keys)."""
-        return {"dataset": self.dataset, "context": self.context, "stride": self.stride, "max_tokens": self.max_tokens}
+        if self.min_window_s < 0:
+            raise ConfigError(f"min_window_s must not be negative, got {self.min_window_s}")
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Maximum perplexity increase in percent over the model's baseline, per technique name."""
 
-    default_pct: float = 25.0
+    default_pct: float = defaults.THRESHOLD_PCT
     per_technique: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in {"default": self.default_pct, **self.per_technique}.items():
+            _finite(f"threshold for {name!r}", value)
             if value < 0:
                 raise ConfigError(f"threshold for {name!r} must be >= 0 percent, got {value}")
 
@@ -116,7 +121,13 @@ class SuiteConfig:
     random_weights: bool = False
     strict: bool = False
     compute_dtype: str | None = None
-    students: Mapping[str, str] = field(default_factory=dict)  # extra teacher -> published student names
+    # Per-technique tunables from [tool.efficiency.technique."<name>"] (techniques.base.parse applies them).
+    technique_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def students(self) -> Mapping[str, str]:
+        """Extra teacher -> published student names (technique_options["distil"]["students"])."""
+        return dict(self.technique_options.get("distil", {}).get("students", {}))
 
     def __post_init__(self) -> None:
         if not self.models:

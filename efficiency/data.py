@@ -9,19 +9,52 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from efficiency.errors import ConfigError, DataUnavailable
+
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["CALIBRATION_RELPATH", "WIKITEXT_RELPATH", "Corpus", "DataUnavailable", "check_inputs", "check_text_file",
+           "load_calibration_text", "load_corpus", "tokenize", "tokenizer_fingerprint"]
 
 WIKITEXT_RELPATH = Path("wikitext-2-raw") / "wiki.test.raw"
 CALIBRATION_RELPATH = Path("wikitext-2") / "valid.txt"
 
 
-class DataUnavailable(Exception):
-    """The corpus cannot be found; the message says what to provide."""
+def check_text_file(path: Path, min_tokens: int, what: str) -> None:
+    """Refuse, before any model loads, a text file that is missing, empty, not UTF-8, or certainly shorter than
+    ``min_tokens`` tokens. The length test is conservative: a token of a byte-level tokenizer covers at least one
+    byte, so a file of fewer bytes than ``min_tokens`` cannot hold that many tokens."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    data = path.read_bytes()
+    if not data.strip():
+        raise ConfigError(f"{what} {path} is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "give a UTF-8 text file") from None
+    if len(data) < min_tokens:
+        raise ConfigError(f"{what} {path} is too short: {len(data)} bytes cannot hold the {min_tokens} tokens of one "
+                          "window (lower --eff-context / --eff-max-tokens or give a longer text)")
+
+
+def check_inputs(dataset: str, data_dir: Path | None, min_tokens: int) -> None:
+    """The evaluation text the run will use, checked cheaply before any model loads (:func:`check_text_file`).
+    WikiText-2 without a data folder comes from ``datasets`` when a case runs and is not checked here."""
+    if dataset != "wikitext2":
+        check_text_file(Path(dataset).expanduser(), min_tokens, "dataset file")
+    elif data_dir is not None:
+        if not (data_dir / WIKITEXT_RELPATH).is_file():
+            raise ConfigError(f"{data_dir / WIKITEXT_RELPATH} not found: --eff-data-dir / EFFICIENCY_DATA_DIR / "
+                              f"[tool.efficiency] data-dir must be a folder holding {WIKITEXT_RELPATH}")
+        check_text_file(data_dir / WIKITEXT_RELPATH, min_tokens, "dataset file")
 
 
 @dataclass(frozen=True)
@@ -112,9 +145,14 @@ def tokenize(corpus: Corpus, tokenizer: Any, cache_dir: Path | None, max_tokens:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
         ids = torch.cat([torch.tensor([bos]), encoded]) if adds_bos else encoded
-        if cache is not None:
+        if cache is not None:  # a unique temporary name: concurrent runs and xdist workers write side by side
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save(ids, tmp)
-            tmp.replace(cache)
+            fd, tmp_name = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                torch.save(ids, tmp)
+                tmp.replace(cache)
+            finally:
+                tmp.unlink(missing_ok=True)
     return ids[:max_tokens] if max_tokens is not None else ids

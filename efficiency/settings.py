@@ -1,16 +1,22 @@
 """From the edges (``[tool.efficiency]`` in pyproject.toml, environment, ``--eff-*`` options) to a SuiteConfig.
 
-Precedence: command line > environment > pyproject > built-in defaults.
+Precedence: command line > environment (folders only) > ``[tool.efficiency.cpu|gpu]`` > ``[tool.efficiency]`` >
+the built-in defaults of :mod:`efficiency.defaults`. Keys of the pyproject table are the option names without
+``--eff-`` (``max-tokens``, ``rounds``, ``min-window``, ...); unknown keys are errors. Relative paths in
+pyproject.toml resolve against the rootdir (the folder holding it); relative paths on the command line against
+the folder pytest was started in. Nothing here imports torch unless the device is ``auto`` or ``cuda``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from efficiency import defaults
 from efficiency.config import ConfigError, SuiteConfig, Thresholds, Workload
 
 if sys.version_info >= (3, 11):
@@ -18,24 +24,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULTS: dict[str, Any] = {
-    "models": ["smollm2-135m"],
-    "techniques": ["fp32", "bf16", "bnb8", "bnb4"],
-    "gpu_techniques": ["fp16", "bf16", "bnb8", "bnb4"],
-    "baseline_cpu": "fp32",
-    "baseline_gpu": "fp16",
-    "dataset": "wikitext2",
-    "context": 1024,
-    "context_cpu": 512,
-    "stride": 512,
-    "max_tokens_cpu": 2048,
-    "max_tokens_gpu": None,
-    "batch_size": 4,
-    "prefill_tokens": 128,
-    "decode_tokens": 16,
-    "min_rounds": 3,
-    "min_window_s_gpu": 10.0,
-    "thresholds": {"default": 25.0},
+# Keys a device table ([tool.efficiency.cpu] / [tool.efficiency.gpu]) may hold; the top level may hold them too.
+DEVICE_KEYS = (*defaults.WORKLOAD["cpu"], "models", "compute-dtype")
+TOP_KEYS = (*DEVICE_KEYS, "device", "dataset", "calibration", "model-dir", "data-dir", "cache-dir", "reports-dir",
+            "random-weights", "strict")
+TABLES = ("cpu", "gpu", "thresholds", "technique", "students")
+PATH_KEYS = ("calibration", "model-dir", "data-dir", "cache-dir", "reports-dir")
+INT_KEYS = ("context", "stride", "batch-size", "prefill-tokens", "decode-tokens", "rounds")
+
+# Keys of the first pyproject layout and where their value lives now.
+RENAMED = {
+    "max_tokens_cpu": "[tool.efficiency.cpu] max-tokens",
+    "max_tokens_gpu": "[tool.efficiency.gpu] max-tokens",
+    "context_cpu": "[tool.efficiency.cpu] context",
+    "context_gpu": "[tool.efficiency.gpu] context",
+    "baseline_cpu": "[tool.efficiency.cpu] baseline",
+    "baseline_gpu": "[tool.efficiency.gpu] baseline",
+    "gpu_techniques": "[tool.efficiency.gpu] techniques",
+    "min_window_s_gpu": "[tool.efficiency.gpu] min-window",
+    "min_rounds": "rounds",
 }
 
 
@@ -43,10 +50,38 @@ def read_pyproject(root: Path) -> dict[str, Any]:
     path = root / "pyproject.toml"
     if not path.is_file():
         return {}
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: {err}") from err
     table = data.get("tool", {}).get("efficiency", {})
     return dict(table) if isinstance(table, dict) else {}
+
+
+def _unknown_key(key: str, where: str, valid: tuple[str, ...]) -> ConfigError:
+    hint = RENAMED.get(key)
+    if hint is None and key.replace("_", "-") in valid:
+        hint = key.replace("_", "-")
+    new = f" (now spelled {hint})" if hint else ""
+    return ConfigError(f"unknown key {key!r} in {where}{new}; valid keys: {', '.join(valid)}")
+
+
+def check_table(table: Mapping[str, Any]) -> None:
+    """Unknown keys anywhere in ``[tool.efficiency]`` are errors naming them and the valid ones."""
+    for key, value in table.items():
+        if key in TABLES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"[tool.efficiency] {key} must be a table, got {value!r}")
+        elif key not in TOP_KEYS:
+            raise _unknown_key(key, "[tool.efficiency]", (*TOP_KEYS, *TABLES))
+    for device in ("cpu", "gpu"):
+        for key in table.get(device, {}):
+            if key not in (*DEVICE_KEYS, "thresholds"):
+                raise _unknown_key(key, f"[tool.efficiency.{device}]", DEVICE_KEYS)
+    for name, options in dict(table.get("technique", {})).items():
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"[tool.efficiency.technique.{name!r}] must be a table of options, got {options!r}")
 
 
 def split_names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -54,21 +89,42 @@ def split_names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
 
 
+def _pct(value: Any, what: str) -> float:
+    try:
+        pct = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: a number of percent is needed, got {value!r}") from None
+    if not math.isfinite(pct):
+        raise ConfigError(f"{what}: must be a finite number of percent, got {value!r}")
+    return pct
+
+
 def parse_thresholds(table: Mapping[str, Any], cli: list[str]) -> Thresholds:
     """``cli`` entries are ``NAME=PCT`` (one technique) or ``PCT`` (the default for all)."""
-    per = {str(k): float(v) for k, v in table.items() if k != "default"}
-    default = float(table.get("default", DEFAULTS["thresholds"]["default"]))
+    per = {str(k): _pct(v, f"threshold {k}") for k, v in table.items() if k != "default"}
+    default = _pct(table.get("default", defaults.THRESHOLD_PCT), "threshold default")
     for item in cli:
         name, sep, value = item.rpartition("=")
         try:
             pct = float(value)
         except ValueError:
             raise ConfigError(f"--eff-threshold takes NAME=PCT or PCT, got {item!r}") from None
+        pct = _pct(pct, f"--eff-threshold {item}")
         if sep:
             per[name] = pct
         else:
             default = pct
     return Thresholds(default, per)
+
+
+def cli_threshold_names(cli: list[str]) -> tuple[str, ...]:
+    return tuple(item.rpartition("=")[0] for item in cli if "=" in item)
+
+
+def threshold_names_outside(names: tuple[str, ...], techniques: tuple[str, ...]) -> list[str]:
+    """Names that are neither a technique of the grid nor a step of a pipeline in it."""
+    known = set(techniques) | {step.strip() for t in techniques for step in t.split("+")}
+    return [n for n in names if n not in known]
 
 
 def resolve_device(requested: str | None) -> str:
@@ -90,56 +146,148 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
-def _path(value: Any) -> Path | None:
-    return Path(value).expanduser() if value not in (None, "") else None
+def _path(value: Any, base: Path | None) -> Path | None:
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() or base is None else base / path
 
 
-def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path) -> SuiteConfig:
-    """``opts``: option values by name without the ``eff_`` prefix (None = not given)."""
-    t = {**DEFAULTS, **table}
+def _max_tokens(value: Any, source: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "all":
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"{source} max-tokens takes a number of tokens or 'all', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(f"{source} max-tokens must be at least 2 tokens, or 'all' for the whole split; "
+                          f"got {value!r}")
+    return value
 
-    def pick(name: str, fallback: Any) -> Any:
-        value = opts.get(name)
-        return fallback if value is None else value
 
-    device = resolve_device(pick("device", t.get("device")))
-    gpu = device.startswith("cuda")
-    default_techniques = t["gpu_techniques"] if gpu else t["techniques"]
-    baseline = pick("baseline", t["baseline_gpu"] if gpu else t["baseline_cpu"])
-    max_tokens = pick("max_tokens", t["max_tokens_gpu"] if gpu else t["max_tokens_cpu"])
-    if isinstance(max_tokens, str):
-        max_tokens = None if max_tokens.lower() in ("all", "none", "0") else int(max_tokens)
-    context = int(pick("context", t["context"] if gpu else t.get("context_cpu", t["context"])))
+def _int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{source} {key} must be a whole number, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{source} {key} must be a whole number, got {value!r}") from None
+
+
+def _float(value: Any, key: str, source: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} {key} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ConfigError(f"{source} {key} must be a finite number, got {value!r}")
+    return out
+
+
+def technique_options(table: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``[tool.efficiency.technique."<name>"]`` tables; the legacy ``[tool.efficiency.students]`` table becomes
+    ``technique_options["distil"]["students"]``."""
+    out = {str(name): dict(options) for name, options in dict(table.get("technique", {})).items()}
+    legacy = {str(k): str(v) for k, v in dict(table.get("students", {})).items()}
+    if legacy:
+        distil = out.setdefault("distil", {})
+        distil["students"] = {**legacy, **dict(distil.get("students", {}))}
+    return out
+
+
+def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, cwd: Path | None = None,
+                 device: str | None = None) -> SuiteConfig:
+    """``opts``: option values by name without the ``eff_`` prefix, underscores for dashes (None = not given).
+    ``cwd``: where relative command-line paths resolve (default: as given). ``device``: use this device instead
+    of resolving ``--eff-device`` (validation of both device tables without importing torch)."""
+    check_table(table)
+    check_grid = device is None
+    if device is None:
+        device = resolve_device(opts.get("device") or table.get("device"))
+    kind = "gpu" if device.startswith("cuda") else "cpu"
+    device_table = dict(table.get(kind, {}))
+    merged = {**defaults.WORKLOAD[kind], "models": list(defaults.MODELS), "dataset": defaults.DATASET,
+              **{k: v for k, v in table.items() if k not in TABLES}, **device_table}
+    sources = {k: (f"[tool.efficiency.{kind}]" if k in device_table else "[tool.efficiency]") for k in merged}
+
+    def pick(key: str) -> tuple[Any, str]:
+        value = opts.get(key.replace("-", "_"))
+        if value is not None:
+            return value, f"--eff-{key}"
+        return merged.get(key), sources.get(key, "default")
+
+    def path_pick(key: str, env: str | None = None) -> Path | None:
+        value = opts.get(key.replace("-", "_"))
+        if value not in (None, ""):
+            return _path(value, cwd)
+        if env and os.environ.get(env):
+            return _path(os.environ[env], cwd)
+        return _path(merged.get(key), root)
+
+    ints = {}
+    for key in INT_KEYS:
+        value, source = pick(key)
+        ints[key] = _int(value, key, source)
+    context = ints["context"]
+    stride_opt, stride_src = pick("stride")
     # A default stride longer than a chosen context means "non-overlapping"; an explicit one is validated.
-    stride = int(opts["stride"]) if opts.get("stride") is not None else min(int(t["stride"]), context)
-    workload = Workload(
-        dataset=str(pick("dataset", t["dataset"])),
-        context=context,
-        stride=stride,
-        max_tokens=max_tokens,
-        batch_size=int(pick("batch_size", t["batch_size"])),
-        prefill_tokens=int(pick("prefill_tokens", t["prefill_tokens"])),
-        decode_tokens=int(pick("decode_tokens", t["decode_tokens"])),
-        min_rounds=int(pick("rounds", t["min_rounds"])),
-        min_window_s=float(pick("min_window", t["min_window_s_gpu"] if gpu else 0.0)),
-    )
-    env = os.environ
-    return SuiteConfig(
-        models=split_names(pick("models", t["models"])),
-        techniques=split_names(pick("techniques", default_techniques)),
-        baseline=str(baseline),
+    stride = ints["stride"] if stride_src.startswith("--") else min(ints["stride"], context)
+    window, window_src = pick("min-window")
+    dataset, dataset_src = pick("dataset")
+    dataset = str(dataset)
+    if dataset != "wikitext2":
+        dataset = str(_path(dataset, cwd if dataset_src.startswith("--") else root))
+    try:
+        workload = Workload(
+            dataset=dataset,
+            context=context,
+            stride=stride,
+            max_tokens=_max_tokens(*pick("max-tokens")),
+            batch_size=ints["batch-size"],
+            prefill_tokens=ints["prefill-tokens"],
+            decode_tokens=ints["decode-tokens"],
+            min_rounds=ints["rounds"],
+            min_window_s=_float(window, "min-window", window_src),
+        )
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from {', '.join(sorted(set(sources.values())))} and the --eff-* options)") \
+            from None
+    thresholds_table = {**dict(table.get("thresholds", {})), **dict(device_table.get("thresholds", {}))}
+    compute_dtype, _ = pick("compute-dtype")
+    cache_dir = path_pick("cache-dir", "EFFICIENCY_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / defaults.CACHE_DIRNAME
+    cfg = SuiteConfig(
+        models=split_names(pick("models")[0]),
+        techniques=split_names(pick("techniques")[0]),
+        baseline=str(pick("baseline")[0]),
         workload=workload,
-        thresholds=parse_thresholds(t.get("thresholds", {}), list(opts.get("threshold") or [])),
+        thresholds=parse_thresholds(thresholds_table, list(opts.get("threshold") or [])),
         device=device,
-        model_dir=_path(pick("model_dir", env.get("EFFICIENCY_MODEL_DIR") or t.get("model_dir"))),
-        data_dir=_path(pick("data_dir", env.get("EFFICIENCY_DATA_DIR") or t.get("data_dir"))),
-        calibration_path=_path(pick("calibration", t.get("calibration"))),
-        cache_dir=_path(pick("cache_dir", env.get("EFFICIENCY_CACHE_DIR") or t.get("cache_dir")))
-        or Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pytest-efficiency",
-        report_path=_path(opts.get("report")),
-        reports_dir=_path(pick("reports_dir", t.get("reports_dir"))) or root / "reports",
-        random_weights=bool(opts.get("random_weights")),
-        strict=bool(opts.get("strict")),
-        compute_dtype=pick("compute_dtype", t.get("compute_dtype")),
-        students={str(k): str(v) for k, v in dict(t.get("students", {})).items()},
+        model_dir=path_pick("model-dir", "EFFICIENCY_MODEL_DIR"),
+        data_dir=path_pick("data-dir", "EFFICIENCY_DATA_DIR"),
+        calibration_path=path_pick("calibration"),
+        cache_dir=cache_dir,
+        report_path=_path(opts.get("report"), cwd),
+        reports_dir=path_pick("reports-dir") or root / defaults.REPORTS_DIRNAME,
+        random_weights=bool(opts.get("random_weights") or merged.get("random-weights")),
+        strict=bool(opts.get("strict") or merged.get("strict")),
+        compute_dtype=str(compute_dtype) if compute_dtype is not None else None,
+        technique_options=technique_options(table),
     )
+    if check_grid:
+        outside = threshold_names_outside(cli_threshold_names(list(opts.get("threshold") or [])),
+                                          (cfg.baseline, *cfg.techniques))
+        if outside:
+            raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's "
+                              f"grid ({', '.join((cfg.baseline, *cfg.techniques))}) nor a step of one")
+    return cfg
+
+
+def validate(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, cwd: Path | None = None) -> None:
+    """Every check that needs no device: the table's keys and both device variants of the values (no torch)."""
+    for device in ("cpu", "cuda"):
+        build_config(opts, table, root, cwd, device=device)

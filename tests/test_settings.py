@@ -1,28 +1,122 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from efficiency.config import ConfigError
-from efficiency.settings import build_config, parse_thresholds
+from efficiency import defaults
+from efficiency.config import ConfigError, Thresholds, Workload
+from efficiency.settings import build_config, parse_thresholds, read_pyproject, validate
+
+CPU = {"device": "cpu"}
 
 
 def test_pyproject_table_and_command_line_precedence(tmp_path: Path) -> None:
-    table = {"models": ["gpt2"], "techniques": ["fp32", "bnb4"], "context_cpu": 256,
+    table = {"models": ["gpt2"], "techniques": ["fp32", "bnb4"], "cpu": {"context": 256},
              "thresholds": {"default": 10, "bnb4": 30}, "students": {"opt-1.3b": "my-opt-student"}}
-    cfg = build_config({"device": "cpu", "techniques": "fp32,bnb8", "threshold": ["bnb8=7"]}, table, tmp_path)
+    cfg = build_config({**CPU, "techniques": "fp32,bnb8", "threshold": ["bnb8=7"]}, table, tmp_path)
     assert cfg.models == ("gpt2",) and cfg.techniques == ("fp32", "bnb8")
     assert cfg.workload.context == 256 and cfg.workload.stride == 256  # default stride capped at the context
     assert cfg.thresholds.limit_for("bnb4") == 30 and cfg.thresholds.limit_for("bnb8") == 7
     assert cfg.thresholds.default_pct == 10
     assert cfg.students == {"opt-1.3b": "my-opt-student"}
+    assert cfg.technique_options == {"distil": {"students": {"opt-1.3b": "my-opt-student"}}}
     assert cfg.reports_dir == tmp_path / "reports"
 
 
-def test_explicit_stride_is_validated(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="stride"):
-        build_config({"device": "cpu", "context": 128, "stride": 512}, {}, tmp_path)
+def test_keys_are_the_option_names_and_device_tables_override(tmp_path: Path) -> None:
+    table = {"max-tokens": 256, "rounds": 5, "min-window": 2.5, "batch-size": 2,
+             "cpu": {"max-tokens": 128}, "gpu": {"max-tokens": "all", "techniques": ["fp16"]}}
+    cpu = build_config(CPU, table, tmp_path)
+    assert (cpu.workload.max_tokens, cpu.workload.min_rounds, cpu.workload.min_window_s) == (128, 5, 2.5)
+    assert cpu.workload.batch_size == 2 and cpu.techniques == tuple(defaults.WORKLOAD["cpu"]["techniques"])
+    gpu = build_config({}, table, tmp_path, device="cuda")
+    assert gpu.workload.max_tokens is None and gpu.techniques == ("fp16",) and gpu.baseline == "fp16"
+    assert build_config(CPU, {"max-tokens": 256}, tmp_path).workload.max_tokens == 256
+
+
+def test_defaults_come_from_one_place(tmp_path: Path) -> None:
+    cfg = build_config(CPU, {}, tmp_path)
+    assert cfg.workload.max_tokens == defaults.WORKLOAD["cpu"]["max-tokens"]
+    assert cfg.workload.min_window_s == defaults.MIN_WINDOW_S == Workload().min_window_s
+    assert cfg.thresholds.default_pct == defaults.THRESHOLD_PCT == Thresholds().default_pct
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"max_tokens": 256}, r"unknown key 'max_tokens' in \[tool.efficiency\] \(now spelled max-tokens\); valid keys:"),
+    ({"max_tokens_cpu": 256}, r"'max_tokens_cpu'.*now spelled \[tool.efficiency.cpu\] max-tokens"),
+    ({"min_rounds": 3}, r"'min_rounds'.*now spelled rounds"),
+    ({"colour": "red"}, r"unknown key 'colour'.*valid keys: .*max-tokens"),
+    ({"cpu": {"dataset": "x"}}, r"unknown key 'dataset' in \[tool.efficiency.cpu\]"),
+    ({"thresholds": 5}, r"thresholds must be a table"),
+    ({"technique": {"minitron-w25": 5}}, r"technique.'minitron-w25'. must be a table"),
+    ({"rounds": 2.5}, r"rounds must be a whole number"),
+    ({"min-window": float("nan")}, r"min-window must be a finite number"),
+    ({"thresholds": {"bnb4": float("inf")}}, r"finite"),
+])
+def test_pyproject_errors_name_the_key(tmp_path: Path, table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(CPU, table, tmp_path)
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    ({"max_tokens": "0"}, r"--eff-max-tokens max-tokens must be at least 2 tokens, or 'all'"),
+    ({"max_tokens": "lots"}, r"takes a number of tokens or 'all'"),
+    ({"min_window": float("nan")}, r"--eff-min-window min-window must be a finite number"),
+    ({"min_window": float("inf")}, r"finite"),
+    ({"threshold": ["bnb4=inf"]}, r"--eff-threshold bnb4=inf: must be a finite"),
+    ({"threshold": ["nan"]}, r"finite"),
+    ({"context": 128, "stride": 512}, r"stride"),
+])
+def test_command_line_errors(tmp_path: Path, opts: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({**CPU, **opts}, {}, tmp_path)
+
+
+def test_max_tokens_all_is_the_whole_split(tmp_path: Path) -> None:
+    assert build_config({**CPU, "max_tokens": "all"}, {}, tmp_path).workload.max_tokens is None
+
+
+def test_threshold_for_a_technique_outside_the_grid_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--eff-threshold for 'bnb44': not a technique of this run's grid"):
+        build_config({**CPU, "techniques": "fp32,bnb4", "threshold": ["bnb44=5"]}, {}, tmp_path)
+    # a step of a pipeline in the grid is fine
+    cfg = build_config({**CPU, "techniques": "fp32,ah90+bnb4", "threshold": ["ah90=5"]}, {}, tmp_path)
+    assert cfg.thresholds.limit_for("ah90") == 5
+
+
+def test_relative_paths_resolve_against_the_rootdir_and_the_invocation_dir(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EFFICIENCY_DATA_DIR", raising=False)
+    monkeypatch.delenv("EFFICIENCY_MODEL_DIR", raising=False)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    cfg = build_config(CPU, {"data-dir": "data", "reports-dir": "out", "dataset": "corpus.txt"}, tmp_path, cwd=sub)
+    assert cfg.data_dir == tmp_path / "data" and cfg.reports_dir == tmp_path / "out"
+    assert cfg.workload.dataset == str(tmp_path / "corpus.txt")
+    cli = build_config({**CPU, "model_dir": "models", "report": "r.json"}, {}, tmp_path, cwd=sub)
+    assert cli.model_dir == sub / "models" and cli.report_path == sub / "r.json"
+
+
+def test_technique_tables_become_technique_options(tmp_path: Path) -> None:
+    table = {"technique": {"minitron-w25": {"tokens": 50000}, "distil": {"students": {"a": "b"}}},
+             "students": {"c": "d"}}
+    cfg = build_config(CPU, table, tmp_path)
+    assert cfg.technique_options["minitron-w25"] == {"tokens": 50000}
+    assert cfg.students == {"c": "d", "a": "b"}
+
+
+def test_read_pyproject_reports_bad_toml(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.efficiency\n")
+    with pytest.raises(ConfigError, match="pyproject.toml"):
+        read_pyproject(tmp_path)
+
+
+def test_the_repositorys_own_table_is_valid() -> None:
+    root = Path(__file__).resolve().parents[1]
+    validate(CPU, read_pyproject(root), root)
 
 
 def test_threshold_syntax_errors() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,12 +85,21 @@ def model_size(model: torch.nn.Module) -> SizeResult:
 
 @dataclass
 class PeakMemory:
+    """Peak memory of a block. On CUDA the allocator's peak; on the CPU the peak resident set size during the
+    block minus the level at its start (``peak_bytes``), with both levels beside it."""
+
     peak_bytes: int | None = None
     method: str = ""
     reason: str | None = None
+    before_bytes: int | None = None  # CPU: RSS at the start of the block
+    peak_rss_bytes: int | None = None  # CPU: highest RSS seen during the block
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "method": self.method, "reason": self.reason}
+        return {"peak_bytes": self.peak_bytes, "method": self.method, "reason": self.reason,
+                "before_bytes": self.before_bytes, "peak_rss_bytes": self.peak_rss_bytes}
+
+
+SAMPLE_INTERVAL_S = 0.005
 
 
 def _rss_high_water_bytes() -> int:
@@ -97,10 +107,45 @@ def _rss_high_water_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+class _RssSampler:
+    """Samples this process's RSS (psutil) on a thread every SAMPLE_INTERVAL_S. A peak shorter than the
+    interval is still caught when it set a new process high-water mark (ru_maxrss at the end of the block)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.proc = psutil.Process()
+        self.before = int(self.proc.memory_info().rss)
+        self.high_water_before = _rss_high_water_bytes()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="efficiency-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, int(self.proc.memory_info().rss))
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, int(self.proc.memory_info().rss))
+        high_water = _rss_high_water_bytes()
+        if high_water > self.high_water_before:  # the block set a new high-water mark: that is its exact peak
+            self.peak = max(self.peak, high_water)
+
+
+CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus ru_maxrss when the block set a new "
+              "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
+
+
 @contextmanager
 def track_peak(device: str) -> Iterator[PeakMemory]:
-    """Peak device memory of the block (CUDA allocator). On the CPU, the process's resident high-water mark,
-    which includes everything the process held before; the report says so."""
+    """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the
+    peak RSS during the block as a delta over the level before it, so the order of cases does not inflate it."""
     result = PeakMemory()
     if device.startswith("cuda"):
         dev = torch.device(device)
@@ -110,8 +155,17 @@ def track_peak(device: str) -> Iterator[PeakMemory]:
         torch.cuda.synchronize(dev)
         result.peak_bytes = int(torch.cuda.max_memory_allocated(dev))
         result.method = "torch.cuda.max_memory_allocated over the perplexity pass"
-    else:
+        return
+    try:
+        sampler = _RssSampler()
+    except ImportError:
         yield result
-        result.peak_bytes = _rss_high_water_bytes()
-        result.method = "process ru_maxrss (CPU high-water mark since process start, not per case)"
-        result.reason = "no per-case allocator statistics on CPU"
+        result.reason = "psutil is not installed: no per-case CPU memory"
+        result.method = "none"
+        return
+    with sampler:
+        yield result
+    result.before_bytes = sampler.before
+    result.peak_rss_bytes = sampler.peak
+    result.peak_bytes = max(0, sampler.peak - sampler.before)
+    result.method = CPU_METHOD

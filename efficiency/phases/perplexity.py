@@ -56,6 +56,14 @@ class TimedPass:
     n_tokens: int
     n_scored_tokens: int
 
+    @property
+    def n(self) -> int:
+        return self.rounds.n
+
+    @property
+    def capped(self) -> bool:
+        return self.rounds.capped
+
 
 def energy_per_unit(window: Any, units: int, primary: str) -> dict[str, Any]:
     """Per-unit energy from a window's readings: ``energy_j`` is the primary meter's (the GPU's on a GPU run,

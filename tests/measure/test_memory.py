@@ -24,3 +24,23 @@ def test_tied_weights_counted_once() -> None:
     model = tiny_model("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model_size(model).parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_cpu_peak_is_per_block_not_the_process_high_water_mark() -> None:
+    # Before: ru_maxrss since process start, so a later, smaller case reported the earlier case's peak.
+    import numpy as np
+
+    from efficiency.measure.memory import track_peak
+
+    with track_peak("cpu") as big:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        block += 1
+        del block
+    with track_peak("cpu") as small:
+        small_block = np.ones(2**20 // 8)  # 1 MiB
+        del small_block
+    assert big.peak_bytes is not None and small.peak_bytes is not None
+    assert big.peak_bytes >= 48 * 2**20, big
+    assert small.peak_bytes < 16 * 2**20, small
+    assert "psutil" in small.method and small.before_bytes and small.peak_rss_bytes
+    assert small.to_dict()["peak_bytes"] == small.peak_bytes

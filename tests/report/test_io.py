@@ -32,9 +32,13 @@ def test_a_failed_write_leaves_the_old_report_and_no_temp_file(tmp_path: Path, m
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
-def test_nan_is_refused_rather_than_written_as_invalid_json(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        io.write_atomic(tmp_path / "x.json", {"schema_version": 1, "v": float("nan")})
+def test_non_finite_numbers_are_written_as_null_and_the_report_stays_valid_json(tmp_path: Path) -> None:
+    # Before: a NaN made every later write raise, and the run lost its report.
+    path = tmp_path / "x.json"
+    io.write_atomic(path, {"schema_version": 1, "v": float("nan"), "rounds": [1.0, float("inf")],
+                           "nested": {"w": -float("inf"), "ok": 2.5}})
+    assert json.loads(path.read_text()) == {"schema_version": 1, "v": None, "rounds": [1.0, None],
+                                            "nested": {"w": None, "ok": 2.5}}
 
 
 def test_read_refuses_newer_schema_and_non_reports(tmp_path: Path) -> None:
@@ -52,3 +56,44 @@ def test_next_report_path_counts_up(tmp_path: Path) -> None:
     assert io.next_report_path(tmp_path, "abcdef1234567890", False).name == "0001_abcdef123456.json"
     (tmp_path / "0007_x.json").write_text("{}")
     assert io.next_report_path(tmp_path, None, True).name == "0008_nogit_dirty.json"
+
+
+def _reserve_many(args: tuple[str, int]) -> list[str]:
+    folder, n = args
+    return [io.reserve_report_path(Path(folder), "abc", False).name for _ in range(n)]
+
+
+def test_concurrent_runs_never_share_a_report_number(tmp_path: Path) -> None:
+    # Before: every run took max+1 without reserving it, so runs started together wrote the same 0001 file.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        names = [n for batch in pool.map(_reserve_many, [(str(tmp_path), 10)] * 4) for n in batch]
+    assert len(names) == 40 and len({n[:4] for n in names}) == 40
+    assert sorted(int(n[:4]) for n in names) == list(range(1, 41))
+
+
+def test_reserve_skips_numbers_taken_by_another_commit(tmp_path: Path) -> None:
+    (tmp_path / "0001_other.json").write_text("{}")
+    assert io.reserve_report_path(tmp_path, "abc", True).name == "0002_abc_dirty.json"
+    assert io.reserve_report_path(tmp_path, "abc", True).name == "0003_abc_dirty.json"
+
+
+def test_write_with_fallback_keeps_the_report_when_a_target_fails(tmp_path: Path) -> None:
+    good = tmp_path / "ok.json"
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    data = {"schema_version": SCHEMA_VERSION, "cases": [1]}
+    written, failed, fallback = io.write_with_fallback([blocked / "r.json", good], data)
+    assert written == [good] and [p for p, _ in failed] == [blocked / "r.json"] and failed[0][1]
+    assert fallback is not None and json.loads(fallback.read_text()) == data
+    fallback.unlink()
+    assert io.write_with_fallback([good], data) == ([good], [], None)
+
+
+def test_check_writable_names_the_problem(tmp_path: Path) -> None:
+    assert io.check_writable(tmp_path / "new" / "reports", is_dir=True) is None
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    assert io.check_writable(blocked / "reports", is_dir=True)
+    assert io.check_writable(blocked / "r.json", is_dir=False)

@@ -1,0 +1,66 @@
+"""Every default value of the suite, in one place. Settings, config objects, the CLI and the gates read them here.
+
+Workload defaults differ by device: ``WORKLOAD["cpu"]`` / ``WORKLOAD["gpu"]``, keyed by the option names of
+``[tool.efficiency]`` (``max-tokens``, ``rounds``, ...); ``[tool.efficiency.cpu]`` / ``[tool.efficiency.gpu]``
+override them per device in a project's pyproject.toml.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODELS: tuple[str, ...] = ("smollm2-135m",)
+DATASET = "wikitext2"
+
+# Per device: the grid and the workload. ``max-tokens`` None = the whole test split.
+WORKLOAD: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "techniques": ["fp32", "bf16", "bnb8", "bnb4"],
+        "baseline": "fp32",
+        "context": 512,
+        "stride": 512,
+        "max-tokens": 2048,
+        "batch-size": 4,
+        "prefill-tokens": 128,
+        "decode-tokens": 16,
+        "rounds": 3,
+        "min-window": 10.0,
+    },
+    "gpu": {
+        "techniques": ["fp16", "bf16", "bnb8", "bnb4"],
+        "baseline": "fp16",
+        "context": 1024,
+        "stride": 512,
+        "max-tokens": None,
+        "batch-size": 4,
+        "prefill-tokens": 128,
+        "decode-tokens": 16,
+        "rounds": 3,
+        "min-window": 10.0,
+    },
+}
+
+# Minimum energy window in seconds; used only when a real meter (RAPL, NVML) reads the primary energy.
+MIN_WINDOW_S = 10.0
+
+# Maximum perplexity increase in percent over the model's baseline before a case fails (per technique in
+# [tool.efficiency.thresholds]).
+THRESHOLD_PCT = 25.0
+
+# Regression verdicts (efficiency compare / gate, --eff-fail-on-regression): practical thresholds and the
+# significance level of the statistical test.
+REGRESSION_THRESHOLD_PCT = 5.0  # runtime and energy
+PERPLEXITY_COMPARE_PCT = 1.0
+INFO_COMPARE_PCT = 5.0  # latency, memory, size (reported, not gated)
+ALPHA = 0.05
+
+# The energy window never runs more timed rounds than this; the report says when the cap binds.
+MAX_ROUNDS = 1000
+
+CACHE_DIRNAME = "pytest-efficiency"  # under $XDG_CACHE_HOME or ~/.cache
+REPORTS_DIRNAME = "reports"  # under the rootdir
+HISTORY_FILENAME = "history.sqlite"  # under the reports folder
+
+# Machine load above which a run is flagged busy (report/env.busy_warning).
+BUSY_LOAD_PER_CPU = 0.5  # 1-minute load average per logical CPU, beyond this run's own threads
+BUSY_OTHER_CPU_PCT = 20.0  # CPU share of other processes, percent of one CPU

@@ -1,0 +1,158 @@
+"""Phases, measured windows, the JSON edge and the metric registry, on a tiny random GPT-2 on the CPU.
+
+A deterministic fake meter (constant power, so energy = power x window length) makes every derived energy
+figure checkable by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import pytest
+
+from conftest import tiny_model
+from efficiency.config import Workload
+from efficiency.measure.energy import EnergySample, NullMeter
+from efficiency.phases.base import MAX_ROUNDS, PhaseContext, run_phase
+from efficiency.phases.latency import DecodePhase, FirstTokenPhase, PrefillPhase
+from efficiency.phases.perplexity import QualityPhase, TimedPassPhase
+
+POWER_W = 50.0
+
+
+class ConstantPowerMeter:
+    """A real (non-null) meter reading POWER_W for the whole window."""
+
+    method = "fake-constant-power"
+    domains = ("fake:0",)
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def end(self) -> EnergySample:
+        assert self.t0 is not None
+        window_s = time.perf_counter() - self.t0
+        self.t0 = None
+        return EnergySample(POWER_W * window_s, window_s, self.method, 0.0, self.domains)
+
+    def cancel(self) -> None:
+        self.t0 = None
+
+
+def context(min_window_s: float = 0.0, meter: Any = None, **workload: Any) -> PhaseContext:
+    import torch
+
+    wl = Workload(dataset="x", context=32, stride=32, batch_size=2, prefill_tokens=8, decode_tokens=4,
+                  min_rounds=2, min_window_s=min_window_s, **workload)
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+    meters = {"gpu": NullMeter("no GPU: the run is on the CPU"), "cpu": meter or ConstantPowerMeter()}
+    return PhaseContext("tiny-fp32", "cpu", wl, ids, None, 32, 32, meters, "cpu", lambda: None)
+
+
+def run_all(ctx: PhaseContext) -> dict[str, Any]:
+    model = tiny_model("gpt2")
+    sections: dict[str, Any] = {}
+    for phase in (QualityPhase(), TimedPassPhase(), PrefillPhase(), FirstTokenPhase(), DecodePhase()):
+        sections.update(phase.section(run_phase(phase, model, ctx), ctx))
+    return sections
+
+
+def test_every_phase_is_measured_in_its_own_window_by_every_meter(one_thread: None) -> None:
+    ctx = context()
+    sections = run_all(ctx)
+    assert list(ctx.records) == ["quality", "ppl_pass", "prefill", "first_token", "decode"]
+    for record in ctx.records.values():
+        assert record.window.wall_s > 0
+        assert record.window.sample("gpu").energy_j is None and "no GPU" in record.window.sample("gpu").reason
+        assert record.window.sample("cpu").energy_j == pytest.approx(POWER_W * record.window.wall_s, rel=0.05)
+        assert record.setup_s >= 0
+    # the paper's runtime: energy per pass = window energy / rounds (by hand from the window)
+    tp = ctx.records["ppl_pass"]
+    assert sections["energy"]["energy_j"] == pytest.approx(tp.window.sample("cpu").energy_j / tp.result.n)
+    assert sections["energy"]["j_per_token"] == pytest.approx(
+        sections["energy"]["energy_j"] / sections["perplexity"]["n_scored_tokens"])
+    assert sections["runtime"]["rounds"] == tp.result.n >= 2
+
+
+def test_decode_time_and_energy_per_token_are_differences_of_two_windows(one_thread: None) -> None:
+    ctx = context()
+    lat = run_all(ctx)["latency"]
+    one, many = ctx.records["first_token"], ctx.records["decode"]
+    n = ctx.workload.decode_tokens
+    e_one = one.window.sample("cpu").energy_j / one.result.n
+    e_many = many.window.sample("cpu").energy_j / many.result.n
+    if e_many > e_one:  # a constant-power meter: more generated tokens take longer and so more energy
+        assert lat["decode_j_per_token"] == pytest.approx((e_many - e_one) / (n - 1))
+    else:
+        assert lat["decode_j_per_token"] is None and lat["decode_energy_reason"]
+    if lat["decode_s_per_token"] is not None:
+        assert lat["decode_s_per_token"] == pytest.approx((many.result.median_s - one.result.median_s) / (n - 1))
+    assert lat["prompt_tokens"] == 8 and lat["new_tokens"] == n
+
+
+def test_a_real_meter_extends_the_window_to_the_minimum(one_thread: None) -> None:
+    ctx = context(min_window_s=0.3)
+    model = tiny_model("gpt2")
+    run_phase(QualityPhase(), model, ctx)
+    record = run_phase(TimedPassPhase(), model, ctx)
+    assert record.window.wall_s >= 0.3
+    assert record.result.n > 2 and not record.result.capped
+
+
+def test_without_a_real_meter_there_is_no_minimum_window() -> None:
+    ctx = context(min_window_s=5.0, meter=NullMeter("no RAPL"))
+    assert ctx.min_window_s == 0.0
+    rounds = ctx.repeat(lambda: None, 3)
+    assert rounds.n == 3
+
+
+def test_the_round_cap_says_so_when_it_binds() -> None:
+    ctx = context(min_window_s=60.0)
+    ctx.max_rounds = 5
+    ctx._window_start = time.perf_counter()
+    rounds = ctx.repeat(lambda: None, 2)
+    assert rounds.n == 5 and rounds.capped and "round cap 5" in (rounds.note or "")
+    assert MAX_ROUNDS == 1000
+
+
+def test_case_to_dict_fills_every_metric_and_scrubs_non_finite_numbers() -> None:
+    from efficiency import metrics
+    from efficiency.measure.memory import SizeResult
+    from efficiency.results import CaseResult, case_to_dict
+
+    sections = {"perplexity": {"value": math.nan, "meaningful": True}, "runtime": {"median_s": 1.0},
+                "energy": {"energy_j": math.inf}}
+    result = CaseResult("m-t", "m", "t", ["t"], False, "src", False, 0.1, 0.2, {}, {}, sections,
+                        SizeResult(10, 40, 10))
+    case = case_to_dict(result)
+    assert case["perplexity"]["value"] is None and case["energy"]["energy_j"] is None
+    assert case["non_finite"] == ["perplexity.value", "energy.energy_j"]
+    assert set(case["metrics"]) == set(metrics.NAMES)
+    assert case["metrics"]["runtime_s"] == 1.0 and case["metrics"]["size_bytes"] == 40
+    import json
+
+    json.dumps(case, allow_nan=False)  # valid JSON
+
+
+def test_registry_paths_exist_in_a_measured_case(one_thread: None) -> None:
+    """Every registry metric points at a field some phase writes (a renamed field would silently read null)."""
+    from efficiency import metrics
+    from efficiency.measure.memory import model_size
+    from efficiency.results import CaseResult, case_to_dict
+
+    ctx = context()
+    sections = run_all(ctx)
+    result = CaseResult("t-fp32", "t", "fp32", ["fp32"], True, "src", False, 0.0, 0.0, {}, ctx.records, sections,
+                        model_size(tiny_model("gpt2")))
+    case = case_to_dict(result)
+    for m in metrics.METRICS:
+        cur: Any = case
+        for key in m.path:
+            assert isinstance(cur, dict) and key in cur, f"{m.name}: {'.'.join(m.path)} missing"
+            cur = cur[key]
+    assert case["phases"]["decode"]["window"]["energy"]["cpu"]["energy_j"] > 0
