@@ -129,7 +129,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("size_bytes", "size", "B", "lower", ("size", "size_bytes"), short="size MiB",
            formatter=fmt_mib),
     Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
-    # Quality beyond perplexity and serving (issue 12; producers in efficiency/phases/kld.py, tasks.py, serving.py).
+)
+
+# Quality beyond perplexity and serving (issue 12): producers in efficiency/phases/kld.py, tasks.py, serving.py;
+# their sections exist only where the phases are enabled (SuiteConfig.kld / .tasks / .serving). To be joined to
+# METRICS by the lead together with the session wiring (and test_registry_paths_exist_in_a_measured_case run with
+# those phases enabled).
+QUALITY_SERVING_METRICS: tuple[Metric, ...] = (
     Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
            requires_meaningful_quality=True),
     Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True),
