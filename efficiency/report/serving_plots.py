@@ -42,6 +42,7 @@ def serving_plot(report: dict[str, Any]) -> bytes | None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.grid(True, alpha=0.3)
+    ax_tps.set_yscale("log")  # batch 1 to 128 spans two decades of throughput
     ax_tps.set_ylabel("output tokens / s")
     ax_tps.set_title("serving throughput")
     ax_tps.legend(fontsize="small")
