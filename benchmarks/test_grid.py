@@ -1,13 +1,5 @@
-"""The model x technique grid. Select cases with -k: `pytest benchmarks/ -k "smollm2-135m and bnb4"`.
+"""The model x technique grid of this repository: the packaged grid test (efficiency/grid.py), so that this
+folder and a user's `pytest --eff-grid` run the same test. Select cases with -k:
+`pytest benchmarks/ -k "smollm2-135m and bnb4"`."""
 
-Each case measures perplexity, runtime (pytest-benchmark rounds), energy, memory and size, compares them with
-the model's baseline, scores them and fails when perplexity rises past the technique's threshold.
-"""
-
-from __future__ import annotations
-
-from typing import Any
-
-
-def test_efficiency(eff_case: Any, eff_session: Any, benchmark: Any) -> None:
-    eff_session.run_case(eff_case.model, eff_case.technique, benchmark)
+from efficiency.grid import test_efficiency  # noqa: F401

@@ -401,6 +401,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         from efficiency.report.tracking import on_sessionfinish
 
         on_sessionfinish(session, state.session.report, state.session.cfg.reports_dir)
+        if state.session.write_errors:  # measurements kept (fallback file), but the run must not pass silently
+            state.notes.extend(state.session.write_errors)
+            if state.session.fallback_path is not None:
+                state.notes.append(f"the report was written to {state.session.fallback_path} instead")
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -72,7 +72,7 @@ class Runner:
         return ids[: self.cfg.workload.max_tokens] if self.cfg.workload.max_tokens else ids
 
     def load_named(self, name: str, dtype: Any) -> LoadedModel:
-        return load(self.source(name), self.cfg.device, dtype, self.cfg.cache_dir)
+        return load(self.source(name), self.cfg.device, dtype, self.cfg.cache_dir, log=self.log)
 
     def pipeline(self, technique: str) -> Pipeline:
         return parse(technique)
@@ -145,6 +145,7 @@ class Runner:
             context=context, stride=min(wl.stride, context), meters=meters, primary=primary,
             sync=make_sync(cfg.device), log=self.log, benchmark=benchmark,
         )
+        conditions = case_conditions(cfg.device, meters)
         sections: dict[str, dict[str, Any]] = {}
         phases = case_phases(cfg, loaded.source.random_weights)
         failed_groups: dict[str, str] = {}
@@ -160,6 +161,7 @@ class Runner:
                     raise
                 # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
                 failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
+        conditions.update(after=case_conditions(cfg.device, meters, sample_load=False))
         for group, reason in failed_groups.items():
             sections[group] = {"reason": reason, **{k: None for k in _GROUP_KEYS.get(group, ())}}
         if benchmark is not None:
@@ -171,8 +173,23 @@ class Runner:
             is_baseline=pipeline.name == cfg.baseline, source=loaded.source.describe(),
             random_weights=loaded.source.random_weights, load_s=loaded.load_s, apply_s=apply_s,
             technique_info=dict(ctx.info), records=dict(pctx.records), sections=sections,
-            size=model_size(model),
+            size=model_size(model), model_info=loaded.provenance(), conditions=conditions,
         )
+
+
+def case_conditions(device: str, meters: Any, sample_load: bool = True) -> dict[str, Any]:
+    """What the case ran under: machine load (CPU share of other processes, load average, threads) and, on a
+    GPU, its power state (clocks, temperature, power limit, throttle reasons); ``warnings`` when the machine was
+    busy or the clocks throttled."""
+    from efficiency.report.env import busy_warning, load_snapshot
+
+    out: dict[str, Any] = {"warnings": []}
+    if sample_load:
+        out["load"] = load_snapshot()
+        warning = busy_warning(out["load"])
+        if warning:
+            out["warnings"].append(warning)
+    return out
 
 
 _GROUP_KEYS = {"latency": ("prefill_s", "first_token_s", "decode_s_per_token", "decode_j_per_token")}

@@ -46,6 +46,7 @@ class EfficiencySession:
     report: dict[str, Any] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
     write_errors: list[str] = field(default_factory=list)
+    fallback_path: Path | None = None  # where the report went when a target could not be written
     expected: set[str] = field(default_factory=set)  # case ids collected for this run (set by the plugin)
     started_at: str = field(default_factory=now_iso)
     _runner: Any = None
@@ -94,21 +95,26 @@ class EfficiencySession:
         }
 
     def _write(self) -> None:
-        from efficiency.report.io import next_report_path, write_atomic
+        """Rewrite the report to every target; a target that fails does not stop the run: the report goes to a
+        fallback file as well, and the session ends non-zero naming both (``write_failures``)."""
+        from efficiency.report.io import reserve_report_path, write_with_fallback
 
         if self._path is None:
             git = self.report["environment"]["git"]
-            self._path = next_report_path(self.cfg.reports_dir, git.get("commit"), bool(git.get("dirty")))
-        targets = [self._path] + ([self.cfg.report_path] if self.cfg.report_path else [])
-        written: list[Path] = []
-        for path in targets:
             try:
-                write_atomic(path, self.report)
-                written.append(path)
-            except OSError as err:  # keep measuring; the failure is reported at the end
-                message = f"could not write the report to {path}: {err}"
-                if message not in self.write_errors:
-                    self.write_errors.append(message)
+                self._path = reserve_report_path(self.cfg.reports_dir, git.get("commit"), bool(git.get("dirty")))
+            except OSError as err:
+                self.write_errors.append(f"could not create a report in {self.cfg.reports_dir}: {err}")
+                self._path = None
+        targets = ([self._path] if self._path else []) + ([self.cfg.report_path] if self.cfg.report_path else [])
+        written, failed, fallback = write_with_fallback(targets, self.report)
+        for path, error in failed:
+            message = f"could not write the report to {path}: {error}"
+            if message not in self.write_errors:
+                self.write_errors.append(message)
+        if fallback is not None:
+            self.fallback_path = fallback
+            written.append(fallback)
         self.written = written
 
     def _record(self, case: dict[str, Any]) -> None:

@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from efficiency.measure.energy import (
+from efficiency.measure.sample import (
     _MAY_READ_ZERO,
     _PIP_HINT,
+    MAX_GPU_POWER_W,
     NVML_UPDATE_PERIOD_S,
     Clock,
     EnergySample,
@@ -18,6 +19,9 @@ from efficiency.measure.energy import (
     NullMeter,
     _short_window_caveat,
     _Window,
+    counter_uncertainty_j,
+    implausible_power,
+    zero_reading_reason,
 )
 
 
@@ -40,14 +44,22 @@ def _nvml_close(nvml: Any) -> None:
         pass
 
 
+def _refusal(energy_j: float, window_s: float, n_gpus: int, what: str) -> str | None:
+    """Why a GPU reading is refused (0 J over at least one update period, or implausible power), else None."""
+    if energy_j == 0 and window_s >= NVML_UPDATE_PERIOD_S:
+        return zero_reading_reason(what, window_s, NVML_UPDATE_PERIOD_S)
+    return implausible_power(energy_j, window_s, NVML_UPDATE_PERIOD_S, MAX_GPU_POWER_W, n_gpus)
+
+
 class NvmlEnergyMeter:
     """Sums `nvmlDeviceGetTotalEnergyConsumption` (mJ since driver load) over GPUs (Volta and newer).
 
     `indices` are NVML indices (PCI bus order). They differ from CUDA ordinals under CUDA_VISIBLE_DEVICES
     or the default CUDA_DEVICE_ORDER; map them (e.g. by PCI bus id) before building the meter.
 
-    Uncertainty: the counter updates about every `NVML_UPDATE_PERIOD_S`, so each edge can be off by one
-    period of energy: `2 * period * mean window power`, per GPU, summed. Below one period it is unknown.
+    Uncertainty: :func:`efficiency.measure.sample.counter_uncertainty_j` per GPU, summed: each edge can be off
+    by one update period of energy, `2 * period * mean window power` (2% at 10 s). Below one period it is
+    unknown. A reading above `MAX_GPU_POWER_W` per GPU, or 0 J over a window of at least one period, is refused.
     """
 
     def __init__(self, indices: Sequence[int], *, clock: Clock = time.perf_counter) -> None:
@@ -93,8 +105,12 @@ class NvmlEnergyMeter:
         if any(d < 0 for d in deltas_j):
             reason = "energy counter went backwards (driver reloaded?)"
             return EnergySample(None, window_s, self.method, None, self.domains, reason)
+        refused = _refusal(sum(deltas_j), window_s, len(deltas_j), "NVML energy counter")
+        if refused:
+            return EnergySample(None, window_s, self.method, None, self.domains, refused)
         caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "counter", _MAY_READ_ZERO)
-        uncertainty_j = None if caveat else sum(2 * NVML_UPDATE_PERIOD_S * d / window_s for d in deltas_j)
+        uncertainty_j = None if caveat else sum(
+            counter_uncertainty_j(d, window_s, NVML_UPDATE_PERIOD_S) for d in deltas_j)
         return EnergySample(sum(deltas_j), window_s, self.method, uncertainty_j, self.domains, caveat)
 
     def cancel(self) -> None:
@@ -189,6 +205,9 @@ class NvmlPowerSamplingMeter:
             f"integrated from sampled power every {self.interval_s * 1000:g} ms "
             f"(no energy counter on this GPU); {len(samples)} samples"
         )
+        refused = _refusal(energy_j, window_s, len(self.indices), "NVML power reading")
+        if refused:
+            return EnergySample(None, window_s, self.method, None, self.domains, refused)
         caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "power reading", "uncertainty unknown")
         if caveat:
             return EnergySample(energy_j, window_s, self.method, None, self.domains, f"{reason}; {caveat}")
@@ -242,52 +261,4 @@ def _supports(nvml: Any, query: Callable[[Any], object], handles: Sequence[Any])
         return False
     return True
 
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def power_state(indices: Sequence[int]) -> dict[str, object]:
-    """Per-GPU power limit (W), power draw (W), SM/memory clocks (MHz), temperature (C), name; driver version.
-
-    A field the GPU does not report is None. Returns {"available": False, "reason": ...} without NVML.
-    """
-    if not indices:
-        return {"available": False, "reason": "no GPU: no GPU index given"}
-    try:
-        import pynvml
-    except ImportError:
-        return {"available": False, "reason": _PIP_HINT}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return {"available": False, "reason": f"NVML init failed: {exc}"}
-
-    def query(fn: Callable[..., Any], *args: Any, scale: float = 1.0) -> float | None:
-        try:
-            return float(fn(*args)) * scale
-        except pynvml.NVMLError:
-            return None
-
-    try:
-        gpus: list[dict[str, object]] = []
-        for index in indices:
-            h = pynvml.nvmlDeviceGetHandleByIndex(index)
-            gpus.append(
-                {
-                    "index": index,
-                    "name": _text(pynvml.nvmlDeviceGetName(h)),
-                    "power_limit_w": query(pynvml.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3),
-                    "power_w": query(pynvml.nvmlDeviceGetPowerUsage, h, scale=1e-3),
-                    "sm_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
-                    "mem_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
-                    "temperature_c": query(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
-                }
-            )
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
-        return {"available": True, "driver_version": driver, "gpus": gpus}
-    except pynvml.NVMLError as exc:
-        return {"available": False, "reason": f"NVML query failed: {exc}"}
-    finally:
-        _nvml_close(pynvml)
 

@@ -6,8 +6,9 @@ import re
 import time
 from pathlib import Path
 
-from efficiency.measure.energy import (
+from efficiency.measure.sample import (
     _MAY_READ_ZERO,
+    MAX_CPU_PACKAGE_POWER_W,
     POWERCAP_ROOT,
     RAPL_COUNT_RESOLUTION_J,
     RAPL_UPDATE_PERIOD_S,
@@ -17,6 +18,9 @@ from efficiency.measure.energy import (
     NullMeter,
     _short_window_caveat,
     _Window,
+    counter_uncertainty_j,
+    implausible_power,
+    zero_reading_reason,
 )
 
 # Top-level RAPL zones only: `intel-rapl:0:0` is a sub-zone of package 0 and `intel-rapl-mmio:0` repeats it.
@@ -49,8 +53,10 @@ class RaplMeter:
 
     Wraparound: when a zone's end reading is below its begin reading, `max_energy_range_uj` is added. A
     window longer than one full wrap period (range / package power, typically tens of minutes) cannot be
-    detected and reads short. Uncertainty: one count (`RAPL_COUNT_RESOLUTION_J`) per edge per zone plus one
-    update period (`RAPL_UPDATE_PERIOD_S`) of mean power per edge.
+    detected and reads short. A counter reset (stop < start without a real wrap) reads as nearly a whole
+    range: refused by the plausibility bound `MAX_CPU_PACKAGE_POWER_W` per package, as is 0 J over a window
+    of at least one update period. Uncertainty: one count (`RAPL_COUNT_RESOLUTION_J`) per edge per zone plus
+    :func:`efficiency.measure.sample.counter_uncertainty_j` (one update period of mean power per edge).
     """
 
     def __init__(self, root: Path = POWERCAP_ROOT, *, clock: Clock = time.perf_counter) -> None:
@@ -105,12 +111,17 @@ class RaplMeter:
         for start, stop, range_uj in zip(self._start_uj, end_uj, self._range_uj, strict=True):
             total_uj += stop - start if stop >= start else stop - start + range_uj
         energy_j = total_uj / 1e6
+        refused = implausible_power(energy_j, window_s, RAPL_UPDATE_PERIOD_S, MAX_CPU_PACKAGE_POWER_W,
+                                    len(self._zones))
+        if energy_j == 0 and window_s >= RAPL_UPDATE_PERIOD_S:
+            refused = zero_reading_reason("RAPL package counter", window_s, RAPL_UPDATE_PERIOD_S)
+        if refused:
+            return EnergySample(None, window_s, self.method, None, self.domains, refused)
         caveat = _short_window_caveat(window_s, RAPL_UPDATE_PERIOD_S, "RAPL counter", _MAY_READ_ZERO)
         uncertainty_j = None
         if caveat is None:
-            mean_w = energy_j / window_s
             resolution_j = 2 * RAPL_COUNT_RESOLUTION_J * len(self._zones)
-            uncertainty_j = resolution_j + 2 * RAPL_UPDATE_PERIOD_S * mean_w
+            uncertainty_j = resolution_j + counter_uncertainty_j(energy_j, window_s, RAPL_UPDATE_PERIOD_S)
         return EnergySample(energy_j, window_s, self.method, uncertainty_j, self.domains, caveat)
 
     def cancel(self) -> None:

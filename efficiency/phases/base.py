@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from efficiency.config import Workload
-
-MAX_ROUNDS = 1000
+from efficiency.defaults import MAX_ROUNDS
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,19 @@
 """Release gate of one run: threshold breaches (efficiency.gate.check with the thresholds recorded in the
-run's own settings), an unfinished run or errored cases, and significant regressions against a baseline run.
-Shared by ``efficiency gate`` and the plugin's ``--eff-fail-on-regression``."""
+run's own settings), an unfinished run or errored cases, significant regressions against a baseline, and the
+inconclusive verdicts (insufficient runs, not compared, a case missing from the baseline, no baseline), which
+are named in the headline and fail the gate when ``fail_on_inconclusive`` (the gate fails closed).
+Shared by ``efficiency gate`` and the plugin's ``--eff-fail-on-regression``.
+
+A verdict needs several independent runs per side (efficiency.report.compare): the head is the gated run
+pooled with the other stored runs of its commit (:func:`head_runs`), the baseline ``last`` is chosen per case
+(history.last_per_case), a commit pools its runs, and report files can be given several per side.
+"""
 
 from __future__ import annotations
 
+import glob
+import sqlite3
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +22,7 @@ from efficiency.config import Thresholds
 from efficiency.gate import check
 from efficiency.report import history
 from efficiency.report.compare import Comparison, Criteria, compare
-from efficiency.report.io import read
+from efficiency.report.structure import read_checked
 from efficiency.report.summary import LABELS, comparison_lines
 
 Report = dict[str, Any]
@@ -28,28 +38,54 @@ def thresholds_of(report: Report) -> Thresholds:
 class Baseline:
     runs: list[Report]
     label: str
+    per_case: Mapping[str, tuple[list[Report], str]] | None = None  # ``last``: case id -> (its runs, label)
 
 
-def resolve(spec: str, run: Report | None, db: Path, include_dirty: bool = False,
+def report_files(spec: str) -> list[Path] | None:
+    """The report files a spec names: one path, a glob pattern, or several joined by commas; None when the spec
+    is not a file spec (a commit or 'last'). A named file that does not exist is an error."""
+    parts = [p for p in spec.split(",") if p]
+    paths: list[Path] = []
+    for part in parts:
+        if glob.has_magic(part):
+            found = sorted(Path(p) for p in glob.glob(part))
+            if not found:
+                raise history.HistoryError(f"no report file matches {part!r}")
+            paths += found
+        elif Path(part).is_file():
+            paths.append(Path(part))
+        elif Path(part).suffix == ".json" or len(parts) > 1:
+            raise history.HistoryError(f"report {part} does not exist")
+        else:
+            return None
+    return paths or None
+
+
+def _open(db: Path) -> sqlite3.Connection:
+    return history.connect(Path(db), create=False)
+
+
+def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include_dirty: bool = False,
             include_incomplete: bool = False) -> Baseline | None:
-    """A report file, ``last`` (the latest eligible run in the history with the settings and machine of
-    ``run``; None when there is none) or a commit (prefix) in the history, its runs pooled."""
-    if Path(spec).is_file():
-        return Baseline([read(Path(spec))], spec)
-    if spec != "last" and Path(spec).suffix == ".json":
-        raise history.HistoryError(f"baseline report {spec} does not exist")
+    """Report file(s) (a path, a glob, or several joined by commas), ``last`` (per case, the latest eligible
+    commit in the history that measured it, with the settings and machine of ``head``; None when the history
+    has none) or a commit (prefix) in the history, its runs pooled."""
+    files = report_files(spec)
+    if files is not None:
+        return Baseline([read_checked(p) for p in files], spec)
     if not Path(db).exists():
         if spec == "last":
             return None
         raise history.HistoryError(f"{spec!r} is not a report file, and there is no history database at {db} "
                                    "to look it up as a commit")
-    conn = history.connect(Path(db), create=False)
+    conn = _open(db)
     try:
         if spec == "last":
-            if run is None:
+            if not head:
                 raise history.HistoryError("'last' needs the run it is compared with")
-            found = history.last_baseline(conn, run, include_dirty, include_incomplete)
-            return None if found is None else Baseline([history.load(conn, found.id)], f"last: {found.label}")
+            like = [head] if isinstance(head, dict) else list(head)
+            per_case = history.last_per_case(conn, like, include_dirty, include_incomplete)
+            return Baseline([], "last (chosen per case)", per_case) if per_case else None
         rows = history.at_commit(conn, spec, include_dirty, include_incomplete)
         label = f"{spec} ({len(rows)} runs pooled)" if len(rows) > 1 else rows[0].label
         return Baseline([history.load(conn, r.id) for r in rows], label)
@@ -57,17 +93,54 @@ def resolve(spec: str, run: Report | None, db: Path, include_dirty: bool = False
         conn.close()
 
 
+def head_runs(reports: Sequence[Report], db: Path | None) -> list[Report]:
+    """The head side: the given runs and the other stored runs of the first one's commit (clean, complete, same
+    settings and machine), each once."""
+    out = list(reports)
+    if db is None or not Path(db).exists() or not reports:
+        return out
+    conn = _open(db)
+    try:
+        seen = {history.report_hash(r) for r in out}
+        for run in history.same_commit_runs(conn, reports[0]):
+            digest = history.report_hash(run)
+            if digest not in seen:
+                seen.add(digest)
+                out.append(run)
+    finally:
+        conn.close()
+    return out
+
+
 @dataclass(frozen=True)
 class GateResult:
     violations: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
+    inconclusive: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     comparison: Comparison | None = None
+    fail_on_inconclusive: bool = False
 
     @property
     def ok(self) -> bool:
-        return not (self.violations or self.failures or self.regressions)
+        return not (self.violations or self.failures or self.regressions
+                    or (self.fail_on_inconclusive and self.inconclusive))
+
+    def headline(self) -> str:
+        parts = [f"{len(items)} {title}" for title, items in (
+            ("threshold violation(s)", self.violations), ("failure(s)", self.failures),
+            ("significant regression(s)", self.regressions)) if items]
+        inconclusive = f"{len(self.inconclusive)} inconclusive verdict(s)" if self.inconclusive else ""
+        if not self.ok:
+            why = parts + ([inconclusive + " (--fail-on-inconclusive)"]
+                           if self.fail_on_inconclusive and inconclusive else [])
+            return "GATE FAILED: " + ", ".join(why)
+        if inconclusive:
+            return (f"GATE PASSED WITH {inconclusive.upper()}: no threshold violation, no failure and no "
+                    "significant regression, but the regression check could not decide everything (listed "
+                    "above; --fail-on-inconclusive fails on them)")
+        return "GATE PASSED: no threshold violation, no failure and no significant regression"
 
     def lines(self, markdown: bool = False) -> list[str]:
         dash = "- " if markdown else "  "
@@ -75,37 +148,39 @@ class GateResult:
         if self.comparison is not None:
             out += comparison_lines(self.comparison, markdown, verbose=False, gated_only=True) + [""]
         for title, items in (("threshold violation", self.violations), ("failure", self.failures),
-                             ("regression", self.regressions)):
+                             ("regression", self.regressions), ("inconclusive verdict", self.inconclusive)):
             if items:
                 out.append(f"GATE: {len(items)} {title}(s):")
                 out += [dash + i for i in items]
         out += [f"note: {n}" for n in self.notes]
-        out.append("GATE FAILED" if not self.ok else "GATE PASSED: no threshold violation, no failure and no "
-                   "significant regression"
-                   + ("" if self.comparison else " (no baseline: regressions not checked)"))
+        out.append(self.headline())
         return out
 
 
-def gate(report: Report, baseline: Baseline | None = None, fail_pct: float = 5.0,
-         criteria: Criteria | None = None) -> GateResult:
+def gate(report: Report, baseline: Baseline | None = None, fail_pct: float | None = None,
+         criteria: Criteria | None = None, fail_on_inconclusive: bool = False,
+         head: Sequence[Report] | None = None, no_baseline: str | None = None) -> GateResult:
+    """Gate ``report``; ``head``: the runs pooled with it for the regression check (default: it alone);
+    ``no_baseline``: why there is no baseline when regressions were asked for (an inconclusive verdict)."""
     settings = report.get("settings") or {}
-    violations = [v.message for v in check(report.get("cases") or [], thresholds_of(report),
-                                           str(settings.get("baseline")))]
-    failures = [f"{c['id']}: error: {c.get('reason')}" for c in report.get("cases") or []
-                if c.get("status") == "error"]
+    cases = report.get("cases") or []
+    violations = [v.message for v in check(cases, thresholds_of(report), str(settings.get("baseline")))]
+    failures = [f"{c['id']}: {c.get('status')}: {c.get('reason')}" for c in cases
+                if c.get("status") in ("error", "invalid", "oom")]
     if report.get("status") != "complete":
         failures.insert(0, f"the run is {report.get('status')!r}, not complete: its cases are not all "
                            "measured")
-    notes = [f"{c['id']}: skipped: {c.get('reason')}" for c in report.get("cases") or []
-             if c.get("status") == "skipped"]
-    if not any(c.get("status") == "measured" for c in report.get("cases") or []):
+    notes = [f"{c['id']}: skipped: {c.get('reason')}" for c in cases if c.get("status") == "skipped"]
+    if not any(c.get("status") == "measured" for c in cases):
         failures.append("no case was measured: nothing to gate")
     if baseline is None:
-        return GateResult(violations, failures, [], notes, None)
-    crit = criteria or Criteria(runtime_pct=fail_pct)
-    comp = compare(baseline.runs, [report], crit, baseline.label, "this run")
+        inconclusive = [f"no baseline: {no_baseline}"] if no_baseline else []
+        if not no_baseline:
+            notes.append("no baseline given: regressions not checked")
+        return GateResult(violations, failures, [], inconclusive, notes, None, fail_on_inconclusive)
+    crit = criteria or (Criteria(runtime_pct=fail_pct) if fail_pct is not None else Criteria())
+    head_side = list(head) if head else [report]
+    label = "this run" if len(head_side) == 1 else f"this run and {len(head_side) - 1} more of its commit"
+    comp = compare(baseline.runs, head_side, crit, baseline.label, label, baseline.per_case)
     regressions = [f"{cid}: {LABELS[m.metric]} {m.reason}" for cid, m in comp.regressions()]
-    if comp.compared == 0:
-        notes.append("no case could be compared with the baseline (see the reasons above): regressions not "
-                     "checked")
-    return GateResult(violations, failures, regressions, notes, comp)
+    return GateResult(violations, failures, regressions, comp.inconclusive(), notes, comp, fail_on_inconclusive)

@@ -1,17 +1,25 @@
 """The history of runs: an embedded SQLite database (stdlib ``sqlite3``), default ``reports/history.sqlite``.
 
-Every run is stored whole (its JSON report) with the keys it is looked up by: git commit and dirty flag,
-status, machine fingerprint (device, device name, GPU driver, CPU), the comparable workload settings, and
-one row per case (model, technique and each metric's value). A report is stored once (keyed by the hash of
-its content).
+Every run is stored whole (its JSON report, in the current report schema) with the keys it is looked up by: git
+commit and dirty flag, status, machine fingerprint (device, device name, GPU driver, CPU), the comparable
+workload settings, one row per case (model, technique, status) and the metrics in a long table
+``metrics (run_id, case_id, metric, value)`` filled by iterating the metric registry (efficiency.metrics), so
+a new metric needs no migration. A report is stored once (keyed by the hash of its content). Reports of an
+older schema are upgraded before they are stored (efficiency.report.schema.upgrade); unreadable ones
+(schema 0, unversioned, newer) are refused, never stored or read silently.
 
-Baseline rule: runs that are interrupted or failed (status other than ``complete``) or measured on a dirty
-working tree (or outside git: no commit, the code version is unknown) are stored but never chosen as a
-baseline unless the caller asks (``include_incomplete`` / ``include_dirty``).
+Baseline rule: runs that are interrupted, failed or incomplete (status other than ``complete``) or measured on
+a dirty working tree (or outside git: no commit, the code version is unknown) are stored but never chosen as
+a baseline unless the caller asks (``include_incomplete`` / ``include_dirty``). ``last`` is chosen per case
+(:func:`last_per_case`): for each case, the latest eligible commit that measured it, all its eligible runs
+pooled (a verdict needs several independent runs per side, efficiency.report.compare).
 
 The schema is versioned: table ``schema_version`` holds one number, ``MIGRATIONS[i]`` brings a database from
-version i to i+1, and opening runs the missing ones in one transaction. A database written by a newer
-pytest-efficiency (a version above ``LATEST``) is refused with a message, never modified.
+version i to i+1, and opening runs the missing ones in ONE transaction (``BEGIN IMMEDIATE`` on a connection in
+autocommit mode, so that no DDL statement commits on its own): interrupted at any point, the database is left
+at its old version, usable, and the next opening migrates it. The version is read again under the write
+lock, so two processes creating or migrating one database at once do the work once. A database written by a
+newer pytest-efficiency (a version above ``LATEST``) is refused with a message, never modified.
 """
 
 from __future__ import annotations
@@ -20,15 +28,19 @@ import datetime as dt
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from efficiency.report.compare import METRICS, comparable_key, machine_of
-from efficiency.report.io import read
+from efficiency.defaults import HISTORY_FILENAME, REPORTS_DIRNAME
+from efficiency.metrics import METRICS, NAMES
+from efficiency.report.compare import comparable_key, machine_of
+from efficiency.report.schema import SchemaError, upgrade
+from efficiency.report.structure import read_checked
 
-DEFAULT_DB = Path("reports") / "history.sqlite"
+DEFAULT_DB = Path(REPORTS_DIRNAME) / HISTORY_FILENAME  # relative: the CLI puts it under the project root
 Report = dict[str, Any]
 
 
@@ -37,7 +49,7 @@ class HistoryError(RuntimeError):
 
 
 def _v1(conn: sqlite3.Connection) -> None:
-    conn.executescript("""
+    conn.execute("""
         CREATE TABLE runs (
             id INTEGER PRIMARY KEY,
             report_hash TEXT NOT NULL UNIQUE,
@@ -55,7 +67,8 @@ def _v1(conn: sqlite3.Connection) -> None:
             cpu TEXT,
             settings_key TEXT NOT NULL,
             report TEXT NOT NULL
-        );
+        )""")
+    conn.execute("""
         CREATE TABLE cases (
             run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
             case_id TEXT NOT NULL,
@@ -68,33 +81,65 @@ def _v1(conn: sqlite3.Connection) -> None:
             peak_bytes REAL,
             size_bytes REAL,
             PRIMARY KEY (run_id, case_id)
-        );
-    """)
+        )""")
 
 
 def _v2(conn: sqlite3.Connection) -> None:
-    """Per-token energy and latency columns, back-filled from the stored reports; lookup indexes."""
+    """Per-token energy and latency columns (superseded by the long table of version 3); lookup indexes."""
     for column in ("j_per_token", "prefill_s", "decode_s_per_token"):
         conn.execute(f"ALTER TABLE cases ADD COLUMN {column} REAL")
     conn.execute("CREATE INDEX runs_commit ON runs (git_commit)")
     conn.execute("CREATE INDEX cases_model_technique ON cases (model, technique)")
+
+
+def _stored_report(text: str, run_id: object) -> Report | None:
+    """A stored report in the current schema; None for one no version can read (kept, never read silently)."""
+    try:
+        return upgrade(json.loads(text), f"stored run {run_id}")
+    except (SchemaError, ValueError):
+        return None
+
+
+def _v3(conn: sqlite3.Connection) -> None:
+    """Metrics in a long table (one row per run, case and registry metric): a new metric needs no migration.
+    The per-metric columns of ``cases`` go; every stored report's metrics are back-filled from the report."""
+    conn.execute("""
+        CREATE TABLE cases_v3 (
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            case_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            technique TEXT NOT NULL,
+            status TEXT NOT NULL,
+            PRIMARY KEY (run_id, case_id)
+        )""")
+    conn.execute("INSERT INTO cases_v3 SELECT run_id, case_id, model, technique, status FROM cases")
+    conn.execute("DROP TABLE cases")
+    conn.execute("ALTER TABLE cases_v3 RENAME TO cases")
+    conn.execute("CREATE INDEX cases_model_technique ON cases (model, technique)")
+    conn.execute("""
+        CREATE TABLE metrics (
+            run_id INTEGER NOT NULL,
+            case_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            value REAL NOT NULL,
+            PRIMARY KEY (run_id, case_id, metric),
+            FOREIGN KEY (run_id, case_id) REFERENCES cases(run_id, case_id) ON DELETE CASCADE
+        )""")
+    conn.execute("CREATE INDEX metrics_metric ON metrics (metric)")
     for run_id, text in conn.execute("SELECT id, report FROM runs").fetchall():
-        for case in json.loads(text).get("cases") or []:
-            values = _metric_values(case, ("j_per_token", "prefill_s", "decode_s_per_token"))
-            conn.execute("UPDATE cases SET j_per_token = ?, prefill_s = ?, decode_s_per_token = ? "
-                         "WHERE run_id = ? AND case_id = ?", (*values.values(), run_id, case["id"]))
+        report = _stored_report(text, run_id)
+        if report is not None:
+            _insert_metrics(conn, int(run_id), report)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
 LATEST = len(MIGRATIONS)
-CASE_COLUMNS = ("perplexity", "runtime_s", "energy_j", "peak_bytes", "size_bytes", "j_per_token", "prefill_s",
-                "decode_s_per_token")
 
 
-def _metric_values(case: dict[str, Any], names: Sequence[str]) -> dict[str, float | None]:
-    by_name = {m.name: m for m in METRICS}
-    measured = case.get("status") == "measured"
-    return {n: by_name[n].value(case) if measured else None for n in names}
+def _insert_metrics(conn: sqlite3.Connection, run_id: int, report: Report) -> None:
+    rows = [(run_id, case["id"], m.name, v) for case in report.get("cases") or []
+            if case.get("status") == "measured" for m in METRICS if (v := m.value(case)) is not None]
+    conn.executemany("INSERT OR REPLACE INTO metrics (run_id, case_id, metric, value) VALUES (?, ?, ?, ?)", rows)
 
 
 def db_version(conn: sqlite3.Connection) -> int:
@@ -106,21 +151,44 @@ def db_version(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (``BEGIN IMMEDIATE``: concurrent writers wait for the lock, up to
+    the connection's timeout); rolled back on any exception, including KeyboardInterrupt."""
+    if conn.in_transaction:
+        raise HistoryError("internal: a history write started inside an open transaction")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _too_new(version: int, path: object) -> HistoryError:
+    return HistoryError(f"{path} has history schema version {version}, newer than this pytest-efficiency "
+                        f"understands (<= {LATEST}): upgrade pytest-efficiency, or use another --db")
+
+
 def migrate(conn: sqlite3.Connection, target: int = LATEST, path: object = "the database") -> int:
     """Apply the missing migrations up to ``target`` in one transaction; returns the version reached."""
     version = db_version(conn)
     if version > LATEST:
-        raise HistoryError(f"{path} has history schema version {version}, newer than this pytest-efficiency "
-                           f"understands (<= {LATEST}): upgrade pytest-efficiency, or use another --db")
+        raise _too_new(version, path)
     if version >= target:
         return version
-    with conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        for step in MIGRATIONS[version:target]:
-            step(conn)
-        conn.execute("DELETE FROM schema_version")
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
-    return target
+    with write_transaction(conn):
+        version = db_version(conn)  # again under the lock: another process may have migrated meanwhile
+        if version > LATEST:
+            raise _too_new(version, path)
+        if version < target:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            for step in MIGRATIONS[version:target]:
+                step(conn)
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (target,))
+    return max(version, target)
 
 
 def connect(path: Path, create: bool = True) -> sqlite3.Connection:
@@ -131,11 +199,15 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
             raise HistoryError(f"no history database at {path} (runs are added by pytest at session end, or "
                                "with `efficiency history import REPORT.json ...`)")
         path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30, isolation_level="DEFERRED")
-    conn.execute("PRAGMA foreign_keys = ON")
     try:
+        # autocommit mode: transactions are explicit (write_transaction), DDL never commits on its own
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    except sqlite3.Error as err:
+        raise HistoryError(f"cannot open the history database {path}: {err}") from err
+    try:
+        conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn, LATEST, path)
-    except (HistoryError, sqlite3.DatabaseError) as err:
+    except (HistoryError, sqlite3.Error) as err:
         conn.close()
         if isinstance(err, HistoryError):
             raise
@@ -143,11 +215,17 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
     return conn
 
 
+def _current(report: Report, source: object = "report") -> Report:
+    """The report in the current schema; an unreadable one (schema 0, unversioned, newer) is refused."""
+    try:
+        return upgrade(report, source)
+    except SchemaError as err:
+        raise HistoryError(str(err)) from err
+
+
 def report_hash(report: Report) -> str:
     """Hash of the report's content in the current schema (a version-1 file and its upgrade are one run)."""
-    from efficiency.report.schema import upgrade
-
-    return hashlib.sha256(json.dumps(upgrade(report), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_current(report), sort_keys=True).encode()).hexdigest()
 
 
 def _key_json(report: Report) -> str:
@@ -190,16 +268,18 @@ def _run(row: Sequence[Any]) -> Run:
 
 
 def add_report(conn: sqlite3.Connection, report: Report, source: str | None = None) -> tuple[int, bool]:
-    """Store a run; returns (run id, True) or, for a report stored before, (its id, False)."""
+    """Store a run (in the current schema); returns (run id, True) or, for a report stored before, (its id,
+    False). One transaction: concurrent writers wait for each other, and a run is stored whole or not at all."""
+    report = _current(report, source or "report")
     digest = report_hash(report)
-    old = conn.execute("SELECT id FROM runs WHERE report_hash = ?", (digest,)).fetchone()
-    if old:
-        return int(old[0]), False
     env = report.get("environment") or {}
     git = env.get("git") or {}
     machine = machine_of(report)
     dirty = git.get("dirty")
-    with conn:
+    with write_transaction(conn):
+        old = conn.execute("SELECT id FROM runs WHERE report_hash = ?", (digest,)).fetchone()
+        if old:
+            return int(old[0]), False
         cur = conn.execute(
             "INSERT INTO runs (report_hash, source, added_at, git_commit, dirty, branch, status, started_at, "
             "finished_at, device, device_name, driver, cpu, settings_key, report) "
@@ -208,21 +288,17 @@ def add_report(conn: sqlite3.Connection, report: Report, source: str | None = No
              git.get("commit"),
              None if dirty is None else int(bool(dirty)), git.get("branch"), str(report.get("status")),
              report.get("started_at"), report.get("finished_at"), machine["device"], machine["device_name"],
-             machine["driver"], machine["cpu"], _key_json(report), json.dumps(report)))
+             machine["driver"], machine["cpu"], _key_json(report), json.dumps(report, allow_nan=False)))
         run_id = int(cur.lastrowid or 0)
-        for case in report.get("cases") or []:
-            values = _metric_values(case, CASE_COLUMNS)
-            conn.execute(
-                "INSERT OR REPLACE INTO cases (run_id, case_id, model, technique, status, "
-                f"{', '.join(values)}) "
-                f"VALUES (?, ?, ?, ?, ?, {', '.join('?' * len(values))})",
-                (run_id, case["id"], case["model"], case["technique"], case.get("status", "?"),
-                 *values.values()))
+        conn.executemany(
+            "INSERT OR REPLACE INTO cases (run_id, case_id, model, technique, status) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, c["id"], c["model"], c["technique"], c.get("status", "?")) for c in report.get("cases") or []])
+        _insert_metrics(conn, run_id, report)
     return run_id, True
 
 
 def import_files(conn: sqlite3.Connection, paths: Iterable[Path]) -> list[tuple[Path, int, bool]]:
-    return [(Path(p), *add_report(conn, read(Path(p)), str(p))) for p in paths]
+    return [(Path(p), *add_report(conn, read_checked(Path(p)), str(p))) for p in paths]
 
 
 def runs(conn: sqlite3.Connection, commit: str | None = None) -> list[Run]:
@@ -236,28 +312,91 @@ def runs(conn: sqlite3.Connection, commit: str | None = None) -> list[Run]:
 
 
 def load(conn: sqlite3.Connection, run_id: int) -> Report:
+    """A stored run in the current schema (older stored versions upgraded, unreadable ones refused)."""
     row = conn.execute("SELECT report FROM runs WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         raise HistoryError(f"no run {run_id} in the history")
-    report: Report = json.loads(row[0])
+    report = _stored_report(row[0], run_id)
+    if report is None:
+        raise HistoryError(f"stored run {run_id} is not a report this pytest-efficiency can read (an "
+                           "unversioned or newer schema): not used")
     return report
+
+
+def _hash_of(conn: sqlite3.Connection, run_id: int) -> str:
+    return str(conn.execute("SELECT report_hash FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
+
+def _measured(conn: sqlite3.Connection, run_id: int) -> set[str]:
+    rows = conn.execute("SELECT case_id FROM cases WHERE run_id = ? AND status = 'measured'", (run_id,))
+    return {r[0] for r in rows}
+
+
+def _candidates(conn: sqlite3.Connection, like: Sequence[Report], include_dirty: bool,
+                include_incomplete: bool) -> list[Run]:
+    """Baseline-eligible runs, oldest first, for a head of the runs ``like``: same settings and machine, not one
+    of them, not started after the first of them and, for a head on a clean tree, not of the head's commit
+    (those runs are the head)."""
+    key = _key_json(like[0])
+    digests = {report_hash(r) for r in like}
+    starts = [s for r in like if (s := r.get("started_at"))]
+    started = min(starts) if starts else None
+    git = (like[0].get("environment") or {}).get("git") or {}
+    own_commit = git.get("commit") if git.get("dirty") is False else None
+    out = []
+    for run in runs(conn):
+        if run.settings_key != key or not run.baseline_ok(include_dirty, include_incomplete):
+            continue
+        if (own_commit and run.commit == own_commit) or _hash_of(conn, run.id) in digests:
+            continue
+        if started and run.started_at and run.started_at > started:
+            continue
+        out.append(run)
+    return out
 
 
 def last_baseline(conn: sqlite3.Connection, like: Report, include_dirty: bool = False,
                   include_incomplete: bool = False) -> Run | None:
-    """The most recent baseline-eligible run with the same settings and machine as ``like``, other than
-    ``like`` itself (and not one started after it)."""
-    key, digest = _key_json(like), report_hash(like)
-    started = like.get("started_at")
-    found = None
-    for run in runs(conn):
-        if run.settings_key != key or not run.baseline_ok(include_dirty, include_incomplete):
+    """The most recent baseline-eligible run with the same settings and machine as ``like`` (see
+    :func:`_candidates`); :func:`last_per_case` is what a comparison uses."""
+    found = _candidates(conn, [like], include_dirty, include_incomplete)
+    return found[-1] if found else None
+
+
+def last_per_case(conn: sqlite3.Connection, head: Sequence[Report], include_dirty: bool = False,
+                  include_incomplete: bool = False) -> dict[str, tuple[list[Report], str]]:
+    """``last`` chosen per case: for each case of the head, the latest eligible commit whose runs measured it,
+    with every eligible run of that commit that measured it (pooled: independent runs). Cases no eligible run
+    measured are absent (the comparison says so)."""
+    candidates = _candidates(conn, head, include_dirty, include_incomplete)
+    measured = {r.id: _measured(conn, r.id) for r in candidates}
+    loaded: dict[int, Report] = {}
+    out: dict[str, tuple[list[Report], str]] = {}
+    for case_id in dict.fromkeys(c["id"] for r in head for c in r.get("cases") or []):
+        latest = next((r for r in reversed(candidates) if case_id in measured[r.id]), None)
+        if latest is None:
             continue
-        same = conn.execute("SELECT report_hash FROM runs WHERE id = ?", (run.id,)).fetchone()[0] == digest
-        if same or (started and run.started_at and run.started_at > started):
-            continue
-        found = run
-    return found
+        pooled = [r for r in candidates if case_id in measured[r.id] and r.commit == latest.commit
+                  and (latest.commit is not None or r.id == latest.id)]
+        for r in pooled:
+            loaded.setdefault(r.id, load(conn, r.id))
+        label = (f"last: {(latest.commit or 'nogit')[:12]}, {len(pooled)} run(s)" if len(pooled) > 1
+                 else f"last: {latest.label}")
+        out[case_id] = ([loaded[r.id] for r in pooled], label)
+    return out
+
+
+def same_commit_runs(conn: sqlite3.Connection, report: Report) -> list[Report]:
+    """The other stored runs of ``report``'s commit that can be pooled with it as independent runs of the same
+    code: complete, on a clean tree, same settings and machine, not ``report`` itself. None for a run on a
+    dirty tree (its code is not the commit's)."""
+    git = (report.get("environment") or {}).get("git") or {}
+    commit = git.get("commit")
+    if not commit or git.get("dirty") is not False:
+        return []
+    key, digest = _key_json(report), report_hash(report)
+    return [load(conn, r.id) for r in runs(conn, commit) if r.commit == commit and r.baseline_ok()
+            and r.settings_key == key and _hash_of(conn, r.id) != digest]
 
 
 def at_commit(conn: sqlite3.Connection, commit: str, include_dirty: bool = False,
@@ -288,17 +427,19 @@ class TrendPoint:
 
 def trend(conn: sqlite3.Connection, metric: str, model: str | None = None, technique: str | None = None,
           baseline_only: bool = False) -> list[TrendPoint]:
-    """One point per stored run and case, oldest run first."""
-    if metric not in CASE_COLUMNS:
-        raise HistoryError(f"unknown metric {metric!r}; one of {', '.join(CASE_COLUMNS)}")
-    where, args = ["c.status = 'measured'"], []
+    """One point per stored run and measured case, oldest run first; any registry metric (None where the run
+    did not measure it)."""
+    if metric not in NAMES:
+        raise HistoryError(f"unknown metric {metric!r}; one of {', '.join(NAMES)}")
+    where, args = ["c.status = 'measured'"], [metric]
     for column, value in (("c.model", model), ("c.technique", technique)):
         if value is not None:
             where.append(f"{column} = ?")
             args.append(value)
     rows = conn.execute(
-        f"SELECT r.id, r.git_commit, r.dirty, r.status, r.started_at, r.settings_key, r.source, c.case_id, "
-        f"c.{metric} FROM cases c JOIN runs r ON r.id = c.run_id WHERE {' AND '.join(where)} "
-        f"ORDER BY COALESCE(r.started_at, r.added_at), r.id, c.case_id", args).fetchall()
+        "SELECT r.id, r.git_commit, r.dirty, r.status, r.started_at, r.settings_key, r.source, c.case_id, "
+        "m.value FROM cases c JOIN runs r ON r.id = c.run_id LEFT JOIN metrics m ON m.run_id = c.run_id "
+        f"AND m.case_id = c.case_id AND m.metric = ? WHERE {' AND '.join(where)} "
+        "ORDER BY COALESCE(r.started_at, r.added_at), r.id, c.case_id", args).fetchall()
     points = [TrendPoint(_run(r[:7]), r[7], r[8]) for r in rows]
     return [p for p in points if p.run.baseline_ok()] if baseline_only else points

@@ -1,27 +1,29 @@
-"""The one-sided Mann-Whitney U test on repeated rounds, written out (no scipy needed).
+"""The one-sided Mann-Whitney U test (scipy.stats.mannwhitneyu) and what its sample sizes can reach.
 
-``U`` counts, over all (head, base) pairs, how often the head sample is larger (a tie counts one half):
-``U = sum_ij [h_i > b_j] + 0.5 [h_i == b_j]``, so ``0 <= U <= n_head * n_base`` and ``E[U] = n m / 2`` when
-both samples come from one distribution. ``alternative="greater"`` asks whether head values tend to be larger
-(a slowdown for a time), ``"less"`` whether they tend to be smaller.
+``U`` counts, over all (head, base) pairs, how often the head value is larger (a tie counts one half), so
+``0 <= U <= n_head * n_base``. ``alternative="greater"`` asks whether head values tend to be larger (a slowdown
+for a time), ``"less"`` whether they tend to be smaller.
 
-- Without ties and with ``n + m <= EXACT_MAX`` the p-value is exact: the null distribution of U is counted
-  over all C(n+m, n) equally likely rankings with the recurrence f(n, m, u) = f(n-1, m, u-m) + f(n, m-1, u).
-- Otherwise the normal approximation with tie correction and continuity correction:
-  ``sigma^2 = n m / 12 * ((N+1) - sum(t^3 - t) / (N (N-1)))`` over tie groups of size t, ``N = n + m``.
+- Without ties and with ``n + m <= EXACT_MAX`` the p-value is exact (the null distribution of U over all
+  C(n+m, n) equally likely rankings).
+- Otherwise the normal approximation with tie correction and continuity correction.
+
+``shift`` tests a ratio instead of equality: the head values are divided by ``shift`` before ranking, so
+``alternative="greater", shift=1.05`` asks whether head is larger than base by MORE than 5%. Both samples must
+then be positive (times, energies, throughputs).
 
 A sample pair is too small for the test when even the most extreme ranking could not reach ``alpha``: the
-smallest attainable one-sided p-value is ``1 / C(n+m, n)`` (for example 0.05 for 3 rounds against 3).
+smallest attainable one-sided p-value is ``1 / C(n+m, n)`` (for example 0.05 for 3 against 3).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
+
+from scipy.stats import mannwhitneyu
 
 EXACT_MAX = 60
 Alternative = Literal["greater", "less"]
@@ -52,49 +54,20 @@ def u_statistic(head: Sequence[float], base: Sequence[float]) -> float:
     return sum(1.0 if h > b else 0.5 if h == b else 0.0 for h in head for b in base)
 
 
-@lru_cache(maxsize=256)
-def _null_counts(n: int, m: int) -> tuple[int, ...]:
-    """Number of rankings giving U = 0 .. n*m for n head and m base values (no ties)."""
-    # row[j][u] = f(i, j, u) for the current i; f(0, j, u) = [u == 0]
-    rows: list[list[int]] = [[1] for _ in range(m + 1)]
-    for i in range(1, n + 1):
-        new: list[list[int]] = [[1]]  # f(i, 0, .): only U = 0
-        for j in range(1, m + 1):
-            size = i * j + 1
-            counts = [0] * size
-            for u, c in enumerate(new[j - 1]):  # f(i, j-1, u): the largest value is a base value
-                counts[u] += c
-            for u, c in enumerate(rows[j]):  # f(i-1, j, u - j): the largest value is a head value, beats j
-                counts[u + j] += c
-            new.append(counts)
-        rows = new
-    return tuple(rows[m])
-
-
-def _phi_upper(z: float) -> float:
-    """P(Z >= z) for a standard normal Z."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def mann_whitney_u(head: Sequence[float], base: Sequence[float], alternative: Alternative) -> UTest:
+def mann_whitney_u(head: Sequence[float], base: Sequence[float], alternative: Alternative,
+                   shift: float = 1.0) -> UTest:
     n, m = len(head), len(base)
     if n == 0 or m == 0:
         raise ValueError("both samples need at least one value")
-    u = u_statistic(head, base)
-    values = list(head) + list(base)
-    ties = [t for t in Counter(values).values() if t > 1]
-    if not ties and n + m <= EXACT_MAX:
-        counts = _null_counts(n, m)
-        total = math.comb(n + m, n)
-        k = int(round(u))
-        tail = sum(counts[k:]) if alternative == "greater" else sum(counts[: k + 1])
-        return UTest(u, min(1.0, tail / total), "exact", n, m)
-    big_n = n + m
-    tie_term = sum(t**3 - t for t in ties) / (big_n * (big_n - 1))
-    var = n * m / 12.0 * ((big_n + 1) - tie_term)
-    if var <= 0:  # every value equal: no evidence either way
-        return UTest(u, 1.0, "normal", n, m)
-    mu = n * m / 2.0
-    delta = u - mu if alternative == "greater" else mu - u
-    z = (delta - 0.5) / math.sqrt(var)
-    return UTest(u, min(1.0, _phi_upper(z)), "normal", n, m)
+    if shift != 1.0:
+        if shift <= 0 or min(*head, *base) <= 0:
+            raise ValueError("a ratio shift needs a positive shift and positive values")
+        head = [h / shift for h in head]  # ranks of h / shift against b: log h - log shift against log b
+    values = [*head, *base]
+    if min(values) == max(values):  # every value equal: no evidence either way
+        return UTest(u_statistic(head, base), 1.0, "normal", n, m)
+    ties = len(set(values)) < len(values)
+    method = "exact" if not ties and n + m <= EXACT_MAX else "normal"
+    result = mannwhitneyu(head, base, alternative=alternative,
+                          method="exact" if method == "exact" else "asymptotic", use_continuity=True)
+    return UTest(float(result.statistic), min(1.0, float(result.pvalue)), method, n, m)

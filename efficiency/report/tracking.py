@@ -1,10 +1,17 @@
 """What the plugin does with a finished run: add it to the history, compare it with a baseline
-(``--eff-compare``) and fail the session on a significant regression (``--eff-fail-on-regression``).
+(``--eff-compare``) and fail the session on a significant regression or an inconclusive check
+(``--eff-fail-on-regression``: the gate fails closed).
 
 The history defaults to ``<reports-dir>/history.sqlite`` (``--eff-history PATH`` elsewhere, ``off`` to
 disable); every run with at least one case is added, whatever its status: interrupted, failed and
 dirty-tree runs are stored but never chosen as a baseline. ``--eff-fail-on-regression`` without
-``--eff-compare`` compares with ``last``. The baseline is looked up before this run is added.
+``--eff-compare`` compares with ``last`` (per case, the latest eligible commit that measured it). The head is
+this run pooled with the stored runs of its commit (a verdict needs independent runs, efficiency.report.compare);
+the baseline and the head are looked up before this run is added.
+
+With ``--eff-fail-on-regression`` the session fails on: a significant regression beyond the threshold; a
+missing or unreadable baseline (one line says why); any inconclusive verdict (insufficient runs, not compared,
+a case missing from the baseline).
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from typing import Any
 
 import pytest
 
+from efficiency.defaults import HISTORY_FILENAME
 from efficiency.report import history
 from efficiency.report.compare import Criteria, compare
-from efficiency.report.gating import Baseline, resolve
+from efficiency.report.gating import Baseline, head_runs, report_files, resolve
 from efficiency.report.io import ReportError
 from efficiency.report.summary import comparison_lines
 
@@ -25,29 +33,34 @@ lines_key = pytest.StashKey[list[str]]()
 
 def history_path(value: str | None, reports_dir: Path) -> Path | None:
     if value is None or value == "":
-        return Path(reports_dir) / "history.sqlite"
+        return Path(reports_dir) / HISTORY_FILENAME
     return None if value.lower() in ("off", "none", "no") else Path(value).expanduser()
 
 
 def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, compare_spec: str | None,
-           fail_pct: float | None) -> tuple[list[str], bool]:
-    """Returns the summary lines and whether the session must fail (a significant regression beyond
-    ``fail_pct``)."""
+           fail_pct: float | None, criteria: Criteria | None = None) -> tuple[list[str], bool]:
+    """Returns the summary lines and whether the session must fail (``fail_pct`` given: a significant
+    regression beyond it, no usable baseline, or an inconclusive verdict)."""
     lines: list[str] = []
     db = history_path(history_opt, reports_dir)
-    if fail_pct is not None and not compare_spec:
+    gating = fail_pct is not None
+    if gating and not compare_spec:
         compare_spec = "last"
     baseline: Baseline | None = None
-    lookup_failed = False
+    head = [report]
+    problem: str | None = None  # why there is no usable baseline
     if compare_spec:
+        lookup_db = db or Path(reports_dir) / HISTORY_FILENAME
         try:
-            if db is None and not Path(compare_spec).is_file():
-                raise history.HistoryError(
-                    f"--eff-history off: cannot look up {compare_spec!r} in the history")
-            baseline = resolve(compare_spec, report, db or Path(reports_dir) / "history.sqlite")
+            if db is None and report_files(compare_spec) is None:
+                raise history.HistoryError(f"--eff-history off: cannot look up {compare_spec!r} in the history")
+            baseline = resolve(compare_spec, report, lookup_db)
+            head = head_runs([report], db)
+            if baseline is None:
+                problem = ("no complete run on a clean tree with the same settings and machine in the history "
+                           f"{lookup_db} yet")
         except (history.HistoryError, ReportError, ValueError) as err:
-            lines.append(f"compare: {err}")
-            lookup_failed = True
+            problem = str(err)
     if db is not None:
         try:
             conn = history.connect(db)
@@ -59,16 +72,25 @@ def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, c
         except history.HistoryError as err:
             lines.append(f"history: not recorded: {err}")
     failed = False
-    if compare_spec and baseline is None and not lookup_failed:
-        lines.append("compare: no complete run on a clean tree with the same settings and machine in the "
-                     "history yet: nothing compared")
-    if baseline is not None:
-        crit = Criteria(runtime_pct=fail_pct if fail_pct is not None else 5.0)
-        comp = compare(baseline.runs, [report], crit, baseline.label, "this run")
-        lines += comparison_lines(comp, verbose=False, gated_only=True)
-        if fail_pct is not None and comp.regressions():
+    if problem is not None:
+        lines.append(f"compare: no baseline: {problem}: nothing compared")
+        if gating:
             failed = True
-            lines.append(f"--eff-fail-on-regression {fail_pct:g}: the session fails")
+            lines.append(f"--eff-fail-on-regression: the session fails: no usable baseline ({problem})")
+    if baseline is not None:
+        crit = criteria or (Criteria(runtime_pct=fail_pct) if fail_pct is not None else Criteria())
+        label = "this run" if len(head) == 1 else f"this run and {len(head) - 1} more of its commit"
+        comp = compare(baseline.runs, head, crit, baseline.label, label, baseline.per_case)
+        lines += comparison_lines(comp, verbose=False, gated_only=True)
+        inconclusive = comp.inconclusive()
+        if inconclusive:
+            lines.append(f"INCONCLUSIVE: {len(inconclusive)} verdict(s) could not be decided:")
+            lines += [f"  {x}" for x in inconclusive]
+        if gating and (comp.regressions() or inconclusive):
+            failed = True
+            why = [f"{len(comp.regressions())} significant regression(s)"] if comp.regressions() else []
+            why += [f"{len(inconclusive)} inconclusive verdict(s)"] if inconclusive else []
+            lines.append(f"--eff-fail-on-regression {fail_pct:g}: the session fails: {', '.join(why)}")
     return lines, failed
 
 

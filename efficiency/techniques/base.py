@@ -1,7 +1,17 @@
 """The technique interface: a frozen dataclass that is its own config, plus ``apply(model, ctx) -> model``.
 
 A technique registers a name pattern (``bnb4``, ``ah90``, ``sparsegpt-2:4`` ...) and a factory; ``+`` joins
-names into a :class:`Pipeline` applied left to right (``distil+ah90+bnb4``, the paper's naming).
+names into a :class:`Pipeline` applied left to right (``distil+ah90+bnb4``, the paper's naming). Whitespace
+around ``+`` is allowed. Names round-trip: ``parse(x).name`` is the canonical name (``bnb4-nf4`` -> ``bnb4``)
+and ``parse(parse(x).name) == parse(x)``.
+
+Options (``[tool.efficiency.technique."<name>"]`` in pyproject, see :mod:`efficiency.techniques.options`)
+set any dataclass field of a step's config, including fields of a nested settings dataclass
+(``tokens = 50000`` on ``minitron-w25``). They apply by *canonical step name*: the table
+``"bnb4-nf4"`` applies to every ``bnb4`` step, in any pipeline (``ah90+bnb4`` too).
+
+Third-party techniques: a distribution declares an entry point in the group ``pytest_efficiency.techniques``
+naming a module; it is imported (registering its names with :func:`register`) on the first parse.
 """
 
 from __future__ import annotations
@@ -10,37 +20,45 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from efficiency.errors import ConfigError, TechniqueUnavailable
 
 if TYPE_CHECKING:
     import torch
 
     from efficiency.data import Corpus
 
+ENTRY_POINT_GROUP = "pytest_efficiency.techniques"
 
-class UnsupportedTechnique(Exception):
-    """The technique cannot run in this context (device, dtype, missing library); the case is skipped."""
+# The old name: still importable from here (and raised as TechniqueUnavailable).
+UnsupportedTechnique = TechniqueUnavailable
 
 
-class UnknownTechnique(ValueError):
-    pass
+class UnknownTechnique(ConfigError):
+    """A technique name matches no registered pattern, or is malformed: a usage error."""
+
+
+def _no_log(message: str) -> None:
+    return None
 
 
 @dataclass
 class Context:
-    """What a technique may use: device, tokenizer, calibration text, cache, and a place to report details."""
+    """What a technique may use: device, tokenizer, calibration text, a model loader, cache, a progress log,
+    and a place to report details. Technique-specific services (a teacher, published students) are not here:
+    a technique derives them from ``load_model`` and its own config."""
 
     device: str
     tokenizer: Any
     model_name: str
     cache_dir: Path
     calibration: Callable[[], Corpus] | None = None
-    teacher: Callable[[], Any] | None = None  # loads the original model again (for distillation)
-    load_model: Callable[[str], Any] | None = None  # loads another model by name (published students)
-    students: Mapping[str, str] = field(default_factory=dict)  # teacher -> published student ([tool.efficiency])
+    load_model: Callable[[str], Any] | None = None  # loads a model by name, in the case's dtype, on device
+    log: Callable[[str], None] = _no_log  # progress lines (the runner writes them to the terminal)
     compute_dtype: str | None = None
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # False: techniques report no progress at all
     info: dict[str, Any] = field(default_factory=dict)  # per-step details that go into the report
     steps_done: int = 0  # pipeline steps applied so far: 0 means the model in hand is still the original
 
@@ -48,14 +66,19 @@ class Context:
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
 
+    def say(self, message: str) -> None:
+        """Log ``message`` unless progress is off."""
+        if self.progress:
+            self.log(message)
+
 
 class Technique(Protocol):
     @property
     def name(self) -> str:
-        """The registry name, as written in a pipeline (``bnb4``, ``ah90``)."""
+        """The canonical registry name, as written in a pipeline (``bnb4``, ``ah90``)."""
 
     def check(self, ctx: Context) -> None:
-        """Raise :class:`UnsupportedTechnique` with the reason if this context cannot run it."""
+        """Raise :class:`TechniqueUnavailable` with the reason if this context cannot run it."""
 
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         """The float dtype the model should be loaded in before this step, or None for no preference."""
@@ -67,8 +90,6 @@ class Technique(Protocol):
 class TechniqueBase:
     """Defaults for the optional parts of :class:`Technique`."""
 
-    family: ClassVar[str] = "other"
-
     def check(self, ctx: Context) -> None:
         return None
 
@@ -77,35 +98,77 @@ class TechniqueBase:
 
 
 Factory = Callable[[re.Match[str]], Technique]
-_PATTERNS: list[tuple[re.Pattern[str], Factory, str]] = []
 
 
-def register(pattern: str, example: str) -> Callable[[Factory], Factory]:
-    """Register a factory for names matching ``pattern`` (full match). ``example`` documents the syntax."""
+@dataclass(frozen=True)
+class Registration:
+    pattern: re.Pattern[str]
+    factory: Factory
+    example: str
+    examples: tuple[str, ...]  # concrete names, for round-trip tests and `efficiency list`
+
+
+_PATTERNS: list[Registration] = []
+_loaded = {"builtin": False, "plugins": False}
+
+
+def register(pattern: str, example: str, examples: tuple[str, ...] = ()) -> Callable[[Factory], Factory]:
+    """Register a factory for names matching ``pattern`` (full match). ``example`` documents the syntax;
+    ``examples`` are concrete names it accepts (each must parse and round-trip)."""
 
     def deco(factory: Factory) -> Factory:
-        _PATTERNS.append((re.compile(pattern), factory, example))
+        _PATTERNS.append(Registration(re.compile(pattern), factory, example, tuple(examples)))
         return factory
 
     return deco
 
 
+def registrations() -> list[Registration]:
+    _load_all()
+    return list(_PATTERNS)
+
+
 def known_patterns() -> list[str]:
-    _load_builtin()
-    return [example for _, _, example in _PATTERNS]
+    return [r.example for r in registrations()]
 
 
-def _load_builtin() -> None:
-    # Importing the modules registers their techniques; kept lazy so that `import efficiency` stays light.
-    from efficiency.techniques import builtin  # noqa: F401
+def _load_all() -> None:
+    if not _loaded["builtin"]:
+        # Importing the modules registers their techniques; kept lazy so that `import efficiency` stays light.
+        from efficiency.techniques import builtin  # noqa: F401
+
+        _loaded["builtin"] = True
+    if not _loaded["plugins"]:
+        _loaded["plugins"] = True
+        load_plugins()
+
+
+def load_plugins() -> list[str]:
+    """Import every module named in the ``pytest_efficiency.techniques`` entry-point group; return their
+    names. A plugin that fails to import is a ConfigError naming it and its distribution."""
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        origin = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+        try:
+            ep.load()
+        except Exception as err:
+            raise ConfigError(
+                f"technique plugin {ep.name!r} ({ep.value}, from {origin}) failed to load: "
+                f"{type(err).__name__}: {err}; fix or uninstall it"
+            ) from err
+        loaded.append(ep.name)
+    return loaded
 
 
 def parse_one(name: str) -> Technique:
-    _load_builtin()
-    for pattern, factory, _ in _PATTERNS:
-        m = pattern.fullmatch(name)
+    _load_all()
+    for reg in _PATTERNS:
+        m = reg.pattern.fullmatch(name)
         if m:
-            return factory(m)
+            return reg.factory(m)
     raise UnknownTechnique(f"unknown technique {name!r}; known: {', '.join(known_patterns())}")
 
 
@@ -141,8 +204,21 @@ class Pipeline:
         return model
 
 
-def parse(name: str) -> Pipeline:
+def split(name: str) -> list[str]:
+    """The step names of a pipeline name (whitespace around '+' dropped); UnknownTechnique if malformed."""
     parts = [p.strip() for p in name.split("+")]
-    if not name or any(not p for p in parts):
+    if not name.strip() or any(not p for p in parts):
         raise UnknownTechnique(f"malformed technique name {name!r} (join names with '+', e.g. 'ah90+bnb4')")
-    return Pipeline(tuple(parse_one(p) for p in parts))
+    return parts
+
+
+def parse(name: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
+    """The pipeline named ``name``, with ``options`` (technique name -> {field: value}) applied to the steps
+    whose canonical name matches the canonical form of the option's technique name."""
+    from efficiency.techniques.options import apply_options, canonical_options
+
+    steps = [parse_one(p) for p in split(name)]
+    if options:
+        by_name = canonical_options(options)
+        steps = [apply_options(step, by_name[step.name]) if step.name in by_name else step for step in steps]
+    return Pipeline(tuple(steps))

@@ -67,7 +67,6 @@ class BnbQuant(TechniqueBase):
     compute: str | None = None  # None: the model's own float dtype
     threshold: float = 6.0
     double_quant: bool = False
-    family = "quantisation"
 
     @property
     def name(self) -> str:
@@ -110,22 +109,41 @@ class BnbQuant(TechniqueBase):
                                                compress_statistics=self.double_quant)
             if bias is not None:
                 new.bias = nn.Parameter(bias.to("cpu", compute), requires_grad=False)
-            return new.to(device)
+            # A new module starts in training mode; bitsandbytes picks its inference kernels (on CPU the
+            # packed AVX-512 path that from_pretrained(quantization_config=...) models use) only in eval mode.
+            new.train(module.training)
+            new = new.to(device)
+            state = getattr(new.weight, "quant_state", None)
+            if device.type == "cpu" and state is not None and in_f % state.blocksize:
+                # bitsandbytes' packed CPU kernel reshapes absmax to (out, in / blocksize) and fails on other
+                # widths (so does from_pretrained(quantization_config=...) for them): its reference kernel.
+                setattr(new, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module attribute typing)
+                reference.append(name)
+            return new
 
+        reference: list[str] = []
         model = model.to(compute)
         n = swap_modules(model, make, filter_fn)
         if n == 0:
             raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
-        ctx.info[self.name] = {"quantised_layers": n, "compute_dtype": str(compute).removeprefix("torch."),
-                               "bitsandbytes": bnb.__version__}
+        ctx.info[self.name] = {
+            "quantised_layers": n, "compute_dtype": str(compute).removeprefix("torch."),
+            "bitsandbytes": bnb.__version__,
+            "path": "module swap of the loaded model; same layers, threshold and compute dtype as transformers' "
+                    "BitsAndBytesConfig, and the same outputs (tests/techniques/test_bnb.py)",
+        }
+        if reference:
+            ctx.info[self.name]["cpu_reference_kernel_layers"] = reference
         return model
 
 
-@register(r"bnb8(?:@(fp32|fp16|bf16))?", "bnb8[@fp16|@bf16|@fp32]")
+@register(r"bnb8(?:@(fp32|fp16|bf16))?", "bnb8[@fp16|@bf16|@fp32]",
+          examples=("bnb8", "bnb8@fp16", "bnb8@bf16", "bnb8@fp32"))
 def _bnb8(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(8, compute=m.group(1))
 
 
-@register(r"bnb4(-fp4|-nf4)?(?:@(fp32|fp16|bf16))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]")
+@register(r"bnb4(-fp4|-nf4)?(?:@(fp32|fp16|bf16))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]",
+          examples=("bnb4", "bnb4-nf4", "bnb4-fp4", "bnb4@bf16", "bnb4-fp4@fp16", "bnb4-nf4@fp32"))
 def _bnb4(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(4, quant_type="fp4" if m.group(1) == "-fp4" else "nf4", compute=m.group(2))

@@ -1,13 +1,8 @@
 """Knowledge distillation: ``distil`` swaps in a published student; ``distil-dNN`` / ``distil-wNN`` build a
 smaller student from the teacher and train it on the teacher's output distribution (Hinton et al., 2015).
 
-Loss per token, with p_T = softmax(z_teacher / T) and q_T = softmax(z_student / T):
-
-    forward KL:  T^2 * sum_v p_T(v) * (log p_T(v) - log q_T(v))      (mode covering, the classic KD loss)
-    reverse KL:  T^2 * sum_v q_T(v) * (log q_T(v) - log p_T(v))      (mode seeking)
-    total      = (1 - alpha) * KL  +  alpha * CE(q_1, next token)
-
-The T^2 keeps the gradient scale independent of T (the soft-target gradients shrink as 1/T^2).
+The recipe (settings with per-device training budgets, the KD loss, the lr schedule) is in
+:mod:`efficiency.techniques.kd`.
 
 Names: ``distil`` (mode 1), ``distil-dNN`` (keep NN% of the layers, evenly spaced, first and last kept),
 ``distil-wNN`` (keep NN% of the MLP neurons of every layer, ranked by weight magnitude); ``-rkl`` selects the
@@ -25,107 +20,31 @@ import copy
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from efficiency.cache import cached_build
 from efficiency.data import tokenize, tokenizer_fingerprint
-from efficiency.measure.energy import Meter, measure_energy, select_cpu_meter, select_gpu_meter
+from efficiency.measure.meters import select_meters
 from efficiency.measure.perplexity import PerplexityEvaluator
+from efficiency.measure.sample import Meter, measure_energy
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.calibration import model_fingerprint
+from efficiency.techniques.kd import KdSettings, kd_loss, lr_factor
+from efficiency.techniques.progress import Progress
 
 # Teacher -> published distilled student. Only true distillations belong here (a smaller sibling pretrained
-# from scratch, such as opt-125m for opt-1.3b, is not a student). Extended via [tool.efficiency.students].
+# from scratch, such as opt-125m for opt-1.3b, is not a student). Extended via the technique option
+# [tool.efficiency.technique.distil] students = {...}.
 STUDENTS: dict[str, str] = {"gpt2": "distilgpt2"}
 CACHE_FORMAT = 1
 HELDOUT_LABEL = "held-out tail of the calibration corpus (not the evaluation split)"
 
 MakeStudent = Callable[[Any, torch.Tensor], tuple[Any, dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class KdSettings:
-    """Training recipe. ``tokens`` is the training budget (tokens seen by the student). The peak lr was picked
-    on SmolLM2-135M (H100, 200k tokens: 1e-3 recovered distil-d50 to WikiText-2 perplexity 110 against 181 at
-    2e-4, minitron-w25 to 48.7 against 49.1); larger models likely want less."""
-
-    tokens: int = 200_000
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 1e-3
-    temperature: float = 1.0
-    kl: str = "forward"  # "forward" | "reverse"
-    alpha: float = 0.0  # weight of the next-token cross-entropy
-    schedule: str = "cosine"  # "cosine" | "linear" decay after warmup
-    warmup: float = 0.05  # fraction of the steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    heldout_tokens: int = 8192
-    seed: int | None = None  # None: ctx.seed
-
-    def __post_init__(self) -> None:
-        if min(self.tokens, self.batch_size) < 1 or self.seq_len < 2 or self.heldout_tokens < self.seq_len:
-            raise ValueError("tokens and batch_size must be >= 1, seq_len >= 2 and heldout_tokens >= seq_len")
-        if self.kl not in ("forward", "reverse") or self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"kl: forward|reverse, schedule: cosine|linear; got {self.kl}, {self.schedule}")
-        if not (0.0 <= self.alpha <= 1.0 and 0.0 <= self.warmup < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0):
-            raise ValueError("alpha and min_lr_ratio must lie in [0, 1] and warmup in [0, 1)")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("temperature and lr must be > 0")
-
-    @property
-    def steps(self) -> int:
-        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    kl: str = "forward",
-    alpha: float = 0.0,
-) -> torch.Tensor:
-    """Mean over tokens of the loss in the module docstring. Logits (B, L, V); labels (B, L) are the input
-    ids (position t is scored against label t+1) and are needed only when ``alpha > 0``."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, L, V)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if kl == "forward":
-        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, L)
-    elif kl == "reverse":
-        per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
-    else:
-        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
-    loss = temperature**2 * per_token.mean()
-    if alpha == 0.0:
-        return loss
-    if labels is None:
-        raise ValueError("alpha > 0 needs labels")
-    vocab = student_logits.size(-1)
-    ce = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1))
-    return (1.0 - alpha) * loss + alpha * ce
-
-
-def lr_factor(step: int, total: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warmup to 1 over ``warmup_steps``, then decay
-    to ``min_ratio`` at the last step: cosine ``m + (1 - m) * (1 + cos(pi * s)) / 2`` or linear
-    ``1 - (1 - m) * s``, with s = (step - warmup) / (total - 1 - warmup) in [0, 1]."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total - 1 - warmup_steps)
-    s = min(1.0, (step - warmup_steps) / span)
-    if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * s))
-    return 1.0 - (1.0 - min_ratio) * s
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -176,25 +95,25 @@ def sample_from_teacher(
 def plan_data(ctx: Context, teacher: Any, settings: KdSettings, seed: int) -> DataPlan:
     """Training windows at seeded random offsets in the calibration corpus minus its last ``heldout_tokens``
     (the held-out slice); without calibration text, sequences the teacher samples itself from BOS."""
-    n_train = settings.steps * settings.batch_size
-    shape = {"n_sequences": n_train, "seq_len": settings.seq_len, "heldout_tokens": settings.heldout_tokens,
+    n_train = settings.steps * settings.batch
+    shape = {"n_sequences": n_train, "seq_len": settings.seq_len, "heldout_tokens": settings.heldout,
              "seed": seed}
     if ctx.calibration is None:
         bos = _bos_id(ctx, teacher)
-        n_held = math.ceil(settings.heldout_tokens / settings.seq_len)
+        n_held = math.ceil(settings.heldout / settings.seq_len)
 
         def generate() -> TrainingData:
-            seqs = sample_from_teacher(teacher, bos, n_train + n_held, settings.seq_len, settings.batch_size,
+            seqs = sample_from_teacher(teacher, bos, n_train + n_held, settings.seq_len, settings.batch,
                                        seed, ctx.device)
             return TrainingData(seqs[:n_train], seqs[n_train:].reshape(-1))
 
         return DataPlan({"source": "teacher-samples", "bos": bos, **shape}, generate)
     corpus = ctx.calibration()
     ids = tokenize(corpus, ctx.tokenizer, ctx.cache_dir)
-    usable = len(ids) - settings.heldout_tokens
+    usable = len(ids) - settings.heldout
     if usable <= settings.seq_len:
         raise UnsupportedTechnique(
-            f"calibration text has {len(ids)} tokens: too few for {settings.heldout_tokens} held-out tokens "
+            f"calibration text has {len(ids)} tokens: too few for {settings.heldout} held-out tokens "
             f"plus training windows of {settings.seq_len}"
         )
     key = {"source": "calibration", "corpus_sha256": corpus.sha256,
@@ -230,28 +149,10 @@ def _autocast(ctx: Context) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def _nvml_index(cuda_index: int) -> int:
-    """NVML index of a CUDA ordinal, matched by PCI bus id (they differ under CUDA_VISIBLE_DEVICES)."""
-    try:
-        import pynvml
-
-        props: Any = torch.cuda.get_device_properties(cuda_index)
-        bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByPciBusId(bus)))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no pynvml / older torch: the ordinal is right whenever no devices are hidden
-        return cuda_index
-
-
 def _meter(ctx: Context) -> tuple[Meter, Callable[[], None]]:
-    if ctx.is_cuda:
-        device = torch.device(ctx.device)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return select_gpu_meter([_nvml_index(index)]), torch.cuda.synchronize
-    return select_cpu_meter(), lambda: None
+    """The run's primary meter (the one place choosing it: measure/meters.py) and the device sync."""
+    meter = select_meters(ctx.device).primary
+    return meter, (torch.cuda.synchronize if ctx.is_cuda else lambda: None)
 
 
 def train_student(
@@ -259,22 +160,19 @@ def train_student(
 ) -> TrainResult:
     """AdamW on ``kd_loss`` over ``train`` (n, L) in a seeded order; fp32 weights, bf16 autocast on CUDA,
     dropout off (short recovery runs), gradient-norm clipping, warmup then cosine/linear lr decay."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))
     student.float().eval().requires_grad_(True)
     teacher.eval()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
-    steps, batch, device = settings.steps, settings.batch_size, ctx.device
+    steps, batch, device = settings.steps, settings.batch, ctx.device
     warmup = int(settings.warmup * steps)
     every = max(1, steps // 20)
     losses: list[float] = []
     curve: list[float] = []
     meter, sync = _meter(ctx)
-    bar = tqdm(total=steps * batch * train.size(1), unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
-               disable=not ctx.progress, dynamic_ncols=True)
+    progress = Progress(ctx.say, f"{desc}: training", steps, "steps")
     with measure_energy(meter, sync) as window:
         for step in range(steps):
             ids = train[order[step * batch : (step + 1) * batch]].to(device)  # (b, L)
@@ -294,9 +192,7 @@ def train_student(
             losses.append(float(loss.detach()))
             if step % every == 0 or step == steps - 1:
                 curve.append(losses[-1])
-            bar.update(ids.numel())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
+            progress.update(step + 1, f"loss {losses[-1]:.4f}")
     student.requires_grad_(False)
     assert window.sample is not None
     return TrainResult(steps, steps * batch * train.size(1), losses[0], losses[-1], curve,
@@ -335,11 +231,13 @@ def count_params(model: Any) -> int:
 
 def _teacher(model: Any, ctx: Context) -> tuple[Any, str]:
     """The original model teaches. As the first step of a pipeline that is the model passed in; after earlier
-    steps (``ah90+distil-d50``) the context loads the original again."""
-    if ctx.steps_done > 0 and ctx.teacher is not None:
-        teacher = ctx.teacher()
-        if teacher is not None:
-            return teacher, "original model (reloaded after earlier pipeline steps)"
+    steps (``ah90+distil-d50``) the original is loaded again with ``ctx.load_model(ctx.model_name)``."""
+    if ctx.steps_done > 0:
+        if ctx.load_model is None:
+            raise UnsupportedTechnique("distillation after earlier pipeline steps needs the original model as "
+                                       "teacher, and this Context cannot load a model (no load_model)")
+        ctx.say(f"loading {ctx.model_name} again as the teacher")
+        return ctx.load_model(ctx.model_name), "original model (reloaded after earlier pipeline steps)"
     return model, "input model"
 
 
@@ -364,6 +262,7 @@ def distil_into(
     if any(not p.is_floating_point() for p in model.parameters()):
         raise UnsupportedTechnique(f"{name} needs float weights; apply it before quantisation")
     dtype = next(model.parameters()).dtype
+    settings = settings.for_device(ctx.device)
     seed = ctx.seed if settings.seed is None else settings.seed
     teacher, teacher_source = _teacher(model, ctx)
     plan = plan_data(ctx, teacher, settings, seed)
@@ -374,12 +273,17 @@ def distil_into(
     built: dict[str, Any] = {}
 
     def build(tmp: Path) -> None:
+        ctx.say(f"{name}: preparing {settings.steps * settings.batch} training sequences of "
+                f"{settings.seq_len} tokens ({plan.key['source']})")
         data = plan.load()
         student, surgery = make_student(copy.deepcopy(model), data.train)
+        ctx.say(f"{name}: held-out perplexity of teacher and student before training")
         reference = heldout_scores(teacher, None, data.heldout, settings.seq_len, ctx)
         before = heldout_scores(student, teacher, data.heldout, settings.seq_len, ctx)
         result = train_student(student, teacher, data.train, settings, ctx, seed, name)
         after = heldout_scores(student, teacher, data.heldout, settings.seq_len, ctx)
+        ctx.say(f"{name}: held-out perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f} "
+                f"after {result.steps} steps in {result.time_s:.0f} s")
         record = {
             "structure": surgery, "teacher": teacher_source, "params_teacher": count_params(teacher),
             "params_source": count_params(model), "params_student": count_params(student),
@@ -410,20 +314,20 @@ def distil_into(
 
 @dataclass(frozen=True)
 class PublishedStudent(TechniqueBase):
-    """``distil``: replace the model with its published distilled student (``students`` maps teacher ->
-    student name; pass ``{**STUDENTS, **pyproject_students}`` to extend it)."""
+    """``distil``: replace the model with its published distilled student. ``students`` maps teacher -> student
+    name; the option ``[tool.efficiency.technique.distil] students = {...}`` merges over the defaults."""
 
     students: Mapping[str, str] = field(default_factory=lambda: dict(STUDENTS), hash=False)
     name: str = "distil"
-    family = "distillation"
 
     def _student(self, ctx: Context) -> tuple[str, Callable[[str], Any]]:
-        known = {**self.students, **ctx.students}
+        known = dict(self.students)
         student = known.get(ctx.model_name)
         if student is None:
             raise UnsupportedTechnique(
                 f"distil: no published student for {ctx.model_name!r} (known: {known}); "
-                "register one under [tool.efficiency.students], or train one with distil-dNN / distil-wNN"
+                "register one under [tool.efficiency.technique.distil] students = {...}, or train one with "
+                "distil-dNN / distil-wNN"
             )
         loader = ctx.load_model
         if loader is None:
@@ -449,7 +353,6 @@ class TrainedStudent(TechniqueBase):
     axis: str  # "d" | "w"
     keep_pct: int
     settings: KdSettings = KdSettings()
-    family = "distillation"
 
     def __post_init__(self) -> None:
         if self.axis not in ("d", "w") or not 0 < self.keep_pct < 100:
@@ -477,11 +380,12 @@ class TrainedStudent(TechniqueBase):
                            make_student=lambda student, train: self.make_student(student, train, ctx.device))
 
 
-@register(r"distil", "distil")
+@register(r"distil", "distil", examples=("distil",))
 def _distil(m: re.Match[str]) -> PublishedStudent:
     return PublishedStudent()
 
 
-@register(r"distil-([dw])(\d{1,2})(-rkl)?", "distil-dNN | distil-wNN [-rkl] (student keeps NN%)")
+@register(r"distil-([dw])(\d{1,2})(-rkl)?", "distil-dNN | distil-wNN [-rkl] (student keeps NN%)",
+          examples=("distil-d50", "distil-w75", "distil-d50-rkl", "distil-w5"))
 def _distil_trained(m: re.Match[str]) -> TrainedStudent:
     return TrainedStudent(m.group(1), int(m.group(2)), KdSettings(kl="reverse" if m.group(3) else "forward"))

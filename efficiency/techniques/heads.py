@@ -269,7 +269,6 @@ class HeadPruning(TechniqueBase):
     n_sequences: int = 16
     seq_len: int = 256
     batch_size: int = 4
-    family = "pruning"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -310,6 +309,7 @@ class HeadPruning(TechniqueBase):
         return model
 
 
-@register(r"ah(\d{2})", "ahNN (e.g. ah90: remove heads with concentration >= 0.90)")
+@register(r"ah(\d{2})", "ahNN (e.g. ah90: remove heads with concentration >= 0.90)",
+          examples=("ah90", "ah50", "ah05"))
 def _heads(m: re.Match[str]) -> HeadPruning:
     return HeadPruning(int(m.group(1)) / 100)

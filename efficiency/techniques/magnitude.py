@@ -235,7 +235,6 @@ class MagnitudePruning(TechniqueBase):
 
     pattern: SparsityPattern
     semi_structured: bool = True  # convert 2:4 weights for PyTorch's sparse kernels where the device allows
-    family = "pruning"
 
     @property
     def name(self) -> str:
@@ -265,6 +264,6 @@ class MagnitudePruning(TechniqueBase):
         return model
 
 
-@register(r"mag(\d{2})|mag-([1-9]):([1-9])", "magNN | mag-2:4")
+@register(r"mag(\d{2})|mag-([1-9]):([1-9])", "magNN | mag-2:4", examples=("mag50", "mag-2:4", "mag-1:4"))
 def _magnitude(m: re.Match[str]) -> MagnitudePruning:
     return MagnitudePruning(SparsityPattern.from_suffix(m.group(1), m.group(2), m.group(3)))

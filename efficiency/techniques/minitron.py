@@ -34,6 +34,7 @@ from torch import nn
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import is_conv1d
 from efficiency.techniques.distil import KdSettings, distil_into
+from efficiency.techniques.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,9 @@ def _mean_loss(model: Any, ids: torch.Tensor, device: str, batch: int) -> float:
 
 
 @torch.inference_mode()
-def layer_importance(model: Any, ids: torch.Tensor, device: str, batch: int = 4) -> torch.Tensor:
+def layer_importance(
+    model: Any, ids: torch.Tensor, device: str, batch: int = 4, progress: Progress | None = None
+) -> torch.Tensor:
     """(n_layers,) increase of the mean calibration CE when each layer alone is replaced by the identity."""
 
     def identity(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
@@ -348,6 +351,8 @@ def layer_importance(model: Any, ids: torch.Tensor, device: str, batch: int = 4)
             scores.append(_mean_loss(model, ids, device, batch) - base)
         finally:
             handle.remove()
+        if progress is not None:
+            progress.update(len(scores))
     return torch.tensor(scores)
 
 
@@ -363,7 +368,6 @@ class Minitron(TechniqueBase):
     embedding: bool = False
     settings: KdSettings = KdSettings()
     importance_sequences: int = 32
-    family = "pruning"
 
     def __post_init__(self) -> None:
         if self.axis not in ("w", "d") or not 0 < self.remove_pct < 100 or self.importance_sequences < 1:
@@ -375,21 +379,27 @@ class Minitron(TechniqueBase):
     def name(self) -> str:
         return f"minitron-{self.axis}{self.remove_pct}" + ("-e" if self.embedding else "")
 
-    def make_student(self, model: Any, train: torch.Tensor, device: str) -> tuple[Any, dict[str, Any]]:
+    def make_student(
+        self, model: Any, train: torch.Tensor, device: str, log: Callable[[str], None] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         """Prune ``model`` (a copy of the teacher) in place; importance from the first ``train`` windows."""
-        return model, self._prune(model, train, device)
+        return model, self._prune(model, train, device, log or (lambda _msg: None))
 
-    def _prune(self, model: Any, train: torch.Tensor, device: str) -> dict[str, Any]:
+    def _prune(self, model: Any, train: torch.Tensor, device: str, log: Callable[[str], None]) -> dict[str, Any]:
         calib = train[: self.importance_sequences]
         frac = self.remove_pct / 100
         info: dict[str, Any] = {"importance_tokens": calib.numel()}
         if self.axis == "d":
-            scores = layer_importance(model, calib, device)
+            n_layers = len(decoder_layers(model))
+            log(f"{self.name}: calibration, layer importance over {calib.numel()} tokens ({n_layers + 1} passes)")
+            progress = Progress(log, f"{self.name}: calibration", n_layers, "layers")
+            scores = layer_importance(model, calib, device, progress=progress)
             n = len(scores)
             kept = max(1, n - _round(n * frac))
             keep = sorted(torch.topk(scores, kept).indices.tolist())
             return {**info, "importance": "calibration CE increase when the layer is skipped",
                     "layer_ce_increase": [round(float(s), 6) for s in scores], **keep_layers(model, keep)}
+        log(f"{self.name}: calibration, activation statistics over {calib.numel()} tokens")
         imp = width_importance(model, calib, device)
         info["importance"] = "mean |MLP activation|, mean head-output L2 norm, mean |norm output| per channel"
         width = imp.neurons[0].numel()
@@ -408,14 +418,17 @@ class Minitron(TechniqueBase):
                      "importance_sequences": self.importance_sequences}
         return distil_into(model, ctx, name=self.name, kind="minitron", settings=self.settings,
                            structure=structure,
-                           make_student=lambda student, train: self.make_student(student, train, ctx.device))
+                           make_student=lambda student, train: self.make_student(student, train, ctx.device,
+                                                                                  ctx.say))
 
 
-@register(r"minitron-w(\d{1,2})(-e)?", "minitron-wNN[-e] (remove NN% of neurons and heads[, channels])")
+@register(r"minitron-w(\d{1,2})(-e)?", "minitron-wNN[-e] (remove NN% of neurons and heads[, channels])",
+          examples=("minitron-w25", "minitron-w50-e", "minitron-w5"))
 def _minitron_w(m: re.Match[str]) -> Minitron:
     return Minitron("w", int(m.group(1)), embedding=bool(m.group(2)))
 
 
-@register(r"minitron-d(\d{1,2})", "minitron-dNN (remove NN% of the layers)")
+@register(r"minitron-d(\d{1,2})", "minitron-dNN (remove NN% of the layers)",
+          examples=("minitron-d50", "minitron-d25"))
 def _minitron_d(m: re.Match[str]) -> Minitron:
     return Minitron("d", int(m.group(1)))

@@ -32,7 +32,6 @@ def check_dtype_on_device(dtype: torch.dtype, ctx: Context) -> None:
 @dataclass(frozen=True)
 class Precision(TechniqueBase):
     name: str
-    family = "precision"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,6 +48,6 @@ class Precision(TechniqueBase):
         return model.to(self.dtype)
 
 
-@register(r"fp32|fp16|bf16", "fp32 | fp16 | bf16")
+@register(r"fp32|fp16|bf16", "fp32 | fp16 | bf16", examples=("fp32", "fp16", "bf16"))
 def _precision(m: re.Match[str]) -> Precision:
     return Precision(m.group(0))

@@ -278,7 +278,6 @@ class SparseGPT(TechniqueBase):
     block_size: int = 128
     damp: float = 0.01
     semi_structured: bool = True  # 2:4: convert for PyTorch's sparse kernels where the device allows
-    family = "pruning"
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.batch_size < 1 or not 0.0 < self.damp < 1.0:
@@ -346,6 +345,7 @@ def _load_pruned(model: nn.Module, path: Path, device: torch.device, name: str) 
     return layers
 
 
-@register(r"sparsegpt(\d{2})|sparsegpt-([1-9]):([1-9])", "sparsegptNN | sparsegpt-2:4")
+@register(r"sparsegpt(\d{2})|sparsegpt-([1-9]):([1-9])", "sparsegptNN | sparsegpt-2:4",
+          examples=("sparsegpt50", "sparsegpt-2:4"))
 def _sparsegpt(m: re.Match[str]) -> SparseGPT:
     return SparseGPT(SparsityPattern.from_suffix(m.group(1), m.group(2), m.group(3)))

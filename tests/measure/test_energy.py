@@ -216,9 +216,12 @@ class FakeBoard:
         has_counter: bool = True,
         has_power: bool = True,
         init_error: str | None = None,
+        throttle_mask: int = 0x1,
+        mig: int = 0,
     ) -> None:
         self.clock, self.power_w = clock, power_w
         self.has_counter, self.has_power, self.init_error = has_counter, has_power, init_error
+        self.throttle_mask, self.mig = throttle_mask, mig
         self.inits = self.shutdowns = 0
 
 
@@ -264,6 +267,9 @@ def fake_pynvml(board: FakeBoard) -> types.ModuleType:
         nvmlDeviceGetPowerUsage=power_mw,
         nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
         nvmlDeviceGetClockInfo=lambda h, kind: 1980 if kind == 1 else 2619,
+        nvmlDeviceGetMaxClockInfo=lambda h, kind: 1980 if kind == 1 else 2619,
+        nvmlDeviceGetCurrentClocksEventReasons=lambda h: board.throttle_mask,
+        nvmlDeviceGetMigMode=lambda h: (board.mig, board.mig),
         nvmlDeviceGetTemperature=lambda h, kind: 41,
         nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
         nvmlSystemGetDriverVersion=lambda: "580.65.06",
@@ -396,9 +402,14 @@ def test_power_state_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
             "power_w": 123.0,
             "sm_clock_mhz": 1980.0,
             "mem_clock_mhz": 2619.0,
+            "max_sm_clock_mhz": 1980.0,
+            "max_mem_clock_mhz": 2619.0,
             "temperature_c": 41.0,
+            "throttle_reasons": ["gpu_idle"],
+            "mig": False,
         }
     ]
+    assert state["throttled"] is False and state["warning"] is None
 
 
 # ---------------------------------------------------------------------------------------------- window
@@ -451,3 +462,107 @@ def test_measure_energy_cancel_releases_nvml_on_fake_nvml(monkeypatch: pytest.Mo
 def test_importing_energy_does_not_import_torch_or_pynvml() -> None:
     code = "import sys, efficiency.measure.energy; assert not {'torch', 'pynvml'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# ------------------------------------------------------------------------- throttling, uncertainty, refusals
+
+
+def test_power_state_warns_when_clocks_are_throttled_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    install(monkeypatch, FakeBoard(FakeClock(), [constant(690.0)], throttle_mask=0x4 | 0x40))
+    state = power_state([0])
+    gpu = state["gpus"][0]  # type: ignore[index]
+    assert gpu["throttle_reasons"] == ["sw_power_cap", "hw_thermal_slowdown"]
+    assert state["throttled"] is True
+    warning = str(state["warning"])
+    assert "GPU 0 clocks throttled (sw_power_cap, hw_thermal_slowdown)" in warning and "700 W" in warning
+
+
+def test_idle_or_app_clock_reasons_are_not_throttling() -> None:
+    from efficiency.measure.gpustate import decode_throttle_reasons, throttle_warning
+
+    assert decode_throttle_reasons(0x1 | 0x2 | 0x10) == ["gpu_idle", "applications_clocks_setting", "sync_boost"]
+    assert decode_throttle_reasons(0x1000) == ["unknown_0x1000"]
+    assert throttle_warning({"index": 0, "throttle_reasons": ["gpu_idle", "sync_boost"]}) is None
+    assert throttle_warning({"index": 1, "throttle_reasons": ["hw_slowdown"]}) is not None
+
+
+def test_counter_uncertainty_is_two_update_periods_of_mean_power() -> None:
+    from efficiency.measure.energy import counter_uncertainty_j
+
+    # 10 s at 100 ms: each edge may miss one period -> 2 * 0.1 / 10 = 2% (not 1%)
+    assert counter_uncertainty_j(5000.0, 10.0, NVML_UPDATE_PERIOD_S) / 5000.0 == pytest.approx(0.02)
+    assert counter_uncertainty_j(5000.0, 20.0, NVML_UPDATE_PERIOD_S) / 5000.0 == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        counter_uncertainty_j(1.0, 0.0, NVML_UPDATE_PERIOD_S)
+
+
+def test_energy_counter_at_ten_seconds_reports_two_percent_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    install(monkeypatch, FakeBoard(clock, [constant(500.0)]))
+    meter = NvmlEnergyMeter([0], clock=clock)
+    meter.begin()
+    clock.advance(10.0)
+    sample = meter.end()
+    assert sample.energy_j == pytest.approx(5000.0)
+    assert sample.uncertainty_j is not None and sample.uncertainty_j / sample.energy_j == pytest.approx(0.02)
+
+
+def test_zero_reading_needs_a_reason() -> None:
+    with pytest.raises(ValueError, match="0 J"):
+        EnergySample(0.0, 10.0, "rapl", 0.0, ("intel-rapl:0",))
+
+
+def test_energy_counter_stuck_over_a_long_window_is_refused_on_fake_nvml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    install(monkeypatch, FakeBoard(clock, [constant(0.0)]))
+    meter = NvmlEnergyMeter([0], clock=clock)
+    meter.begin()
+    clock.advance(2.0)
+    sample = meter.end()
+    assert sample.energy_j is None
+    assert sample.reason is not None and "did not advance" in sample.reason
+
+
+def test_energy_counter_implausible_power_is_refused_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    install(monkeypatch, FakeBoard(clock, [constant(50_000.0)]))  # 50 kW: a misread, not a GPU
+    meter = NvmlEnergyMeter([0], clock=clock)
+    meter.begin()
+    clock.advance(2.0)
+    sample = meter.end()
+    assert sample.energy_j is None and sample.reason is not None and "reading refused" in sample.reason
+
+
+def test_rapl_counter_reset_is_refused_not_read_as_a_wrap(tmp_path: Path) -> None:
+    clock = FakeClock()
+    zone = make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    meter = RaplMeter(tmp_path, clock=clock)
+    meter.begin()
+    (zone / "energy_uj").write_text("1000000\n")  # reset: end below begin, read as a wrap of ~262 kJ
+    clock.advance(2.0)
+    sample = meter.end()
+    assert sample.energy_j is None
+    assert sample.reason is not None and "reading refused" in sample.reason and "reset" in sample.reason
+
+
+def test_rapl_zero_over_a_long_window_is_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    meter = RaplMeter(tmp_path, clock=clock)
+    meter.begin()
+    clock.advance(1.0)
+    sample = meter.end()
+    assert sample.energy_j is None and sample.reason is not None and "did not advance" in sample.reason
+
+
+def test_one_counter_tick_in_a_short_window_is_not_refused(tmp_path: Path) -> None:
+    clock = FakeClock()
+    zone = make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    meter = RaplMeter(tmp_path, clock=clock)
+    meter.begin()
+    (zone / "energy_uj").write_text("5000300\n")  # 0.3 mJ in 0.5 ms: one honest tick
+    clock.advance(0.0005)
+    sample = meter.end()
+    assert sample.energy_j == pytest.approx(0.0003)

@@ -1,23 +1,50 @@
-"""The ``efficiency`` command: gate exit codes and listings, compare / history / report output."""
+"""The ``efficiency`` command: gate exit codes and listings (failing closed on inconclusive verdicts), compare /
+history / report / list output, exit 2 naming the file on any broken input, the database found from the
+project root."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
+import random
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from efficiency.cli import main
 from efficiency.report import history
+from efficiency.report.compare import MIN_RUNS
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "reports"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "fixtures" / "reports"
 
 
 def f(name: str) -> str:
     return str(FIXTURES / f"{name}.json")
+
+
+def write_pooled(folder: Path, slow: float | None) -> tuple[list[str], list[str]]:
+    """MIN_RUNS report files of a base commit and of a head commit (bnb8 slowed by ``slow``)."""
+    spec = importlib.util.spec_from_file_location("make_reports", ROOT / "fixtures" / "make_reports.py")
+    assert spec is not None and spec.loader is not None
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    base = mr.repeated_runs("a1", MIN_RUNS, 41, "2026-11-20T10:00:00+00:00")
+    head = mr.repeated_runs("c3", MIN_RUNS, 42, "2026-11-22T10:00:00+00:00",
+                            slow={"bnb8": slow} if slow else None)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: tuple[list[str], list[str]] = ([], [])
+    for side, runs, out in (("base", base, paths[0]), ("head", head, paths[1])):
+        for i, run in enumerate(runs):
+            path = folder / f"{side}-{i}.json"
+            path.write_text(json.dumps(run))
+            out.append(str(path))
+    return paths
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -37,17 +64,35 @@ def test_gate_lists_threshold_violations(capsys: pytest.CaptureFixture[str]) -> 
     assert "GATE: 1 threshold violation(s):" in out
     assert ("smollm2-135m-bnb4: perplexity 38.42 vs 29.98 for the fp32 baseline is +28.15%, above the bnb4 "
             "limit of +20%") in out
-    assert out.rstrip().endswith("GATE FAILED")
+    assert out.rstrip().splitlines()[-1] == "GATE FAILED: 1 threshold violation(s)"
 
 
-def test_gate_lists_regressions_against_a_baseline_report(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", f("base"))
-    assert code == 1
-    assert "GATE: 1 regression(s):" in out and "smollm2-135m-bnb8: runtime (s) +14.00% beyond ±5%" in out
-    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", f("base"), "--fail-on-regression", "20")
+def test_gate_lists_regressions_against_pooled_baseline_runs(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    base, head = write_pooled(tmp_path / "slow", 1.15)
+    glob = str(tmp_path / "slow" / "base-*.json")
+    code, out, _ = run(capsys, "gate", *head, "--baseline", glob, "--no-pool")
+    assert code == 1, out
+    assert "GATE: 1 regression(s):" in out and "smollm2-135m-bnb8: runtime (s) +" in out
+    assert "significantly beyond ±5%" in out and out.rstrip().endswith("GATE FAILED: 1 significant regression(s)")
+    code, out, _ = run(capsys, "gate", *head, "--baseline", ",".join(base), "--fail-on-regression", "30")
     assert code == 0 and "GATE PASSED" in out
-    code, out, _ = run(capsys, "gate", f("head-noise"), "--baseline", f("base"))
+    base, head = write_pooled(tmp_path / "noise", None)
+    code, out, _ = run(capsys, "gate", *head, "--baseline", ",".join(base), "--fail-on-inconclusive")
     assert code == 0 and "no significant regression (4 of 4 case(s) compared)" in out
+
+
+def test_gate_names_inconclusive_verdicts_and_fails_on_them_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", f("base"))
+    assert code == 0, out  # one run a side: nothing called, but said in the headline
+    assert "GATE: 4 inconclusive verdict(s):" in out and "insufficient runs: 1 vs 1 run(s)" in out
+    assert out.rstrip().splitlines()[-1].startswith("GATE PASSED WITH 4 INCONCLUSIVE VERDICT(S)")
+    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", f("base"), "--fail-on-inconclusive")
+    assert code == 1
+    assert out.rstrip().splitlines()[-1] == "GATE FAILED: 4 inconclusive verdict(s) (--fail-on-inconclusive)"
+    code, out, _ = run(capsys, "gate", f("head-noise"), "--baseline", f("interrupted"), "--min-runs", "2",
+                       "--fail-on-inconclusive")
+    assert code == 1 and "smollm2-135m-bnb8: not compared: not measured in the base run (absent)" in out
 
 
 def test_gate_fails_an_unfinished_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,18 +113,25 @@ def test_gate_fails_when_nothing_was_measured(tmp_path: Path, capsys: pytest.Cap
 def test_gate_against_the_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "h.sqlite")
     code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db)
-    assert code == 0 and "no baseline run" in out  # no history yet: thresholds only, said so
-    assert run(capsys, "history", "import", f("base"), f("dirty"), "--db", db)[0] == 0
-    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db)
-    assert code == 1 and "vs last: run 1 (a1a1a1a1a1a1, complete)" in out  # the dirty run is newer, not used
-    code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", "a1a1a1", "--db", db)
-    assert code == 1 and "smollm2-135m-bnb8: runtime" in out
+    assert code == 0 and "no baseline: no eligible run" in out  # no history yet: inconclusive, said so
+    assert run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db, "--fail-on-inconclusive")[0] == 1
+    base, head = write_pooled(tmp_path / "runs", 1.15)
+    assert run(capsys, "history", "import", *base, *head[:-1], f("dirty"), "--db", db)[0] == 0
+    # the last head run is pooled with the 4 stored runs of its commit; 'last' per case is the base commit
+    code, out, _ = run(capsys, "gate", head[-1], "--baseline", "last", "--db", db, "--fail-on-inconclusive")
+    assert code == 1 and f"this run and {MIN_RUNS - 1} more of its commit vs last (chosen per case)" in out
+    assert "GATE: 1 regression(s):" in out and "inconclusive" not in out
+    code, out, _ = run(capsys, "gate", head[-1], "--baseline", "a1a1", "--db", db)
+    assert code == 1 and f"a1a1 ({MIN_RUNS} runs pooled)" in out and "smollm2-135m-bnb8: runtime" in out
+    code, out, _ = run(capsys, "gate", head[-1], "--baseline", "a1a1", "--db", db, "--no-pool")
+    assert code == 0 and "insufficient runs: 5 vs 1 run(s)" in out
 
 
 def test_gate_writes_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     md = tmp_path / "summary.md"
     md.write_text("before\n")
-    assert run(capsys, "gate", f("violation"), "--baseline", f("base"), "--markdown", str(md))[0] == 1
+    assert run(capsys, "gate", f("violation"), "--baseline", f("base"), "--markdown", str(md),
+               "--min-runs", "2")[0] == 1
     text = md.read_text()
     assert text.startswith("before\n### pytest-efficiency gate") and "- smollm2-135m-bnb4: perplexity" in text
     assert "| case | metric | base | head |" in text
@@ -105,12 +157,24 @@ def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
         main(["compare", f("base")])
 
 
-def test_compare_command(capsys: pytest.CaptureFixture[str]) -> None:
+def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "compare", f("base"), f("head-settings"))
     assert code == 0 and "not compared: settings differ: context 512 vs 1024" in out
     assert "nothing compared" in out
+    assert run(capsys, "compare", f("base"), f("head-settings"), "--fail-on-inconclusive")[0] == 1
     code, out, _ = run(capsys, "compare", f("base"), f("real-cpu-0001"), "--format", "markdown")
-    assert "| smollm2-135m-fp32 | runtime (s) |" in out and "insufficient rounds" in out
+    assert "| smollm2-135m-fp32 | runtime (s) |" in out and "insufficient runs" in out
+
+
+def test_compare_exits_1_on_a_regression_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, head = write_pooled(tmp_path, 1.15)
+    code, out, _ = run(capsys, "compare", str(tmp_path / "base-*.json"), str(tmp_path / "head-*.json"))
+    assert code == 0 and "REGRESSION: 1 significant regression(s)" in out  # reported; exit 0 unless asked
+    code, _, _ = run(capsys, "compare", ",".join(base), ",".join(head), "--fail-on-regression")
+    assert code == 1
+    code, _, _ = run(capsys, "compare", ",".join(base), ",".join(head), "--fail-on-regression",
+                     "--threshold", "30")
+    assert code == 0
 
 
 def test_history_command_table_and_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,10 +205,114 @@ def test_report_command_writes_html_and_markdown(tmp_path: Path, capsys: pytest.
     assert html.read_text().count("data:image/png;base64,") == 3
     text = md.read_text()
     assert text.startswith("## pytest-efficiency") and "| smollm2-135m-bnb8 |" in text
-    assert "REGRESSION: 1 significant regression(s)" in text
+    assert "insufficient runs" in text
+    base, head = write_pooled(tmp_path / "runs", 1.15)
+    code, _, _ = run(capsys, "report", head[0], "-o", str(html), "--markdown", str(md), "--compare",
+                     ",".join(base))
+    assert code == 0 and "data:image/png;base64," in html.read_text()
 
 
 def test_cli_imports_neither_torch_nor_matplotlib() -> None:
     code = ("import sys, efficiency.cli, efficiency.report.tracking, efficiency.report.history; "
             "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("missing", ["jinja2", "matplotlib"])
+def test_report_without_an_optional_library_is_a_clean_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+    for name in [m for m in sys.modules if m == missing or m.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError
+    code, out, err = run(capsys, "report", f("base"), "-o", str(tmp_path / "r.html"))
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("efficiency report: error:") and missing in err and "pip install" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def _broken_variants() -> list[tuple[str, Any]]:
+    good = json.loads(Path(f("base")).read_text())
+    out: list[tuple[str, Any]] = [("a list", [good]), ("cases a string", {**good, "cases": "none"}),
+                                  ("settings a list", {**good, "settings": [1]}),
+                                  ("status a number", {**good, "status": 3})]
+    for i, (key, value) in enumerate([("id", None), ("runtime", "fast"), ("perplexity", [1]), ("energy", 3),
+                                      ("memory", "x"), ("latency", True), ("deltas", "none")]):
+        bad = copy.deepcopy(good)
+        bad["cases"][i % 4][key] = value
+        out.append((f"case {key} {value!r}", bad))
+    bad = copy.deepcopy(good)
+    bad["cases"][1] = "fp32"
+    out.append(("a case a string", bad))
+    return out
+
+
+@pytest.mark.parametrize(("what", "content"), _broken_variants(), ids=[w for w, _ in _broken_variants()])
+def test_a_structurally_broken_report_is_exit_2_naming_the_file_in_every_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], what: str, content: Any) -> None:
+    bad = tmp_path / "broken.json"
+    bad.write_text(json.dumps(content))
+    db = str(tmp_path / "h.sqlite")
+    for argv in (["gate", str(bad)], ["gate", f("base"), "--baseline", str(bad)], ["compare", f("base"), str(bad)],
+                 ["compare", str(bad), f("base")], ["report", str(bad), "-o", str(tmp_path / "x.html")],
+                 ["history", "import", str(bad), "--db", db], ["merge", str(bad), f("base"), "-o",
+                                                                 str(tmp_path / "m.json")]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2, (what, argv, err)
+        assert str(bad) in err and "Traceback" not in err, (what, argv, err)
+
+
+def test_a_structurally_broken_nested_value_never_gives_a_traceback(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Random type damage deep inside cases: every command exits 0, 1 or 2, never with an exception."""
+    good = json.loads(Path(f("base")).read_text())
+    rng = random.Random(5)
+    for trial in range(30):
+        bad = copy.deepcopy(good)
+        case = rng.choice(bad["cases"])
+        section = rng.choice([k for k, v in case.items() if isinstance(v, dict) and v])
+        key = rng.choice(list(case[section]))
+        case[section][key] = rng.choice(["text", [1, "a"], {"x": 1}, True, -1])
+        path = tmp_path / f"damaged-{trial}.json"
+        path.write_text(json.dumps(bad))
+        for argv in (["gate", str(path), "--baseline", f("head-noise")], ["compare", f("head-noise"), str(path)]):
+            code, _, err = run(capsys, *argv)
+            assert code in (0, 1, 2), (section, key, argv)
+            assert code != 2 or str(path) in err, (section, key, err)
+
+
+def test_schema_0_and_unversioned_reports_are_refused_naming_the_file(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    for version in (0, None):
+        old = tmp_path / f"old-{version}.json"
+        old.write_text(json.dumps({**json.loads(Path(f("base")).read_text()), "schema_version": version}))
+        for argv in (["gate", str(old)], ["compare", f("base"), str(old)],
+                     ["history", "import", str(old), "--db", str(tmp_path / "h.sqlite")]):
+            code, _, err = run(capsys, *argv)
+            assert code == 2 and str(old) in err and "readable schema version" in err
+
+
+def test_version_and_list(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("efficiency ") and len(out.split()) >= 2
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert "smollm2-135m: HuggingFaceTB/SmolLM2-135M" in out and "opt-125m: facebook/opt-125m" in out
+    assert "bnb8" in out and "minitron" in out and "runtime_s: runtime (s), lower is better, gated" in out
+
+
+def test_default_database_is_found_from_the_project_root(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    (project / "src" / "deep").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    monkeypatch.chdir(project / "src" / "deep")
+    assert run(capsys, "history", "import", f("base"))[0] == 0
+    assert (project / "reports" / "history.sqlite").is_file()
+    assert not (project / "src" / "deep" / "reports").exists()
+    code, out, _ = run(capsys, "history", "--technique", "bnb8")
+    assert code == 0 and "1 point(s)" in out
+    code, out, _ = run(capsys, "gate", f("head-noise"), "--baseline", "last")
+    assert "vs last (chosen per case)" in out

@@ -1,16 +1,24 @@
-"""The SQLite history: insert and import, baseline selection rules, migrations, a newer database refused."""
+"""The SQLite history: insert and import, the long metric table, baseline selection rules (per case, pooled
+runs of a commit), atomic migrations (an interrupted one leaves a usable database), concurrent creation, old
+reports upgraded or refused, a newer database refused."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from efficiency.metrics import METRICS
 from efficiency.report import history
+from efficiency.report.schema import upgrade
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "reports"
 ALL = ["base", "head-noise", "violation", "head-slow", "head-settings", "dirty", "interrupted",
@@ -38,11 +46,12 @@ def test_insert_is_keyed_and_idempotent(tmp_path: Path) -> None:
                        "WHERE id = ?", (run_id,)).fetchone()
     assert row[:6] == ("c3" * 20, 0, "complete", "cpu", "AMD EPYC", "AMD EPYC")
     assert json.loads(row[6])["context"] == 512
-    rows = conn.execute("SELECT technique, runtime_s FROM cases WHERE run_id = ?", (run_id,)).fetchall()
+    rows = conn.execute("SELECT c.technique, m.value FROM cases c JOIN metrics m ON m.run_id = c.run_id AND "
+                        "m.case_id = c.case_id WHERE c.run_id = ? AND m.metric = 'runtime_s'", (run_id,)).fetchall()
     cases = dict(rows)
     assert set(cases) == {"fp32", "bf16", "bnb8", "bnb4"}
     assert cases["bnb8"] == pytest.approx(load("head-slow")["cases"][2]["runtime"]["median_s"])
-    assert history.load(conn, run_id) == load("head-slow")
+    assert history.load(conn, run_id) == upgrade(load("head-slow"))  # stored in the current schema
 
 
 def test_import_reports_every_file(tmp_path: Path) -> None:
@@ -106,6 +115,53 @@ def test_trend_over_commits(db: sqlite3.Connection) -> None:
         history.trend(db, "nonsense")
 
 
+def test_trend_accepts_every_registry_metric(db: sqlite3.Connection) -> None:
+    for m in METRICS:
+        points = history.trend(db, m.name, technique="bnb4")
+        assert len(points) == 7  # every run but the interrupted one measured bnb4
+    tps = history.trend(db, "tokens_per_s", technique="bnb8")
+    assert tps[0].value == pytest.approx(load("base")["cases"][2]["runtime"]["tokens_per_s"])
+    assert {p.value for p in history.trend(db, "energy_j")} == {None}  # not measured there: n/a, not 0
+
+
+def _stored(name: str, **changes: Any) -> dict[str, Any]:
+    run = load(name)
+    run["environment"]["git"].update(changes.pop("git", {}))
+    run.update(changes)
+    return run
+
+
+def test_last_is_chosen_per_case_and_pools_the_runs_of_its_commit(tmp_path: Path) -> None:
+    conn = history.connect(tmp_path / "h.sqlite")
+    base = load("base")  # a1, 11-20, 4 cases
+    again = _stored("head-noise", git={"commit": "a1" * 20})  # a second run of a1, 11-21
+    partial = _stored("interrupted", status="complete", git={"commit": "e5" * 20})  # 11-24, fp32 and bf16 only
+    for run in (base, again, partial):
+        history.add_report(conn, run)
+    head = _stored("head-slow", started_at="2026-11-25T10:00:00+00:00", git={"commit": "c3" * 20})
+    per_case = history.last_per_case(conn, [head])
+    assert set(per_case) == {c["id"] for c in head["cases"]}
+    fp32_runs, fp32_label = per_case["smollm2-135m-fp32"]
+    assert len(fp32_runs) == 1 and "e5e5e5e5e5e5" in fp32_label  # the latest run that measured fp32
+    bnb8_runs, bnb8_label = per_case["smollm2-135m-bnb8"]
+    assert len(bnb8_runs) == 2 and bnb8_label == "last: a1a1a1a1a1a1, 2 run(s)"  # e5 lacks bnb8: a1, pooled
+    # the head's own commit is the head, not its baseline
+    same = _stored("head-slow", started_at="2026-11-25T10:00:00+00:00", git={"commit": "e5" * 20})
+    assert "a1a1a1a1a1a1" in history.last_per_case(conn, [same])["smollm2-135m-fp32"][1]
+    conn.close()
+
+
+def test_same_commit_runs_pool_only_clean_complete_runs_of_that_commit(tmp_path: Path) -> None:
+    conn = history.connect(tmp_path / "h.sqlite")
+    one, two = load("base"), _stored("head-noise", git={"commit": "a1" * 20})
+    dirty = _stored("dirty", git={"commit": "a1" * 20})
+    for run in (one, two, dirty):
+        history.add_report(conn, run)
+    assert history.same_commit_runs(conn, one) == [upgrade(two)]
+    assert history.same_commit_runs(conn, dirty) == []  # a dirty tree's code is not the commit's
+    conn.close()
+
+
 def _v1_database(path: Path) -> None:
     """A database as version 1 of the schema wrote it, with one run."""
     conn = sqlite3.connect(path)
@@ -122,18 +178,112 @@ def _v1_database(path: Path) -> None:
     conn.close()
 
 
-def test_migration_from_version_1_backfills_new_columns(tmp_path: Path) -> None:
+def test_migration_from_version_1_backfills_the_long_metric_table(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     _v1_database(path)
     with sqlite3.connect(path) as raw:
         assert history.db_version(raw) == 1
-        assert "prefill_s" not in [r[1] for r in raw.execute("PRAGMA table_info(cases)")]
+    raw.close()
     conn = history.connect(path)
-    assert history.db_version(conn) == history.LATEST == 2
-    prefill = dict(conn.execute("SELECT technique, prefill_s FROM cases").fetchall())
-    assert prefill["bnb4"] == pytest.approx(load("base")["cases"][3]["latency"]["prefill_s"])
+    assert history.db_version(conn) == history.LATEST == 3
+    assert "runtime_s" not in [r[1] for r in conn.execute("PRAGMA table_info(cases)")]
+    prefill = dict(conn.execute("SELECT case_id, value FROM metrics WHERE metric = 'prefill_s'").fetchall())
+    assert prefill["smollm2-135m-bnb4"] == pytest.approx(load("base")["cases"][3]["latency"]["prefill_s"])
+    # a metric version 1 never stored is back-filled from the stored report too
+    tps = history.trend(conn, "tokens_per_s", technique="bnb4")
+    assert tps[0].value == pytest.approx(load("base")["cases"][3]["runtime"]["tokens_per_s"])
     assert history.add_report(conn, load("head-noise"))[1]  # usable after the migration
     assert len(history.runs(conn)) == 2
+    conn.close()
+
+
+def _failing_step(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE half_done (x INTEGER)")
+    raise RuntimeError("power cut in the middle of the migration")
+
+
+def test_a_failed_migration_leaves_the_old_version_usable(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "old.sqlite"
+    _v1_database(path)
+    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS[:2], _failing_step])
+    with pytest.raises(RuntimeError, match="power cut"):
+        history.connect(path)
+    with sqlite3.connect(path) as raw:
+        assert history.db_version(raw) == 1  # not 2: the _v2 columns were rolled back with the rest
+        assert "prefill_s" not in [r[1] for r in raw.execute("PRAGMA table_info(cases)")]
+        assert raw.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchone() is None
+    raw.close()
+    monkeypatch.undo()
+    conn = history.connect(path)  # no "duplicate column name": the next opening migrates
+    assert history.db_version(conn) == history.LATEST and len(history.runs(conn)) == 1
+    conn.close()
+
+
+def test_a_process_killed_mid_migration_leaves_a_usable_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    _v1_database(path)
+    killer = textwrap.dedent(f"""
+        import os
+        from efficiency.report import history
+        def die(conn):
+            conn.execute("ALTER TABLE cases ADD COLUMN j_per_token REAL")
+            os._exit(9)  # no rollback, no cleanup: the journal is left behind
+        history.MIGRATIONS[1] = die
+        history.connect({str(path)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", killer], timeout=60).returncode == 9
+    conn = history.connect(path)
+    assert history.db_version(conn) == history.LATEST
+    assert len(history.runs(conn)) == 1 and history.trend(conn, "runtime_s")
+    conn.close()
+
+
+def _add_from_process(args: tuple[str, str, int]) -> int:
+    path, name, commit_byte = args
+    conn = history.connect(Path(path))
+    run = json.loads((FIXTURES / f"{name}.json").read_text())
+    run["environment"]["git"]["commit"] = f"{commit_byte:02x}" * 20
+    run_id, _ = history.add_report(conn, run)
+    conn.close()
+    return run_id
+
+
+def test_concurrent_processes_create_and_add_without_losing_a_run(tmp_path: Path) -> None:
+    path = str(tmp_path / "new" / "h.sqlite")
+    jobs = [(path, name, i) for i, name in enumerate(["base", "head-noise", "head-slow", "violation"] * 2)]
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(_add_from_process, jobs)
+    assert sorted(ids) == list(range(1, len(jobs) + 1))  # every run stored once, none lost
+    conn = history.connect(Path(path))
+    assert history.db_version(conn) == history.LATEST and len(history.runs(conn)) == len(jobs)
+    assert conn.execute("SELECT COUNT(DISTINCT run_id) FROM metrics").fetchone()[0] == len(jobs)
+    conn.close()
+
+
+def test_old_reports_are_upgraded_or_refused_never_stored_silently(tmp_path: Path) -> None:
+    conn = history.connect(tmp_path / "h.sqlite")
+    v1 = load("base")
+    assert v1["schema_version"] == 1
+    run_id, _ = history.add_report(conn, v1)
+    assert history.load(conn, run_id)["schema_version"] == 2
+    for version in (0, None):
+        old = load("head-noise")
+        old["schema_version"] = version
+        with pytest.raises(history.HistoryError, match="not a pytest-efficiency report of a readable schema"):
+            history.add_report(conn, old)
+    schema0 = tmp_path / "schema0.json"
+    schema0.write_text(json.dumps({**load("head-noise"), "schema_version": 0}))
+    from efficiency.report.io import ReportError
+
+    with pytest.raises(ReportError, match=f"{schema0}.*readable schema"):
+        history.import_files(conn, [schema0])
+    # a stored report no version can read (written by a broken tool) is refused when loaded, not used
+    conn.execute("UPDATE runs SET report = ? WHERE id = ?", (json.dumps({"schema_version": 0}), run_id))
+    with pytest.raises(history.HistoryError, match=f"stored run {run_id} is not a report"):
+        history.load(conn, run_id)
+    assert len(history.runs(conn)) == 1
+    conn.close()
 
 
 def test_a_newer_database_is_refused_untouched(tmp_path: Path) -> None:

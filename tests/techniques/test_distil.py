@@ -251,8 +251,10 @@ def test_published_student_from_the_configured_registry(tmp_path: Path) -> None:
         loaded.append(name)
         return student
 
-    ctx = Context("cpu", None, "tiny-teacher", tmp_path, load_model=load_model, students={"tiny-teacher": "tiny-s"})
-    out = parse("distil").apply(tiny_model("gpt2"), ctx)
+    ctx = Context("cpu", None, "tiny-teacher", tmp_path, load_model=load_model)
+    pipeline = parse("distil", {"distil": {"students": {"tiny-teacher": "tiny-s"}}})
+    assert dict(pipeline.steps[0].students) == {"gpt2": "distilgpt2", "tiny-teacher": "tiny-s"}  # type: ignore[attr-defined]
+    out = pipeline.apply(tiny_model("gpt2"), ctx)
     assert out is student and loaded == ["tiny-s"] and ctx.info["distil"]["student"] == "tiny-s"
     with pytest.raises(UnsupportedTechnique, match="no published student"):
         parse("distil").check(Context("cpu", None, "unknown", tmp_path, load_model=load_model))
@@ -265,13 +267,29 @@ def test_the_original_is_reloaded_as_teacher_only_after_earlier_steps(tmp_path: 
     loads: list[int] = []
     original = tiny_model("gpt2", seed=3)
 
-    def reload() -> Any:
+    def reload(name: str) -> Any:
+        assert name == "tiny"
         loads.append(1)
         return original
 
     model = tiny_model("gpt2")
-    ctx = Context("cpu", None, "tiny", tmp_path, teacher=reload)
+    ctx = Context("cpu", None, "tiny", tmp_path, load_model=reload)
     assert _teacher(model, ctx) == (model, "input model") and loads == []  # first step: no second load
     ctx.steps_done = 1
     teacher, source = _teacher(model, ctx)
     assert teacher is original and loads == [1] and source.startswith("original model")
+
+
+def test_training_reports_progress_through_ctx_log(tmp_path: Path) -> None:
+    lines: list[str] = []
+    ctx = Context("cpu", CharTokenizer(), "tiny-llama", tmp_path, calibration=corpus, log=lines.append)
+    TrainedStudent("d", 50, TINY).apply(llama_teacher(), ctx)
+    training = [line for line in lines if ": training:" in line]
+    assert training[0].startswith(f"distil-d50: training: 1/{TINY.steps} steps") and "ETA" in training[0]
+    assert training[-1].startswith(f"distil-d50: training: {TINY.steps}/{TINY.steps} steps (100%)")
+    assert any("held-out perplexity" in line and "->" in line for line in lines)
+    quiet: list[str] = []
+    ctx = Context("cpu", CharTokenizer(), "tiny-llama", tmp_path / "q", calibration=corpus, log=quiet.append,
+                  progress=False)
+    TrainedStudent("d", 50, TINY).apply(llama_teacher(), ctx)
+    assert quiet == []

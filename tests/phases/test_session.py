@@ -1,0 +1,119 @@
+"""Session outcomes that a release gate depends on: non-finite numbers, out-of-memory, unwritable reports,
+runs stopped early. Tiny local GPT-2, CPU."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok_dir = SHARED_DATA / "architectures" / "gpt2"
+    if not tok_dir.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
+    root = tmp_path_factory.mktemp("session")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(root / "m" / "t")
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "m" / "t")
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return root
+
+
+def session(root: Path, **opts: Any) -> Any:
+    from efficiency.session import EfficiencySession
+    from efficiency.settings import build_config
+
+    base = {"models": "t", "techniques": "fp32,bnb4", "model_dir": str(root / "m"), "dataset": str(root / "text.txt"),
+            "device": "cpu", "max_tokens": "200", "context": 32, "stride": 32, "rounds": 2, "decode_tokens": 3,
+            "prefill_tokens": 8, "cache_dir": str(root / "cache"), "reports_dir": str(root / "reports")}
+    cfg = build_config({**base, **opts}, {}, root)
+    return EfficiencySession(cfg, root, quiet=True)
+
+
+def test_a_nan_perplexity_makes_the_case_invalid_and_keeps_the_report_valid(tiny_root: Path, monkeypatch: Any,
+                                                                             one_thread: None) -> None:
+    from efficiency.measure import perplexity
+
+    s = session(tiny_root)
+    s.run_case("t", "fp32")
+    real_run = perplexity.PerplexityEvaluator.run
+
+    def broken(self: Any, model: Any, device: Any) -> Any:
+        from dataclasses import replace
+
+        return replace(real_run(self, model, device), perplexity=float("nan"))
+
+    monkeypatch.setattr(perplexity.PerplexityEvaluator, "run", broken)
+    with pytest.raises(pytest.fail.Exception, match="perplexity is not finite"):
+        s.run_case("t", "bnb4")
+    case = s.report["cases"][-1]
+    assert case["status"] == "invalid" and case["perplexity"]["value"] is None and "scores" not in case
+    s.finish(1)
+    text = s.written[0].read_text()
+    json.loads(text)  # strict JSON: no NaN
+    assert "NaN" not in text and s.report["status"] == "complete"
+
+
+def test_out_of_memory_is_a_status_and_the_model_is_freed(tiny_root: Path, monkeypatch: Any,
+                                                          one_thread: None) -> None:
+    import torch
+
+    from efficiency import runner as runner_mod
+    from efficiency.phases import perplexity as ppl_phase
+
+    s = session(tiny_root)
+    s.run_case("t", "fp32")
+    refs: list[Any] = []
+    real_load = runner_mod.load
+
+    def tracking_load(*args: Any, **kwargs: Any) -> Any:
+        loaded = real_load(*args, **kwargs)
+        refs.append(weakref.ref(loaded.model))
+        return loaded
+
+    def out_of_memory(self: Any, model: Any, ctx: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner_mod, "load", tracking_load)
+    monkeypatch.setattr(ppl_phase.QualityPhase, "run", out_of_memory)
+    with pytest.raises(pytest.fail.Exception, match="out of memory"):
+        s.run_case("t", "bnb4")
+    case = s.report["cases"][-1]
+    assert case["status"] == "oom" and "Tried to allocate" in case["reason"]
+    gc.collect()
+    assert refs and refs[0]() is None, "the model that ran out of memory is still referenced"
+
+
+def test_an_unwritable_report_target_keeps_the_measurements(tiny_root: Path, tmp_path: Path,
+                                                            one_thread: None) -> None:
+    target = tmp_path / "out.json"
+    s = session(tiny_root, techniques="fp32", report=str(target))
+    target.mkdir()  # becomes unwritable as a file after the start-up check
+    s.run_case("t", "fp32")
+    assert s.write_errors and str(target) in s.write_errors[0]
+    assert s.fallback_path is not None and json.loads(s.fallback_path.read_text())["cases"][0]["id"] == "t-fp32"
+    assert any(p.parent == tiny_root / "reports" for p in s.written)
+
+
+def test_a_run_stopped_early_is_incomplete_never_complete(tiny_root: Path, one_thread: None) -> None:
+    s = session(tiny_root)
+    s.expect(["t-fp32", "t-bnb4"])
+    s.run_case("t", "fp32")
+    s.finish(1, stopped_early=True)
+    assert s.report["status"] == "incomplete"
+    s2 = session(tiny_root)
+    s2.expect(["t-fp32", "t-bnb4"])
+    s2.run_case("t", "fp32")
+    s2.finish(0)
+    assert s2.report["status"] == "incomplete"  # a collected case never ran

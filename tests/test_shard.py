@@ -1,0 +1,150 @@
+"""Sharding the grid across machines and merging the shard reports: the union of the shards is the grid, no case
+twice, a model's cases together, balanced; the merged report gates like the unsharded one; reports of another
+commit, settings or machine, and a case measured twice, are refused with the reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from efficiency.cli import main
+from efficiency.report import history
+from efficiency.report.gating import gate
+from efficiency.report.schema import upgrade
+from efficiency.shard import MergeError, assignment, merge, parse_shard, shard
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "reports"
+MODELS = ("smollm2-135m", "opt-125m", "gpt2", "opt-350m", "distilgpt2")
+
+
+def grid(sizes: dict[str, int]) -> dict[str, list[str]]:
+    return {m: [f"{m}-t{i}" for i in range(n)] for m, n in sizes.items()}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_union_of_shards_is_the_grid_with_no_case_twice_and_models_together(count: int) -> None:
+    g = grid({"a": 5, "b": 4, "c": 4, "d": 2, "e": 1, "f": 1, "g": 3})
+    parts = [shard(g, i, count) for i in range(1, count + 1)]
+    every = [cid for p in parts for cid in p]
+    assert sorted(every) == sorted(cid for cids in g.values() for cid in cids) and len(every) == len(set(every))
+    for model, cids in g.items():
+        assert sum(set(cids) <= set(p) for p in parts) == 1, model  # all its cases in exactly one shard
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= max(len(c) for c in g.values())  # balanced up to one model
+    # deterministic: every machine computes the same split, whatever order it lists the grid in
+    assert assignment(g, count) == assignment(dict(reversed(list(g.items()))), count)
+
+
+def test_balance_by_case_count() -> None:
+    owner = assignment(grid({"big": 6, "m1": 3, "m2": 3, "s": 1}), 2)
+    assert owner == {"big": 1, "m1": 2, "m2": 2, "s": 1}  # 7 against 6, not 9 against 4 (grid order)
+
+
+def test_shard_spec() -> None:
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/4", "5/4", "x", "1/2/3", "1-2"):
+        with pytest.raises(ValueError, match="--eff-shard"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        shard(grid({"a": 1}), 4, 3)
+
+
+def grid_report(name: str = "violation") -> dict[str, Any]:
+    """A real fixture run widened to several models (each a copy of the measured one under another name)."""
+    run = upgrade(json.loads((FIXTURES / f"{name}.json").read_text()))
+    cases = []
+    for model in MODELS:
+        for case in run["cases"]:
+            c = copy.deepcopy(case)
+            c["model"], c["id"] = model, f"{model}-{case['technique']}"
+            cases.append(c)
+    run["cases"] = cases
+    run["settings"]["models"] = list(MODELS)
+    run["violations"] = [{**v, "case": f"{m}-bnb4", "message": v["message"].replace("smollm2-135m", m)}
+                         for m in MODELS for v in run["violations"]]
+    return run
+
+
+def split(run: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    by_model: dict[str, list[str]] = {}
+    for c in run["cases"]:
+        by_model.setdefault(c["model"], []).append(c["id"])
+    out = []
+    for i in range(1, count + 1):
+        ids = set(shard(by_model, i, count))
+        part = copy.deepcopy(run)
+        part["cases"] = [c for c in part["cases"] if c["id"] in ids]
+        part["violations"] = [v for v in part["violations"] if v["case"] in ids]
+        part["settings"]["shard"] = {"index": i, "count": count}
+        part["environment"]["hostname"] = f"runner-{i}"
+        out.append(part)
+    return out
+
+
+def test_merged_report_equals_the_unsharded_one_and_gates_like_it() -> None:
+    whole = grid_report()
+    merged = merge(split(whole, 3), ["s1.json", "s2.json", "s3.json"])
+    assert merged["status"] == "complete" and merged["schema_version"] == whole["schema_version"]
+    assert [c["id"] for c in merged["cases"]] == [c["id"] for c in whole["cases"]]  # the grid's order
+    assert merged["cases"] == whole["cases"] and merged["settings"] == whole["settings"]
+    assert sorted(v["message"] for v in merged["violations"]) == sorted(v["message"] for v in whole["violations"])
+    assert [m["source"] for m in merged["merged_from"]] == ["s1.json", "s2.json", "s3.json"]
+    g_whole, g_merged = gate(whole), gate(merged)
+    assert not g_whole.ok and g_merged.ok == g_whole.ok
+    assert sorted(g_merged.violations) == sorted(g_whole.violations) and g_merged.failures == g_whole.failures
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda r: r["environment"]["git"].update(commit="9" * 40), "commit"),
+    (lambda r: r["settings"]["workload"].update(context=1024), "settings.workload.context: 512 vs 1024"),
+    (lambda r: r["environment"].update(cpu="Intel Xeon"), "machine.cpu: 'AMD EPYC' vs 'Intel Xeon'"),
+    (lambda r: r["environment"]["packages"].update(torch="2.0.0"), "packages.torch"),
+])
+def test_merge_refuses_shards_of_another_run_with_the_reason(change: Any, reason: str) -> None:
+    parts = split(grid_report(), 2)
+    change(parts[1])
+    with pytest.raises(MergeError, match="b.json is not a shard of the same run as a.json") as err:
+        merge(parts, ["a.json", "b.json"])
+    assert reason in str(err.value)
+
+
+def test_merge_refuses_a_case_measured_twice_and_marks_a_missing_shard() -> None:
+    parts = split(grid_report(), 3)
+    with pytest.raises(MergeError, match=r"case .* is in both a.json and b.json"):
+        merge([parts[0], parts[0]], ["a.json", "b.json"])
+    partial = merge(parts[:2])
+    assert partial["status"] == "incomplete" and "shard(s) 3 of 3 missing" in partial["merge_notes"][0]
+    parts[1]["status"] = "interrupted"
+    assert merge(parts)["status"] == "interrupted"
+
+
+def test_merge_command_end_to_end_gate_and_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    whole = grid_report()
+    paths = []
+    for i, part in enumerate(split(whole, 2)):
+        paths.append(tmp_path / f"shard-{i + 1}.json")
+        paths[-1].write_text(json.dumps(part))
+    (tmp_path / "whole.json").write_text(json.dumps(whole))
+    out = tmp_path / "run.json"
+    assert main(["merge", *map(str, paths), "-o", str(out)]) == 0
+    assert f"{out}: {len(whole['cases'])} case(s) from 2 shard report(s), status complete" in capsys.readouterr().out
+    assert main(["gate", str(tmp_path / "whole.json"), "--no-pool"]) == 1
+    whole_out = capsys.readouterr().out
+    assert main(["gate", str(out), "--no-pool"]) == 1
+    assert capsys.readouterr().out == whole_out  # the merged run gates exactly like the unsharded one
+    db = tmp_path / "h.sqlite"
+    assert main(["history", "import", str(out), "--db", str(db)]) == 0
+    conn = history.connect(db, create=False)
+    assert len(history.trend(conn, "runtime_s")) == len(whole["cases"])
+    conn.close()
+    paths[1].write_text(json.dumps({**json.loads(paths[1].read_text()), "environment": {
+        **whole["environment"], "git": {"commit": "9" * 40, "dirty": False}}}))
+    capsys.readouterr()
+    assert main(["merge", *map(str, paths), "-o", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{paths[1]} is not a shard of the same run" in err and "commit" in err
+    assert not (tmp_path / "bad.json").exists()
