@@ -33,13 +33,13 @@ def main() -> None:
 
     from efficiency.config import Workload
     from efficiency.data import load_corpus, tokenize
+    from efficiency.measure.meters import select_meters
     from efficiency.measure.timing import make_sync
     from efficiency.models import load, resolve
     from efficiency.phases.base import PhaseContext, run_phase
     from efficiency.phases.quality_settings import ServingSettings, parse_int_list
     from efficiency.phases.serving import ServingPhase
     from efficiency.report.serving_plots import serving_plot
-    from efficiency.runner import select_meters
     from efficiency.techniques.base import Context, parse
 
     settings = ServingSettings(parse_int_list(a.batch_sizes), a.input_tokens, a.output_tokens)
@@ -56,7 +56,9 @@ def main() -> None:
         ctx_t = Context(a.device, loaded.tokenizer, a.model, a.cache_dir)
         model = pipeline.apply(loaded.model, ctx_t)
         ids = tokenize(corpus, loaded.tokenizer, a.cache_dir)
-        meters, primary = select_meters(a.device)
+        meter_set = select_meters(a.device)
+        meters = {"gpu": meter_set.gpu, "cpu": meter_set.cpu}
+        primary = "gpu" if a.device.startswith("cuda") else "cpu"
         ctx = PhaseContext(case_id=f"{a.model}-{technique}", device=a.device,
                            workload=Workload(min_rounds=a.min_rounds, min_window_s=a.min_window), tokens=ids,
                            tokenizer=loaded.tokenizer, context=1024, stride=1024, meters=meters, primary=primary,
