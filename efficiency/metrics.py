@@ -139,6 +139,24 @@ METRICS: tuple[Metric, ...] = (
     Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
 )
 
+# Quality beyond perplexity and serving (issue 12): producers in efficiency/phases/kld.py, tasks.py, serving.py;
+# their sections exist only where the phases are enabled (SuiteConfig.kld / .tasks / .serving). To be joined to
+# METRICS by the lead together with the session wiring (and test_registry_paths_exist_in_a_measured_case run with
+# those phases enabled).
+QUALITY_SERVING_METRICS: tuple[Metric, ...] = (
+    Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
+           requires_meaningful_quality=True),
+    Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True),
+    Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
+           requires_meaningful_quality=True),
+    Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
+           requires_meaningful_quality=True),
+    Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
+           ("serving", "largest", "tokens_per_s")),
+    Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
+           ("serving", "largest", "j_per_token")),
+)
+
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 

@@ -63,6 +63,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("quiet", {"action": "store_true", "default": False, "help": "no progress lines"}),
     ("allow-empty", {"action": "store_true", "default": False,
                      "help": "exit 0 even when no efficiency case was measured (all skipped or deselected)"}),
+    ("shard", {"metavar": "I/N", "help": "run shard I of N of the grid (deterministic, a model's cases together); "
+                                         "merge the shard reports with `efficiency merge`"}),
     ("grid", {"action": "store_true", "default": False,
               "help": "add the packaged model x technique grid test (efficiency.grid) to the collected tests"}),
     ("history", {"metavar": "PATH", "help": "SQLite history every run is added to at session end "
@@ -73,7 +75,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             "runtime/energy regression beyond PCT percent against --eff-compare (default last)"}),
 ]
 # Options build_config does not read (the plugin and report/tracking.py do).
-_NOT_CONFIG = ("quiet", "allow-empty", "grid", "history", "compare", "fail-on-regression")
+_NOT_CONFIG = ("quiet", "allow-empty", "grid", "shard", "history", "compare", "fail-on-regression")
 GRID_COLUMNS = "min,median,max,rounds"  # pytest-benchmark's table for the grid, unless --benchmark-columns is given
 NOTHING_MEASURED = pytest.ExitCode.NO_TESTS_COLLECTED
 
@@ -110,6 +112,7 @@ class PluginState:
     sigterm_installed: bool = False
     notes: list[str] = field(default_factory=list)
     expected: set[str] = field(default_factory=set)  # ids of the efficiency cases selected in this run
+    shard: tuple[int, int] | None = None  # --eff-shard I/N
 
     @property
     def root(self) -> Path:
@@ -126,7 +129,7 @@ class PluginState:
         if self.session is None:
             from efficiency.session import EfficiencySession
 
-            self.session = EfficiencySession(self.cfg, self.root, log=make_log(self.config))
+            self.session = EfficiencySession(self.cfg, self.root, log=make_log(self.config), shard=self.shard)
             if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: its cases travel to the controller
                 self.session.worker_output = self.config.workeroutput  # type: ignore[attr-defined]
             if self.expected:
@@ -182,6 +185,13 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as err:
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
     state = PluginState(config, opts, table)
+    if config.getoption("eff_shard"):
+        from efficiency.shard import parse_shard
+
+        try:
+            state.shard = parse_shard(config.getoption("eff_shard"))
+        except ValueError as err:
+            raise pytest.UsageError(f"pytest-efficiency: --eff-shard: {err}") from err
     config.stash[state_key] = state
     if config.getoption("eff_grid"):
         grid_module = Path(__file__).with_name("grid.py")
@@ -247,6 +257,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     except ConfigError as err:  # reported as a usage error once collection is done
         state.config_error = err
         cases = []
+    if state.shard is not None:  # a deterministic 1/N of the grid, each model's cases together
+        from efficiency.shard import shard
+
+        by_model: dict[str, list[str]] = {}
+        for c in cases:
+            by_model.setdefault(c.model, []).append(c.id)
+        mine = set(shard(by_model, *state.shard))
+        cases = [c for c in cases if c.id in mine]
     # One model's cases share a worker under `-n N --dist loadgroup`, so its baseline is measured once.
     params = [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(c.model), pytest.mark.efficiency])
               for c in cases]
@@ -311,9 +329,14 @@ def check_before_loading(state: PluginState) -> None:
 def _check_techniques(cfg: SuiteConfig) -> None:
     from efficiency.techniques.base import UnknownTechnique, parse
 
-    for name in (cfg.baseline, *cfg.techniques, *cfg.thresholds.per_technique, *cfg.technique_options):
+    for name in (*cfg.thresholds.per_technique, *cfg.technique_options):
         try:
             parse(name)
+        except UnknownTechnique as err:
+            raise ConfigError(str(err)) from err
+    for name in (cfg.baseline, *cfg.techniques):  # with the options: a bad option key is refused up front too
+        try:
+            parse(name, cfg.technique_options)
         except UnknownTechnique as err:
             raise ConfigError(str(err)) from err
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from efficiency.config import SuiteConfig
 from efficiency.data import Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
+from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, resolve
 from efficiency.results import CaseResult
 from efficiency.techniques.base import Context, Pipeline, parse
@@ -75,7 +76,7 @@ class Runner:
         return load(self.source(name), self.cfg.device, dtype, self.cfg.cache_dir, log=self.log)
 
     def pipeline(self, technique: str) -> Pipeline:
-        return parse(technique)
+        return parse(technique, self.cfg.technique_options)
 
     # --- one case -------------------------------------------------------------------------------------
     def measure(self, model_name: str, technique: str, benchmark: Any = None) -> CaseResult:
@@ -115,16 +116,12 @@ class Runner:
         raise CaseOutOfMemory(f"{case_id}: out of memory: {oom['error']}", oom)
 
     def _context(self, model_name: str, tokenizer: Any, dtype: Any) -> Context:
-        def teacher() -> Any:
-            return self.load_named(model_name, dtype).model
-
         def load_model(name: str) -> Any:
             return self.load_named(name, dtype).model
 
         return Context(
             device=self.cfg.device, tokenizer=tokenizer, model_name=model_name, cache_dir=self.cfg.cache_dir,
-            calibration=self.calibration, teacher=teacher, load_model=load_model,
-            compute_dtype=self.cfg.compute_dtype, students=self.cfg.students,
+            calibration=self.calibration, load_model=load_model, log=self.log, compute_dtype=self.cfg.compute_dtype,
         )
 
     def _measure_loaded(
@@ -139,13 +136,15 @@ class Runner:
         case_id = f"{ctx.model_name}-{pipeline.name}"
         ids = self.tokens(loaded.tokenizer)
         context = min(wl.context, _max_positions(model.config))
-        meters, primary = select_meters(cfg.device)
+        meter_set = select_meters(cfg.device)
+        meters = {"gpu": meter_set.gpu, "cpu": meter_set.cpu}
+        primary = "gpu" if cfg.device.startswith("cuda") else "cpu"
         pctx = PhaseContext(
             case_id=case_id, device=cfg.device, workload=wl, tokens=ids, tokenizer=loaded.tokenizer,
             context=context, stride=min(wl.stride, context), meters=meters, primary=primary,
             sync=make_sync(cfg.device), log=self.log, benchmark=benchmark,
         )
-        conditions = case_conditions(cfg.device, meters)
+        conditions = case_conditions(meter_set)
         sections: dict[str, dict[str, Any]] = {}
         phases = case_phases(cfg, loaded.source.random_weights)
         failed_groups: dict[str, str] = {}
@@ -161,7 +160,8 @@ class Runner:
                     raise
                 # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
                 failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
-        conditions.update(after=case_conditions(cfg.device, meters, sample_load=False))
+        conditions["after"] = case_conditions(meter_set, sample_load=False)
+        conditions["warnings"] += [w for w in conditions["after"]["warnings"] if w not in conditions["warnings"]]
         for group, reason in failed_groups.items():
             sections[group] = {"reason": reason, **{k: None for k in _GROUP_KEYS.get(group, ())}}
         if benchmark is not None:
@@ -177,31 +177,28 @@ class Runner:
         )
 
 
-def case_conditions(device: str, meters: Any, sample_load: bool = True) -> dict[str, Any]:
+def case_conditions(meter_set: Any, sample_load: bool = True) -> dict[str, Any]:
     """What the case ran under: machine load (CPU share of other processes, load average, threads) and, on a
-    GPU, its power state (clocks, temperature, power limit, throttle reasons); ``warnings`` when the machine was
-    busy or the clocks throttled."""
+    GPU, its power state (temperature, SM/memory clocks and their maxima, power limit, throttle reasons);
+    ``warnings`` when the machine was busy or the clocks throttled. Taken before and after the phases."""
     from efficiency.report.env import busy_warning, load_snapshot
 
-    out: dict[str, Any] = {"warnings": []}
+    out: dict[str, Any] = {"warnings": list(meter_set.notes)}
     if sample_load:
         out["load"] = load_snapshot()
         warning = busy_warning(out["load"])
         if warning:
             out["warnings"].append(warning)
+    if meter_set.nvml_indices:
+        from efficiency.measure.gpustate import power_state
+
+        out["gpu"] = power_state(meter_set.nvml_indices)
+        if out["gpu"].get("warning"):
+            out["warnings"].append(out["gpu"]["warning"])
     return out
 
 
 _GROUP_KEYS = {"latency": ("prefill_s", "first_token_s", "decode_s_per_token", "decode_j_per_token")}
-
-
-def select_meters(device: str) -> tuple[dict[str, Any], str]:
-    """Every energy meter of the run ({"gpu": ..., "cpu": ...}) and the key of the primary one."""
-    from efficiency.measure.energy import NullMeter, select_cpu_meter, select_gpu_meter
-
-    gpu = device.startswith("cuda")
-    gpu_meter = select_gpu_meter([_cuda_index(device)]) if gpu else NullMeter("no GPU: the run is on the CPU")
-    return {"gpu": gpu_meter, "cpu": select_cpu_meter()}, ("gpu" if gpu else "cpu")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -231,9 +228,3 @@ def _max_positions(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 30
-
-
-def _cuda_index(device: str) -> int:
-    import torch
-
-    return torch.device(device).index or 0

@@ -25,6 +25,8 @@ from efficiency.report.schema import new_report, now_iso
 from efficiency.results import unmeasured_case
 from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_flags
 
+IDLE_SECONDS = 5.0  # idle-power reading per run (only where a real meter reads the primary energy)
+
 
 @dataclass(frozen=True)
 class _Failed:
@@ -49,6 +51,7 @@ class EfficiencySession:
     fallback_path: Path | None = None  # where the report went when a target could not be written
     expected: set[str] = field(default_factory=set)  # case ids collected for this run (set by the plugin)
     started_at: str = field(default_factory=now_iso)
+    shard: tuple[int, int] | None = None  # --eff-shard I/N: this run measures shard I of N of the grid
     _runner: Any = None
     _baselines: dict[str, dict[str, Any] | _Failed] = field(default_factory=dict)
     _path: Path | None = None
@@ -81,6 +84,17 @@ class EfficiencySession:
 
         self.report = new_report(capture(self.root, self.cfg.device), self.settings())
         self.report["started_at"] = self.started_at
+        self.report["environment"]["idle_power"] = self._idle_power()
+
+    def _idle_power(self) -> dict[str, Any]:
+        """The primary meter's idle power, once per run before the first case, so that reports give net energy
+        (gross minus idle power x time) next to gross."""
+        from efficiency.measure.meters import idle_power_w, select_meters
+
+        try:
+            return idle_power_w(select_meters(self.cfg.device), IDLE_SECONDS).to_dict()
+        except Exception as err:  # never lose a run to the idle reading
+            return {"power_w": None, "reason": f"idle power not measured: {type(err).__name__}: {err}"}
 
     def settings(self) -> dict[str, Any]:
         wl, cfg = self.cfg.workload, self.cfg
@@ -92,6 +106,7 @@ class EfficiencySession:
             "model_dir": str(cfg.model_dir) if cfg.model_dir else None,
             "data_dir": str(cfg.data_dir) if cfg.data_dir else None,
             "score_convention": CONVENTION,
+            **({"shard": {"index": self.shard[0], "count": self.shard[1]}} if self.shard else {}),
         }
 
     def _write(self) -> None:
@@ -245,6 +260,11 @@ class EfficiencySession:
             result["threshold"] = threshold
             self._record(result)
             pytest.fail(f"{result['id']}: {result['reason']}", pytrace=False)
+        idle_w = ((self.report.get("environment") or {}).get("idle_power") or {}).get("power_w")
+        energy = result.get("energy") or {}
+        if idle_w is not None and energy.get("energy_j") is not None:
+            energy["idle_power_w"] = idle_w
+            energy["net_energy_j"] = max(0.0, energy["energy_j"] - idle_w * result["runtime"]["median_s"])
         result["deltas"] = case_deltas(result, base)
         result["scores"] = case_scores(result["deltas"])
         if result["is_baseline"]:

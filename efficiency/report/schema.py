@@ -63,6 +63,9 @@ def _upgrade_case_v1(case: dict[str, Any]) -> dict[str, Any]:
     if isinstance(case.get("deltas"), dict):
         case["deltas"] = {_V1_DELTAS.get(k, k): v for k, v in case["deltas"].items()}
         case["scores"] = case_scores(case["deltas"])
+    if isinstance(case.get("latency"), dict) and "decode_j_per_token" not in case["latency"]:
+        case["latency"] = {**case["latency"], "decode_j_per_token": None,
+                           "decode_energy_reason": "version-1 report: decode ran outside any energy window"}
     if case.get("status") == "measured":
         case["metrics"] = case_values(case)
         case.setdefault("phases", {})

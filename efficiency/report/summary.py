@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from efficiency.metrics import BY_NAME, METRICS
-from efficiency.report.compare import Comparison, MetricComparison
+from efficiency.report.compare import INCONCLUSIVE, NOT_SIGNIFICANT, Comparison, MetricComparison
 from efficiency.report.view import rows as view_rows
 from efficiency.report.view import unique_notes
 
@@ -52,9 +52,7 @@ def comparison_lines(comp: Comparison, markdown: bool = False, verbose: bool = T
     regs, imps = comp.regressions(), comp.improvements()
     head = f"{comp.head_label} vs {comp.base_label}"
     lines = [("### " if markdown else "") + f"Comparison: {head}",
-             f"criteria: runtime/energy ±{crit.runtime_pct:g}%, perplexity ±{crit.perplexity_pct:g}% "
-             f"(threshold only), others ±{crit.info_pct:g}% (reported, not gated); one-sided Mann-Whitney U "
-             f"on the rounds, alpha {crit.alpha:g}; both needed to call a change"]
+             f"criteria: {crit.describe()}"]
     if markdown:
         lines.append("")
     lines += [f"note: {n}" for n in comp.notes]
@@ -88,12 +86,14 @@ def comparison_lines(comp: Comparison, markdown: bool = False, verbose: bool = T
     elif comp.compared == 0:
         lines.append(f"nothing compared: none of the {len(comp.cases)} case(s) is comparable")
     else:
-        lines.append(f"no significant regression ({comp.compared} of {len(comp.cases)} case(s) compared)")
+        undecided = len(comp.inconclusive())
+        lines.append(f"no significant regression ({comp.compared} of {len(comp.cases)} case(s) compared"
+                     + (f"; {undecided} inconclusive verdict(s), see below)" if undecided else ")"))
     if imps:
         lines.append("improvements: " + ", ".join(f"{cid} {LABELS[m.metric]} {pct(m.change_pct)}"
                                                    for cid, m in imps))
     details = [f"{c.case_id} {LABELS[m.metric]}: {m.reason}" for c in comp.cases for m in c.metrics
-               if m.gated and m.verdict in ("insufficient rounds", "not significant", "not compared")]
+               if m.gated and m.verdict in (*INCONCLUSIVE, NOT_SIGNIFICANT)]
     lines += [("- " if markdown else "  ") + d for d in details]
     return lines
 
