@@ -70,6 +70,7 @@ class Metric:
     short: str = ""  # column header in the terminal table ("" = not a terminal column)
     formatter: Callable[[float | None], str] = fmt_number
     requires_meaningful_quality: bool = False  # perplexity of random weights is not a value
+    group: str | None = None  # the optional phase group producing it (phases.plan); None: always measured
 
     @property
     def gated(self) -> bool:
@@ -137,25 +138,24 @@ METRICS: tuple[Metric, ...] = (
     Metric("size_bytes", "size", "B", "lower", ("size", "size_bytes"), short="size MiB",
            formatter=fmt_mib),
     Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
+    # quality beyond perplexity and serving (optional phases: their group must be enabled)
+    Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
+           requires_meaningful_quality=True, group="kld", short="KLD"),
+    Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True,
+           group="kld"),
+    Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
+           requires_meaningful_quality=True, group="kld", short="top1"),
+    Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
+           requires_meaningful_quality=True, group="tasks", short="acc"),
+    Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
+           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s"),
+    Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
+           ("serving", "largest", "j_per_token"), group="serving"),
 )
 
-# Quality beyond perplexity and serving (issue 12): producers in efficiency/phases/kld.py, tasks.py, serving.py;
-# their sections exist only where the phases are enabled (SuiteConfig.kld / .tasks / .serving). To be joined to
-# METRICS by the lead together with the session wiring (and test_registry_paths_exist_in_a_measured_case run with
-# those phases enabled).
-QUALITY_SERVING_METRICS: tuple[Metric, ...] = (
-    Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
-           requires_meaningful_quality=True),
-    Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True),
-    Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
-           requires_meaningful_quality=True),
-    Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
-           requires_meaningful_quality=True),
-    Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
-           ("serving", "largest", "tokens_per_s")),
-    Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
-           ("serving", "largest", "j_per_token")),
-)
+# Producers of the optional groups: efficiency/phases/kld.py, tasks.py, serving.py (their sections exist only where
+# the phases run).
+QUALITY_SERVING_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if m.group is not None)
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -11,12 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from efficiency.config import ConfigError
-
-DEFAULT_KLD_TOKENS = 4096
-DEFAULT_KLD_TOP_K = 4096  # baseline log-probs kept per token (plus one bin for the rest); see measure/kld.py
-DEFAULT_INPUT_TOKENS = 128
-DEFAULT_OUTPUT_TOKENS = 64
+from efficiency.defaults import DEFAULT_INPUT_TOKENS, DEFAULT_KLD_TOKENS, DEFAULT_KLD_TOP_K, DEFAULT_OUTPUT_TOKENS
+from efficiency.errors import ConfigError
 
 
 @dataclass(frozen=True)
