@@ -77,7 +77,7 @@ def _db(args: argparse.Namespace) -> Path:
 
 def _criteria(args: argparse.Namespace, threshold: float) -> Criteria:
     return Criteria(runtime_pct=threshold, perplexity_pct=args.ppl_threshold, alpha=args.alpha,
-                    min_runs=args.min_runs)
+                    min_runs=args.min_runs, include_busy=args.include_busy)
 
 
 def _side(spec: str, args: argparse.Namespace, other: Sequence[dict[str, Any]] | None = None) -> Baseline:
@@ -234,6 +234,8 @@ def _add_verdict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default %(default)s)")
     p.add_argument("--min-runs", type=int, default=MIN_RUNS, help="independent runs each side needs for a "
                    "runtime/energy verdict; fewer is 'insufficient runs' (default %(default)s)")
+    p.add_argument("--include-busy", action="store_true", help="let runs the suite flagged 'machine busy' count "
+                   "for runtime/energy verdicts (left out by default: other load is not this code's speed)")
     p.add_argument("--fail-on-inconclusive", action="store_true", help="exit 1 when a verdict is inconclusive "
                    "(insufficient runs, not compared, a case missing from the baseline, no baseline)")
 

@@ -55,8 +55,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--planted", type=float, default=1.15)
+    ap.add_argument("--include-busy", action="store_true", help="let runs flagged 'machine busy' count")
+    ap.add_argument("--pattern", default="run*.json", help="report files in OUTDIR (default %(default)s)")
     args = ap.parse_args()
-    runs = [read(p) for p in sorted(args.outdir.glob("run*.json"))]
+    runs = [read(p) for p in sorted(args.outdir.glob(args.pattern))]
     runs = [r for r in runs if r.get("status") == "complete"]
     n = len(runs)
     medians = {c["id"]: [] for c in runs[0]["cases"]}
@@ -85,8 +87,13 @@ def main() -> None:
     for base_idx, head_idx in splits:
         base = [runs[i] for i in base_idx]
         head = [runs[i] for i in head_idx]
-        false += bool(compare(base, head, Criteria()).regressions())
-        detected += bool(compare(base, [_slow(r, args.planted) for r in head], Criteria()).regressions())
+        crit = Criteria(include_busy=args.include_busy)
+        false += bool(compare(base, head, crit).regressions())
+        detected += bool(compare(base, [_slow(r, args.planted) for r in head], crit).regressions())
+    flagged = sum(any("machine busy" in str(w) for c in r["cases"] for w in (c.get("conditions") or {}).get(
+        "warnings") or []) for r in runs)
+    print(f"{flagged} of {n} runs flagged 'machine busy' by the suite"
+          + (" (counted: --include-busy)" if args.include_busy else " (left out of runtime verdicts)"))
     print(f"new rule: {false} false regressions in {len(splits)} A/A splits ({MIN_RUNS} vs {MIN_RUNS} runs) "
           f"({false / len(splits):.1%})")
     print(f"new rule: planted x{args.planted} slowdown called in {detected} of {len(splits)} splits "

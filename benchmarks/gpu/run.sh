@@ -27,6 +27,11 @@ case $mode in
                tee "$out/ppl_speed.log"
              for m in ${DEPLOY_MODELS:-opt-6.7b opt-1.3b gpt2-xl}; do deploy "deploy-$m" "$m"; done
              $py benchmarks/gpu/deploy_table.py "$out"/deploy-*.json | tee "$out/deploy_table.md" ;;
+  aa)        # A/A (issue 9): N same-commit runs, one process each; analysed by benchmarks/aa/analyse.py
+             for i in $(seq -w 1 "${AA_RUNS:-10}"); do
+               run "aa-$i" $archs --eff-models opt-125m --eff-techniques fp16 --eff-max-tokens 16384 --eff-rounds 5 \
+                 --eff-min-window "${AA_MIN_WINDOW:-1}" --eff-kld-tokens 0 --eff-history off --benchmark-disable --eff-quiet
+             done ;;
   probe)     run probe $archs --eff-models opt-125m --eff-techniques fp16,bnb4 --eff-max-tokens 8192 --eff-min-window 3 ;;
   archs)     run archs $archs --eff-models opt-125m,opt-1.3b,opt-6.7b --eff-techniques fp16,bf16,bnb8,bnb4 \
                --eff-max-tokens 32768 ;;

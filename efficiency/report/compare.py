@@ -73,6 +73,7 @@ class Criteria:
     info_pct: float = INFO_COMPARE_PCT
     alpha: float = ALPHA
     min_runs: int = MIN_RUNS
+    include_busy: bool = False  # let runs the suite flagged "machine busy" count for runtime/energy verdicts
 
     def __post_init__(self) -> None:
         if not all(0 <= v < float("inf") for v in (self.runtime_pct, self.perplexity_pct, self.info_pct)):
@@ -88,7 +89,8 @@ class Criteria:
     def describe(self) -> str:
         return (f"runtime/energy ±{self.runtime_pct:g}%, perplexity ±{self.perplexity_pct:g}% (threshold only), "
                 f"others ±{self.info_pct:g}% (reported, not gated); one-sided Mann-Whitney U on run medians "
-                f"that the change is beyond the threshold, alpha {self.alpha:g}, >= {self.min_runs} runs per side")
+                f"that the change is beyond the threshold, alpha {self.alpha:g}, >= {self.min_runs} runs per side"
+                + ("" if self.include_busy else "; runs flagged 'machine busy' do not count for runtime/energy"))
 
 
 def noisy(metric: Metric) -> bool:
@@ -176,8 +178,19 @@ def _mismatch(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -
     return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def busy(case: Case) -> bool:
+    """True when the suite flagged the machine busy while this case was measured (report/env.busy_warning)."""
+    warnings = (case.get("conditions") or {}).get("warnings") or []
+    return any("machine busy" in str(w) for w in warnings)
+
+
 def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Criteria,
            workload_diff: list[str]) -> MetricComparison:
+    excluded = 0
+    if noisy(metric) and not crit.include_busy:  # a run on a busy machine is not a sample of this code's speed
+        quiet_base, quiet_head = [c for c in base if not busy(c)], [c for c in head if not busy(c)]
+        excluded = len(base) - len(quiet_base) + len(head) - len(quiet_head)
+        base, head = quiet_base, quiet_head
     bv = [v for c in base if (v := metric.value(c)) is not None]
     hv = [v for c in head if (v := metric.value(c)) is not None]
     threshold = crit.threshold(metric)
@@ -188,10 +201,16 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
         h = statistics.median(hv) if hv else None
         return MetricComparison(metric.name, b, h, change, threshold, verdict, reason, metric.gated, p, **n)
 
+    if not bv and not hv and excluded:
+        return out(INSUFFICIENT, f"every run was flagged 'machine busy' ({excluded}): no runtime/energy verdict "
+                   "(rerun on a quiet machine, or --include-busy)")
     if not bv and not hv:
         return out(NA, "no value in either run (not measured here, or perplexity not meaningful)")
     if not bv or not hv:
         side = "base" if not bv else "head"
+        if excluded:
+            return out(INSUFFICIENT, f"every {side} run was flagged 'machine busy' ({excluded} left out): no "
+                       "runtime/energy verdict (rerun on a quiet machine, or --include-busy)")
         return out(NOT_COMPARED, f"no value in the {side} run(s) but a value in the other")
     change = pct_change(statistics.median(hv), statistics.median(bv))
     if change is None:
@@ -204,7 +223,7 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
         if not beyond:
             return out(UNCHANGED, f"within ±{threshold:g}% (deterministic: threshold only)", change)
         return out(direction, f"{change:+.2f}% beyond ±{threshold:g}% (deterministic: threshold only)", change)
-    runs = f"{len(bv)} vs {len(hv)} run(s)"
+    runs = f"{len(bv)} vs {len(hv)} run(s)" + (f" ({excluded} flagged 'machine busy' left out)" if excluded else "")
     if min(len(bv), len(hv)) < crit.min_runs or not testable(len(hv), len(bv), crit.alpha):
         need = max(crit.min_runs, 3)
         where = "within" if not beyond else "beyond"
