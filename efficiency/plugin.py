@@ -212,6 +212,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.args.append(str(grid_module))
     if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(XdistWorkerGroups(), "efficiency-xdist-groups")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -261,6 +263,9 @@ def _configure_devices(config: pytest.Config, state: PluginState) -> None:
             os.environ[devices.ENV] = a.cuda_visible_devices
         state.assignment = a
         state.opts["device"] = a.device
+        # A worker parses the original command line: without this its test ids carry no @group suffix and the
+        # controller's loadgroup scheduler would spread one model's cases over several workers.
+        config.option.loadgroup = True
         return
     if state.opts.get("device"):
         raise ConfigError("--eff-devices and --eff-device exclude each other: --eff-devices gives every worker "
@@ -287,6 +292,14 @@ def _expand_tx(spec: str) -> list[str]:
 
 XDIST_IDLE_REASON = ("not measured on the pytest-xdist controller (its workers may be measuring meanwhile); each "
                      "case's net energy uses its own worker's idle reading")
+
+
+class XdistWorkerGroups:
+    """Registered on pytest-xdist workers: runs after xdist's own collection hook (see group_suffix_items)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        group_suffix_items(config, items)
 
 
 class XdistController:
@@ -384,6 +397,30 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
     _install_sigterm(state)
     _narrow_benchmark_table(config)
+
+
+def group_suffix_items(config: pytest.Config, items: list[pytest.Item]) -> int:
+    """On a pytest-xdist worker under ``--dist loadgroup``: give each efficiency case's node id its
+    ``@<model>`` suffix when pytest-xdist's own could not (pytest >= 9.2 keeps node ids in a structured field
+    that xdist 3.8 does not update: pytest-xdist issue #1386), so that one model's cases share a worker and its
+    baseline is measured once. Returns how many ids were changed."""
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return 0
+    changed = 0
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("eff_case")
+        nodeid = item.nodeid
+        if not isinstance(case, Case) or nodeid.rfind("@") > nodeid.rfind("]"):
+            continue
+        new_id = f"{nodeid}@{case.model}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id  # pytest >= 9.2: the structured node id
+
+            item._id = coerce_node_id(new_id)
+        else:
+            setattr(item, "_nodeid", new_id)  # noqa: B010 (pytest < 9.2: the legacy field xdist also writes)
+        changed += 1
+    return changed
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
