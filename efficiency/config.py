@@ -15,6 +15,7 @@ from typing import Any
 
 from efficiency import defaults
 from efficiency.errors import ConfigError
+from efficiency.phases.quality_settings import KldSettings, ServingSettings, TasksSettings
 
 __all__ = ["ConfigError", "Priority", "SuiteConfig", "Thresholds", "Workload"]
 
@@ -123,6 +124,10 @@ class SuiteConfig:
     compute_dtype: str | None = None
     # Per-technique tunables from [tool.efficiency.technique."<name>"] (techniques.base.parse applies them).
     technique_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Quality beyond perplexity and serving (phases/quality_settings.py): on when their settings say so.
+    tasks: TasksSettings = field(default_factory=TasksSettings)
+    kld: KldSettings = field(default_factory=KldSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
     device_map: str | None = None  # --eff-device-map: split each model across the GPUs this process sees
 
     @property

@@ -64,3 +64,9 @@ HISTORY_FILENAME = "history.sqlite"  # under the reports folder
 # Machine load above which a run is flagged busy (report/env.busy_warning).
 BUSY_LOAD_PER_CPU = 0.5  # 1-minute load average per logical CPU, beyond this run's own threads
 BUSY_OTHER_CPU_PCT = 20.0  # CPU share of other processes, percent of one CPU
+
+# Quality beyond perplexity and serving (efficiency/phases/quality_settings.py).
+DEFAULT_KLD_TOKENS = 4096  # KL divergence against the baseline on the first N evaluation tokens (0: off)
+DEFAULT_KLD_TOP_K = 4096  # baseline log-probs kept per token, plus one bin for the rest (measure/kld.py)
+DEFAULT_INPUT_TOKENS = 128  # serving sweep: prompt length
+DEFAULT_OUTPUT_TOKENS = 64  # serving sweep: generated tokens per sequence

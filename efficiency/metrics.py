@@ -70,6 +70,7 @@ class Metric:
     short: str = ""  # column header in the terminal table ("" = not a terminal column)
     formatter: Callable[[float | None], str] = fmt_number
     requires_meaningful_quality: bool = False  # perplexity of random weights is not a value
+    group: str | None = None  # the optional phase group producing it (phases.plan); None: always measured
 
     @property
     def gated(self) -> bool:
@@ -124,12 +125,37 @@ METRICS: tuple[Metric, ...] = (
     Metric("decode_j_per_token", "decode energy per token (J)", "J", "lower",
            ("latency", "decode_j_per_token"), per_run_samples=True,
            workload_keys=("prefill_tokens", "decode_tokens")),
+    Metric("decode_weight_bytes_per_s", "decode weight bandwidth (B/s)", "B/s", "higher",
+           ("latency", "weight_bytes_per_s"), workload_keys=("prefill_tokens", "decode_tokens")),
+    Metric("decode_roofline_pct", "decode % of peak memory bandwidth", "%", "higher",
+           ("latency", "roofline_pct"), workload_keys=("prefill_tokens", "decode_tokens")),
+    Metric("ppl_tflops", "perplexity pass TFLOP/s", "TFLOP/s", "higher", ("runtime", "achieved_tflops"),
+           workload_keys=("batch_size",)),
+    Metric("mfu_pct", "perplexity pass MFU (%)", "%", "higher", ("runtime", "mfu_pct"),
+           workload_keys=("batch_size",)),
     Metric("peak_bytes", "peak memory", "B", "lower", ("memory", "peak_bytes"),
            workload_keys=("batch_size",), short="peak MiB", formatter=fmt_mib),
     Metric("size_bytes", "size", "B", "lower", ("size", "size_bytes"), short="size MiB",
            formatter=fmt_mib),
     Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
+    # quality beyond perplexity and serving (optional phases: their group must be enabled)
+    Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
+           requires_meaningful_quality=True, group="kld", short="KLD"),
+    Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True,
+           group="kld"),
+    Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
+           requires_meaningful_quality=True, group="kld", short="top1"),
+    Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
+           requires_meaningful_quality=True, group="tasks", short="acc"),
+    Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
+           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s"),
+    Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
+           ("serving", "largest", "j_per_token"), group="serving"),
 )
+
+# Producers of the optional groups: efficiency/phases/kld.py, tasks.py, serving.py (their sections exist only where
+# the phases run).
+QUALITY_SERVING_METRICS: tuple[Metric, ...] = tuple(m for m in METRICS if m.group is not None)
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -63,6 +63,16 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("quiet", {"action": "store_true", "default": False, "help": "no progress lines"}),
     ("allow-empty", {"action": "store_true", "default": False,
                      "help": "exit 0 even when no efficiency case was measured (all skipped or deselected)"}),
+    ("tasks", {"help": "lm-evaluation-harness tasks run on every case, comma-separated (pyproject: tasks = [...])"}),
+    ("tasks-dir", {"help": "folder of local lm-eval task YAMLs (offline tasks), added to lm-eval's include path"}),
+    ("task-limit", {"type": int, "help": "at most N documents per task (a quick run)"}),
+    ("accuracy-threshold", {"action": "append", "metavar": "TASK=POINTS", "help": "largest accuracy drop in points "
+                            "against the baseline before a case fails; repeatable"}),
+    ("kld-tokens", {"type": int, "help": "KL divergence against the baseline on the first N evaluation tokens "
+                                         "(default 4096; 0 turns it off)"}),
+    ("batch-sizes", {"help": "serving sweep: batched generation at each batch size, e.g. 1,8,32"}),
+    ("input-tokens", {"type": int, "help": "serving sweep: prompt length (default 128)"}),
+    ("output-tokens", {"type": int, "help": "serving sweep: generated tokens per sequence (default 64)"}),
     ("devices", {"metavar": "auto|cuda:0,cuda:1,...", "help": "pin each pytest-xdist worker to one device: gw0 to "
                  "the first entry, gw1 to the second, ... (its CUDA_VISIBLE_DEVICES); needs -n N with N <= entries "
                  "and implies --dist loadgroup; 'auto' = every visible GPU; cuda:0+cuda:1 gives one worker two GPUs "

@@ -43,6 +43,7 @@ class Runner:
     _calibration: Corpus | None = None
     _tokens: dict[str, Any] = field(default_factory=dict)
     _sources: dict[str, ModelSource] = field(default_factory=dict)
+    _stores: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-model state across cases (KL reference)
 
     # --- inputs, loaded once per session -------------------------------------------------------------
     def source(self, model_name: str) -> ModelSource:
@@ -139,7 +140,7 @@ class Runner:
         from efficiency.measure.memory import case_gpus, model_size
         from efficiency.measure.timing import make_sync
         from efficiency.phases.base import PhaseContext, run_phase
-        from efficiency.phases.plan import OPTIONAL_GROUPS, case_phases
+        from efficiency.phases.plan import case_phases, group_of
 
         cfg, wl = self.cfg, self.cfg.workload
         case_id = f"{ctx.model_name}-{pipeline.name}"
@@ -158,6 +159,8 @@ class Runner:
             case_id=case_id, device=cfg.device, workload=wl, tokens=ids, tokenizer=loaded.tokenizer,
             context=context, stride=min(wl.stride, context), meters=meters, primary=primary,
             sync=sync_all, log=self.log, benchmark=benchmark,
+            store=self._stores.setdefault(ctx.model_name, {}), model_name=ctx.model_name,
+            is_baseline=pipeline.name == cfg.baseline,
         )
         conditions = case_conditions(meter_set)
         sections: dict[str, dict[str, Any]] = {}
@@ -165,7 +168,7 @@ class Runner:
         failed_groups: dict[str, str] = {}
         with case_gpus([f"cuda:{i}" for i in gpus] if len(gpus) > 1 else ()):
             for phase in phases:
-                group = next((g for g, names in OPTIONAL_GROUPS.items() if phase.name in names), None)
+                group = group_of(phase.name)
                 if group is not None and group in failed_groups:
                     continue
                 try:

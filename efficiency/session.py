@@ -173,7 +173,10 @@ class EfficiencySession:
         self.report["status"] = self.run_status(exitstatus, stopped_early)
         self.report["finished_at"] = now_iso()
         _mark_pareto(self.report["cases"])
-        self.report["violations"] = [v for c in self.report["cases"] if (v := c.get("threshold", {}).get("violation"))]
+        self.report["violations"] = [
+            v for c in self.report["cases"] for v in
+            ([c["threshold"]["violation"]] if (c.get("threshold") or {}).get("violation") else [])
+            + list((c.get("threshold") or {}).get("accuracy_violations") or [])]
         self._write()
 
     # --- cases -----------------------------------------------------------------------------------------
@@ -278,11 +281,30 @@ class EfficiencySession:
                                          self.cfg.baseline, limit)
             threshold.update(checked=True, passed=violation is None,
                              violation=violation.to_dict() if violation else None)
+        accuracy = self._accuracy_violations(result, base)
+        threshold["accuracy_violations"] = accuracy
+        if accuracy:
+            threshold["passed"] = False
         result["threshold"] = threshold
         self._record(result)
-        if threshold["violation"]:
-            pytest.fail(threshold["violation"]["message"], pytrace=False)
+        messages = ([threshold["violation"]["message"]] if threshold["violation"] else []) + \
+            [v["message"] for v in accuracy]
+        if messages:
+            pytest.fail("\n".join(messages), pytrace=False)
         return result
+
+    def _accuracy_violations(self, result: dict[str, Any], base: dict[str, Any]) -> list[dict[str, Any]]:
+        """Accuracy drops beyond ``--eff-accuracy-threshold TASK=POINTS`` against the baseline (lm-eval tasks)."""
+        limits = self.cfg.tasks.thresholds
+        case_tasks, base_tasks = result.get("tasks") or {}, base.get("tasks") or {}
+        if not limits or result["is_baseline"] or not case_tasks.get("results") or not base_tasks.get("results"):
+            return []
+        from efficiency.measure.tasks import accuracy_violations
+
+        found = accuracy_violations(result["id"], case_tasks["results"], base_tasks["results"], limits,
+                                    self.cfg.tasks.metric)
+        return [{"case_id": result["id"], "metric": f"{v.task}:{v.metric}", "value": v.value,
+                 "limit": v.limit_points, **v.to_dict()} for v in found]
 
 
 def _mark_pareto(cases: list[dict[str, Any]]) -> None:

@@ -26,10 +26,11 @@ else:  # pragma: no cover
 
 # Keys a device table ([tool.efficiency.cpu] / [tool.efficiency.gpu]) may hold; the top level may hold them too.
 DEVICE_KEYS = (*defaults.WORKLOAD["cpu"], "models", "compute-dtype")
-TOP_KEYS = (*DEVICE_KEYS, "device", "dataset", "calibration", "model-dir", "data-dir", "cache-dir", "reports-dir",
-            "random-weights", "strict")
-TABLES = ("cpu", "gpu", "thresholds", "technique", "students")
-PATH_KEYS = ("calibration", "model-dir", "data-dir", "cache-dir", "reports-dir")
+QUALITY_KEYS = ("tasks", "tasks-dir", "task-limit", "kld-tokens", "batch-sizes", "input-tokens", "output-tokens")
+TOP_KEYS = (*DEVICE_KEYS, *QUALITY_KEYS, "device", "dataset", "calibration", "model-dir", "data-dir", "cache-dir",
+            "reports-dir", "random-weights", "strict")
+TABLES = ("cpu", "gpu", "thresholds", "technique", "students", "accuracy-thresholds")
+PATH_KEYS = ("calibration", "model-dir", "data-dir", "cache-dir", "reports-dir", "tasks-dir")
 INT_KEYS = ("context", "stride", "batch-size", "prefill-tokens", "decode-tokens", "rounds")
 
 # Keys of the first pyproject layout and where their value lives now.
@@ -277,6 +278,7 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         strict=bool(opts.get("strict") or merged.get("strict")),
         compute_dtype=str(compute_dtype) if compute_dtype is not None else None,
         technique_options=technique_options(table),
+        **quality_settings(pick, path_pick, table, list(opts.get("accuracy_threshold") or [])),
         device_map=opts.get("device_map") or None,
     )
     if check_grid and cfg.device_map and not cfg.device.startswith("cuda"):
@@ -289,6 +291,38 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
             raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's "
                               f"grid ({', '.join((cfg.baseline, *cfg.techniques))}) nor a step of one")
     return cfg
+
+
+def quality_settings(pick: Any, path_pick: Any, table: Mapping[str, Any], cli_thresholds: list[str]) -> dict[str, Any]:
+    """``tasks`` / ``kld`` / ``serving`` of the SuiteConfig from ``--eff-tasks`` ... or their pyproject keys."""
+    from efficiency.phases.quality_settings import (
+        KldSettings,
+        ServingSettings,
+        TasksSettings,
+        parse_int_list,
+        parse_thresholds,
+    )
+
+    tasks_value, _ = pick("tasks")
+    limit, limit_src = pick("task-limit")
+    kld_tokens, kld_src = pick("kld-tokens")
+    sizes, _ = pick("batch-sizes")
+    thresholds = {**{str(k): _pct(v, f"accuracy threshold {k}") for k, v in
+                     dict(table.get("accuracy-thresholds", {})).items()}, **parse_thresholds(cli_thresholds)}
+    serving: dict[str, Any] = {}
+    for key, field_name in (("input-tokens", "input_tokens"), ("output-tokens", "output_tokens")):
+        value, source = pick(key)
+        if value is not None:
+            serving[field_name] = _int(value, key, source)
+    return {
+        "tasks": TasksSettings(tasks=split_names(tasks_value) if tasks_value else (),
+                               tasks_dir=path_pick("tasks-dir"),
+                               limit=_int(limit, "task-limit", limit_src) if limit is not None else None,
+                               thresholds=thresholds),
+        "kld": KldSettings(**({"tokens": _int(kld_tokens, "kld-tokens", kld_src)} if kld_tokens is not None else {})),
+        "serving": ServingSettings(batch_sizes=(parse_int_list(sizes) if isinstance(sizes, str)
+                                                else tuple(int(x) for x in sizes)) if sizes else (), **serving),
+    }
 
 
 def validate(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, cwd: Path | None = None) -> None:

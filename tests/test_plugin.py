@@ -126,7 +126,7 @@ def test_unsupported_technique_is_a_skip_with_the_reason(pytester: pytest.Pytest
     pytester.makeconftest("import sys\nsys.modules['bitsandbytes'] = None\n")
     result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", "-rs")
     result.assert_outcomes(passed=1, skipped=1)
-    result.stdout.fnmatch_lines(["*tiny-gpt2-bnb4: UnsupportedTechnique: bitsandbytes is not usable here*"])
+    result.stdout.fnmatch_lines(["*tiny-gpt2-bnb4: TechniqueUnavailable: bitsandbytes is not usable here*"])
     assert [c["status"] for c in report["cases"]] == ["measured", "skipped"]
 
 

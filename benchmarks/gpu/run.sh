@@ -14,7 +14,19 @@ run() {  # run NAME pytest-args...
     grep -v "^Loading\|^Writing\|it/s\]$"
 }
 archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
+# deploy: compiled bf16 against compiled low-bit kernels, batch-1 decode of 64 tokens after a 128-token prompt;
+# 17408 tokens = 33 windows of 1024 (stride 512): the first window alone, then 4 batches of 8 (two input shapes).
+deploy_techniques=${DEPLOY_TECHNIQUES:-bf16,bf16+compile,int4wo+compile,gemlite-int4+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile}
+deploy() {  # deploy NAME MODEL
+  run "$1" $archs --eff-models "$2" --eff-techniques "$deploy_techniques" --eff-baseline bf16+compile \
+    --eff-max-tokens "${DEPLOY_MAX_TOKENS:-17408}" --eff-batch-size 8 --eff-decode-tokens 64 --eff-prefill-tokens 128 \
+    --eff-min-window "${DEPLOY_MIN_WINDOW:-3}" --eff-threshold 100000 --eff-history off
+}
 case $mode in
+  deploy)    [ "${DEPLOY_PPL_SPEED:-1}" = 1 ] && $py benchmarks/gpu/ppl_speed.py "$out/ppl_speed.json" --model opt-125m 2>&1 | \
+               tee "$out/ppl_speed.log"
+             for m in ${DEPLOY_MODELS:-opt-6.7b opt-1.3b gpt2-xl}; do deploy "deploy-$m" "$m"; done
+             $py benchmarks/gpu/deploy_table.py "$out"/deploy-*.json | tee "$out/deploy_table.md" ;;
   probe)     run probe $archs --eff-models opt-125m --eff-techniques fp16,bnb4 --eff-max-tokens 8192 --eff-min-window 3 ;;
   archs)     run archs $archs --eff-models opt-125m,opt-1.3b,opt-6.7b --eff-techniques fp16,bf16,bnb8,bnb4 \
                --eff-max-tokens 32768 ;;

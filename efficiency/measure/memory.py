@@ -40,6 +40,13 @@ def _semi_structured_bytes(param: Any) -> int | None:
     return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
 
 
+def _is_wrapper_subclass(param: Any) -> bool:
+    """A tensor subclass that stores its data in inner tensors (torchao's Int8Tensor, Int4TilePackedTo4dTensor ...),
+    other than PyTorch's 2:4 sparse tensors (counted by :func:`_semi_structured_bytes`)."""
+    data = getattr(param, "data", param)
+    return hasattr(type(data), "__tensor_flatten__") and _semi_structured_bytes(param) is None
+
+
 def _logical_numel(param: Any) -> int:
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
@@ -68,6 +75,12 @@ def model_size(model: torch.nn.Module) -> SizeResult:
             continue
         seen.add(id(p))
         params += _logical_numel(p)
+        if _is_wrapper_subclass(p):  # torchao's quantised tensors: their inner tensors as stored
+            from efficiency.measure.roofline import stored_bytes
+
+            nbytes += stored_bytes(p)
+            nonzero += int(p.numel())  # quantised: sparsity is not visible in packed data
+            continue
         sparse_bytes = _semi_structured_bytes(p)
         if sparse_bytes is not None:  # 2:4 sparse kernels: half the values are stored, plus metadata
             nbytes += sparse_bytes

@@ -58,6 +58,7 @@ class PerplexityResult:
     context: int
     stride: int
     batch_size: int
+    batch_size_auto: bool = False
     method: str = "sliding-window (HF recipe), sum of token NLL in float32 / scored tokens"
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,14 +77,57 @@ def _batches(wins: list[Window], batch_size: int) -> Iterator[list[Window]]:
         yield group
 
 
-class PerplexityEvaluator:
-    """Holds the token ids and the window plan; ``run()`` is the timed "perplexity pass" of a case."""
+AUTO_MAX_BATCH = 64  # beyond this the forward pass is long past saturating any current GPU
+AUTO_MEMORY_FRACTION = 0.5  # of the free device memory, the rest is headroom (allocator, compiled graphs)
+CPU_AUTO_BATCH = 4  # on the CPU a larger batch buys nothing and costs memory
 
-    def __init__(self, ids: torch.Tensor, context: int, stride: int, batch_size: int) -> None:
+
+def window_bytes(config: Any, context: int, keep: int, elem_bytes: int) -> int:
+    """Activation bytes one window adds to a forward pass (inference: one layer's activations live at a time):
+    hidden states and the MLP's intermediate in the compute dtype, plus the kept logits in the compute dtype
+    and their float32 copy for the cross-entropy (twice: the copy and its log-softmax)."""
+    hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0)
+    ffn = int(getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None)
+              or getattr(config, "n_inner", None) or 4 * hidden)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    per_token = (8 * hidden + 2 * ffn) * elem_bytes
+    return context * per_token + keep * vocab * (elem_bytes + 8)
+
+
+def auto_batch_size(model: Any, context: int, stride: int, device: str | torch.device, n_windows: int,
+                    free_bytes: int | None = None) -> int:
+    """Windows per forward pass chosen from the model's activation size per window and the free device memory:
+    the largest power of two whose activations fit in half the free memory, at most ``AUTO_MAX_BATCH`` and at
+    most the number of windows. On the CPU: ``CPU_AUTO_BATCH``."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return max(1, min(CPU_AUTO_BATCH, n_windows))
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(dev)
+    elem = 4 if getattr(model, "dtype", None) == torch.float32 else 2  # activations: the model's float dtype
+    per_window = max(1, window_bytes(model.config, context, min(stride, context) + 1, elem))
+    fit = int(free_bytes * AUTO_MEMORY_FRACTION) // per_window
+    batch = 1
+    while batch * 2 <= min(fit, AUTO_MAX_BATCH, max(n_windows, 1)):
+        batch *= 2
+    return batch
+
+
+class PerplexityEvaluator:
+    """Holds the token ids and the window plan; ``run()`` is the timed "perplexity pass" of a case.
+
+    ``batch_size=None`` means automatic: :func:`auto_batch_size` picks it at the first ``run`` (it needs the
+    model) and keeps it, so that every timed pass runs the same batches."""
+
+    def __init__(self, ids: torch.Tensor, context: int, stride: int, batch_size: int | None) -> None:
         if ids.dim() != 1:
             raise ValueError(f"ids must be 1-D (n_tokens,), got shape {tuple(ids.shape)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 or None (automatic), got {batch_size}")
         self.ids = ids
-        self.context, self.stride, self.batch_size = context, stride, batch_size
+        self.context, self.stride = context, stride
+        self.batch_size: int | None = batch_size
+        self.auto_batch = batch_size is None
         self.plan = windows(len(ids), context, stride)
         if not self.plan:
             raise ValueError(f"{len(ids)} tokens are too few for one window")
@@ -92,6 +136,16 @@ class PerplexityEvaluator:
     def n_scored_tokens(self) -> int:
         return sum(w.n_scored for w in self.plan)
 
+    @property
+    def n_processed_tokens(self) -> int:
+        """Tokens the forward passes process, window overlap counted (the FLOPs side of the pass)."""
+        return sum(w.length for w in self.plan)
+
+    def resolve_batch_size(self, model: Any, device: str | torch.device) -> int:
+        if self.batch_size is None:
+            self.batch_size = auto_batch_size(model, self.context, self.stride, device, len(self.plan))
+        return self.batch_size
+
     def _forward_logits(self, model: Any, batch: torch.Tensor, keep: int) -> torch.Tensor:
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             return model(batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
@@ -99,8 +153,9 @@ class PerplexityEvaluator:
 
     @torch.inference_mode()
     def run(self, model: Any, device: str | torch.device) -> PerplexityResult:
+        batch_size = self.resolve_batch_size(model, device)
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for group in _batches(self.plan, self.batch_size):
+        for group in _batches(self.plan, batch_size):
             batch = torch.stack([self.ids[w.begin : w.end] for w in group]).to(device)  # (B, L)
             length, trg = group[0].length, group[0].trg_len
             scored = min(trg, length - 1)
@@ -119,5 +174,6 @@ class PerplexityEvaluator:
             n_tokens=len(self.ids),
             context=self.context,
             stride=self.stride,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
+            batch_size_auto=self.auto_batch,
         )

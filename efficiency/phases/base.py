@@ -90,6 +90,11 @@ class PhaseContext:
     benchmark: Any = None  # pytest-benchmark fixture, used by the phase that owns the paper's runtime
     records: dict[str, PhaseRecord] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)
+    # Per-model state kept across the cases of one model (the runner passes the same dict to every case of a
+    # model; the baseline case runs first): e.g. the baseline's KL-divergence reference and task scores.
+    store: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    is_baseline: bool = False
     max_rounds: int = MAX_ROUNDS
     _window_start: float | None = None
 

@@ -96,7 +96,14 @@ class DecodePhase:
     name: ClassVar[str] = "decode"
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
-        return None
+        from efficiency.measure.roofline import weights_read_per_token
+
+        ctx.shared.setdefault("weights_read", weights_read_per_token(model))
+        # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
+        # never inside the window.
+        ctx.sync()
+        _generate(model, ctx, ctx.workload.decode_tokens)()
+        ctx.sync()
 
     def run(self, model: Any, ctx: PhaseContext) -> Rounds:
         return ctx.repeat(_generate(model, ctx, ctx.workload.decode_tokens), ctx.workload.min_rounds)
@@ -122,6 +129,7 @@ class DecodePhase:
         else:
             j_per_token = (e_many - e_one) / (n - 1)
         prompt, _ = _prompt(ctx)
+        roof = _roofline(ctx, per_token if per_token > 0 else None)
         return {"latency": {
             "prefill_s": pre.median_s,
             "first_token_s": one.median_s,
@@ -139,4 +147,23 @@ class DecodePhase:
             "decode_s_all": list(many.times_s),
             "reason": reason,
             "method": METHOD,
+            **roof,
         }}
+
+
+def _roofline(ctx: PhaseContext, s_per_token: float | None) -> dict[str, Any]:
+    """Achieved weight bandwidth of decode and its fraction of the device's peak (efficiency.measure.roofline)."""
+    from efficiency.measure.roofline import decode_roofline, device_name
+
+    weight_bytes = ctx.shared.get("weights_read", (None, None))[0]
+    r = decode_roofline(weight_bytes, s_per_token, device_name(ctx.device))
+    return {
+        "weight_bytes_per_token": r["weight_bytes_per_token"],
+        "weight_bytes_per_s": r["weight_bytes_per_s"],
+        "roofline_pct": r["roofline_fraction"] * 100 if r["roofline_fraction"] is not None else None,
+        "roofline_floor_s_per_token": r["floor_s_per_token"],
+        "peak_bytes_per_s": r["peak_bytes_per_s"],
+        "device_peak": r["device_peak"],
+        "peak_source": r["peak_source"],
+        "roofline_reason": r["reason"],
+    }

@@ -30,9 +30,13 @@ class QualityPhase:
     name: ClassVar[str] = "quality"
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
+        from efficiency.techniques.compile import compiled_state
+
         ev = _evaluator(ctx)
         ctx.log(f"{ctx.case_id}: perplexity pass over {len(ctx.tokens)} tokens ({len(ev.plan)} windows of "
                 f"{ctx.context})")
+        if compiled_state(model) is not None:  # compile every input shape of the pass here, not in the window
+            ev.run(model, ctx.device)
 
     def run(self, model: Any, ctx: PhaseContext) -> Any:
         return _evaluator(ctx).run(model, ctx.device)
@@ -55,6 +59,8 @@ class TimedPass:
     rounds: Rounds
     n_tokens: int
     n_scored_tokens: int
+    n_processed_tokens: int = 0  # window overlap counted
+    batch_size: int | None = None
 
     @property
     def n(self) -> int:
@@ -103,6 +109,10 @@ class TimedPassPhase:
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         import time
 
+        from efficiency.measure.roofline import weights_read_per_token
+
+        ctx.shared.setdefault("weights_read", weights_read_per_token(model))
+        ctx.shared["compute_dtype"] = getattr(model, "dtype", None)
         ev = _evaluator(ctx)
         first = ctx.records.get("quality")
         self._estimate_s = first.window.wall_s if first else 0.0
@@ -119,7 +129,7 @@ class TimedPassPhase:
         ev = _evaluator(ctx)
         rounds = ctx.repeat(lambda: ev.run(model, ctx.device), ctx.workload.min_rounds, self._estimate_s,
                             use_benchmark=True)
-        return TimedPass(rounds, len(ev.ids), ev.n_scored_tokens)
+        return TimedPass(rounds, len(ev.ids), ev.n_scored_tokens, ev.n_processed_tokens, ev.batch_size)
 
     def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
         tp: TimedPass = record.result
@@ -129,8 +139,20 @@ class TimedPassPhase:
         if tp.rounds.note:
             energy["round_cap"] = tp.rounds.note
         first = ctx.records.get("quality")
+        from efficiency.measure.roofline import device_name, mfu
+
+        m = mfu(ctx.shared.get("weights_read", (None, None))[1], tp.n_processed_tokens, median_s,
+                ctx.shared.get("compute_dtype"), device_name(ctx.device))
         return {
             "runtime": {
+                "batch_size": tp.batch_size,
+                "tokens_processed": tp.n_processed_tokens,
+                "achieved_tflops": m["achieved_flops_per_s"] / 1e12 if m["achieved_flops_per_s"] else None,
+                "mfu_pct": m["mfu"] * 100 if m["mfu"] is not None else None,
+                "mfu_peak_tflops": m["peak_flops_per_s"] / 1e12 if m["peak_flops_per_s"] else None,
+                "mfu_compute_dtype": m["compute_dtype"],
+                "mfu_device_peak": m["device_peak"],
+                "mfu_reason": m["reason"],
                 "median_s": median_s,
                 "min_s": min(tp.rounds.times_s),
                 "rounds_s": list(tp.rounds.times_s),

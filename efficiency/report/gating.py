@@ -165,6 +165,7 @@ def gate(report: Report, baseline: Baseline | None = None, fail_pct: float | Non
     settings = report.get("settings") or {}
     cases = report.get("cases") or []
     violations = [v.message for v in check(cases, thresholds_of(report), str(settings.get("baseline")))]
+    violations += [v["message"] for c in cases for v in (c.get("threshold") or {}).get("accuracy_violations") or []]
     failures = [f"{c['id']}: {c.get('status')}: {c.get('reason')}" for c in cases
                 if c.get("status") in ("error", "invalid", "oom")]
     if report.get("status") != "complete":

@@ -57,6 +57,17 @@ def _environment() -> Any:
     return jinja2.Environment(autoescape=True, trim_blocks=True)
 
 
+def _serving_figure(report: dict[str, Any]) -> list[str]:
+    """Throughput and J/token against batch size per technique, where the run had a serving sweep."""
+    from efficiency.report.serving_plots import serving_plot
+
+    data = serving_plot(report)
+    if data is None:
+        return []
+    return ["<h2>Serving: throughput and energy per output token against batch size</h2><figure>",
+            _img(data, "serving throughput and J per output token against batch size"), "</figure>"]
+
+
 class MissingDependency(RuntimeError):
     """An optional library the command needs is not installed; the message says what to install."""
 
@@ -104,7 +115,9 @@ def render(report: dict[str, Any], comparison: Comparison | None = None, source:
         _img(plots.changes_plot(report), "runtime and energy change per technique"),
         "</figure><h2>Optimisation score per priority</h2><figure>",
         _img(plots.scores_plot(report), "optimisation score per priority"),
-        f"<figcaption>{escape(str(settings.get('score_convention', '')))}</figcaption></figure></div>",
+        f"<figcaption>{escape(str(settings.get('score_convention', '')))}</figcaption></figure>",
+        *_serving_figure(report),
+        "</div>",
         "<h2>Cases</h2>", _cases_table(report),
         "<p class='meta'>* perplexity meaningless (random weights). Pareto: not dominated within the "
         "model beyond each axis's noise tolerance. Changes: against the model's baseline in this run, n = "

@@ -1,3 +1,14 @@
 """Importing this module registers the built-in techniques (each module registers its own names)."""
 
-from efficiency.techniques import bnb, distil, heads, magnitude, minitron, precision, sparsegpt  # noqa: F401
+from efficiency.techniques import (  # noqa: F401
+    bnb,
+    compile,
+    distil,
+    gemlite_quant,
+    heads,
+    magnitude,
+    minitron,
+    precision,
+    sparsegpt,
+    torchao_quant,
+)

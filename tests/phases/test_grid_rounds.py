@@ -14,7 +14,7 @@ def test_rounds_are_honoured_with_benchmark_disabled(pytester: pytest.Pytester, 
     result.assert_outcomes(passed=2)
     for case in report["cases"]:
         assert case["runtime"]["rounds"] == 4 and len(case["runtime"]["rounds_s"]) == 4
-        assert set(case["phases"]) == {"quality", "ppl_pass", "prefill", "first_token", "decode"}
+        assert set(case["phases"]) == {"quality", "ppl_pass", "prefill", "first_token", "decode", "kld"}
         assert case["metrics"]["runtime_s"] == case["runtime"]["median_s"]
     bnb4 = next(c for c in report["cases"] if c["technique"] == "bnb4")
     assert "runtime_only" in bnb4["scores"]

@@ -1,0 +1,70 @@
+"""Tables for docs/results.md from `run.sh deploy` reports: `python benchmarks/gpu/deploy_table.py REPORT.json...`
+
+Per model: batch-1 decode (ms and J per generated token, speed-up over the compiled bf16 baseline, achieved weight
+bandwidth and its fraction of the device's peak), the perplexity pass (median s, MFU), the untimed setup (compile
+and warm-up) and the kernel each technique ran.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def f(v: Any, spec: str = "{:.3g}") -> str:
+    return "n/a" if v is None else spec.format(v)
+
+
+def kernel(case: dict[str, Any]) -> str:
+    info = case.get("technique_info") or {}
+    for step in case.get("steps", []):
+        k = (info.get(step) or {}).get("kernel") if isinstance(info.get(step), dict) else None
+        if k:
+            return str(k).split(" (")[0]
+    return "cuBLAS bf16" if any(s in ("bf16", "fp16") for s in case.get("steps", [])) else ""
+
+
+def table(report: dict[str, Any]) -> list[str]:
+    env, st = report["environment"], report["settings"]
+    wl = st["workload"]
+    dev = env["device"].get("name")
+    lines = [f"{', '.join(st['models'])} on {dev}, torch {env['packages'].get('torch')}, status {report['status']}, "
+             f"commit {str(env.get('git', {}).get('commit', ''))[:12]}; prompt {wl['prefill_tokens']} tokens, "
+             f"{wl['decode_tokens']} new tokens, batch 1; perplexity pass {wl['max_tokens']} tokens, context "
+             f"{wl['context']}, stride {wl['stride']}, batch {wl['batch_size']}", "",
+             "| case | decode ms/token | speed-up | decode mJ/token | weight GB/s | % of peak BW | floor ms | "
+             "pass s | MFU % | setup s | kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    cases = report["cases"]
+    base = next((c for c in cases if c.get("is_baseline") and c.get("status") == "measured"), None)
+    base_tok = (base or {}).get("latency", {}).get("decode_s_per_token")
+    for c in cases:
+        if c.get("status") != "measured":
+            lines.append(f"| {c['id']} | {c.get('status')}: {str(c.get('reason', ''))[:160]} |||||||||||")
+            continue
+        lat, rt = c.get("latency") or {}, c.get("runtime") or {}
+        tok = lat.get("decode_s_per_token")
+        setup = sum((p.get("setup_s") or 0) for p in (c.get("phases") or {}).values())
+        lines.append(
+            f"| {c['id']} | {f(tok * 1e3 if tok else None)} | "
+            f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
+            f"{f(lat['decode_j_per_token'] * 1e3 if lat.get('decode_j_per_token') else None)} | "
+            f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
+            f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
+            f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
+            f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')} | {setup:.0f} | {kernel(c)} |")
+    return lines
+
+
+def main(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            report = json.load(open(p))
+        except (OSError, ValueError) as err:
+            print(f"{p}: {err}\n")
+            continue
+        print("\n".join(table(report)) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

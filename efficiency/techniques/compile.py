@@ -1,0 +1,199 @@
+"""Compiled execution: ``compile``, the last step of a pipeline (``bf16+compile``, ``int4wo+compile``).
+
+What a deployment runs instead of eager Hugging Face passes:
+
+- **decode**: a static KV cache (one per batch size and cache-length bucket, reset before each call, so its
+  tensors keep their addresses) and a greedy loop whose one-token step is ``torch.compile``d with
+  ``mode="reduce-overhead"`` (CUDA graphs on a GPU). The loop replaces ``model.generate`` only for the calls
+  the latency phases make (greedy, no padding, ``min_new_tokens == max_new_tokens``); any other call goes to
+  Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
+  equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
+- **forward without cache** (the perplexity pass, prefill latency): regional compilation, each decoder block
+  compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one
+  block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks).
+
+Compilation happens at the first call of each shape, which the phases make in their untimed setup (warm-up); the
+report gives it as each phase's ``setup_s``. The static cache's length is the prompt plus the new tokens rounded
+up to ``cache_bucket`` tokens, so the lengths the latency phases use (1, 2, N new tokens) share one cache and one
+compiled step. Models holding bitsandbytes layers are not compiled (their kernels break the graph): the case is
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from efficiency.config import ConfigError
+from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
+
+CACHE_BUCKET_TOKENS = 256
+DECODE_MODE = "reduce-overhead"  # CUDA graphs for the one-token step
+
+
+def _has_bnb(model: Any) -> bool:
+    return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+
+
+class CompiledExecution:
+    """The state behind a compiled model: the compiled callables and the static caches."""
+
+    def __init__(self, model: Any, backend: str, decode_mode: str | None, cache_bucket: int) -> None:
+        self.model = model
+        self.orig_forward = model.forward
+        self.orig_generate = model.generate
+        self.cache_bucket = cache_bucket
+        # Passes without cache: regional compilation (each repeated decoder block compiled; the blocks share one
+        # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
+        self.container, self.blocks = repeated_blocks(model)
+        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in self.blocks]
+        self.step = torch.compile(self._step, backend=backend, mode=decode_mode, fullgraph=True, dynamic=False)
+        params = inspect.signature(self.orig_forward).parameters
+        self.takes_cache_position = "cache_position" in params
+        self.caches: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self.max_positions = _max_positions(model.config)
+        self.calls = {"compiled_generate": 0, "hf_generate": 0, "compiled_forward": 0}
+
+    # --- forward ---------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("use_cache") is False and kwargs.get("past_key_values") is None and self.blocks:
+            self.calls["compiled_forward"] += 1
+            container = self.container
+            try:
+                for i, block in enumerate(self.compiled_blocks):
+                    container[i] = block
+                return self.orig_forward(*args, **kwargs)
+            finally:
+                for i, block in enumerate(self.blocks):
+                    container[i] = block
+        return self.orig_forward(*args, **kwargs)
+
+
+    # --- decode ----------------------------------------------------------------------------------------
+    def _kwargs(self, ids: torch.Tensor, pos: torch.Tensor, cache: Any, mask: torch.Tensor) -> dict[str, Any]:
+        kw: dict[str, Any] = {"input_ids": ids, "past_key_values": cache, "use_cache": True,
+                              "position_ids": pos, "attention_mask": mask}
+        if self.takes_cache_position:
+            kw["cache_position"] = pos[0]
+        return kw
+
+    def _step(self, tok: torch.Tensor, pos: torch.Tensor, cache: Any, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.orig_forward(**self._kwargs(tok, pos, cache, mask)).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def cache_for(self, batch: int, needed: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(static cache, attention mask, position ids) for ``needed`` tokens; all of the bucket's fixed length, so
+        that the compiled step sees the same shapes and strides whatever the prompt and new-token counts."""
+        from transformers import StaticCache
+
+        length = min(-(-needed // self.cache_bucket) * self.cache_bucket, max(self.max_positions, needed))
+        key = (batch, length)
+        if key not in self.caches:
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            mask = torch.ones(batch, length, dtype=torch.long, device=self.model.device)
+            positions = torch.arange(length, device=self.model.device).repeat(batch, 1)
+            self.caches[key] = (cache, mask, positions)
+        return self.caches[key]
+
+    def handles(self, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
+        if kwargs.get("do_sample") or kwargs.get("num_beams", 1) != 1:
+            return False
+        if set(kwargs) - {"do_sample", "min_new_tokens", "max_new_tokens", "pad_token_id", "num_beams"}:
+            return False
+        n = kwargs.get("max_new_tokens")
+        if not isinstance(n, int) or n < 1 or kwargs.get("min_new_tokens") != n:
+            return False
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            return False
+        return attention_mask is None or bool(attention_mask.bool().all())  # no padding
+
+    def generate(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
+        if not self.handles(input_ids, attention_mask, kwargs):
+            self.calls["hf_generate"] += 1
+            return self.orig_generate(input_ids, attention_mask=attention_mask, **kwargs)
+        self.calls["compiled_generate"] += 1
+        n: int = kwargs["max_new_tokens"]
+        batch, prompt_len = input_ids.shape
+        cache, mask, positions = self.cache_for(batch, prompt_len + n)
+        cache.reset()
+        with torch.inference_mode():
+            out = self.orig_forward(**self._kwargs(input_ids, positions[:, :prompt_len], cache, mask))
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens = [tok]
+            for i in range(n - 1):
+                pos = positions[:, prompt_len + i : prompt_len + i + 1]
+                tok = self.step(tok, pos, cache, mask).clone()  # CUDA-graph outputs are reused by the next replay
+                tokens.append(tok)
+        return torch.cat([input_ids, *tokens], dim=1)
+
+
+def repeated_blocks(model: Any) -> tuple[Any, list[Any]]:
+    """(the ``ModuleList``, its blocks): the transformer's decoder blocks, the longest list of one class."""
+    best: Any = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > len(best or ()) and len({type(b) for b in m}) == 1:
+            best = m
+    return best, list(best or ())
+
+
+def _max_positions(config: Any) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20
+
+
+def compiled_state(model: Any) -> CompiledExecution | None:
+    """The compiled-execution state of a model, None when it runs eagerly."""
+    state = getattr(model, "_efficiency_compiled", None)
+    return state if isinstance(state, CompiledExecution) else None
+
+
+@dataclass(frozen=True)
+class Compile(TechniqueBase):
+    backend: str = "inductor"
+    cache_bucket: int = CACHE_BUCKET_TOKENS
+    name: str = "compile"
+    family = "execution"
+
+    def check(self, ctx: Context) -> None:
+        if not torch._dynamo.is_dynamo_supported():
+            raise UnsupportedTechnique("torch.compile is not supported on this Python / platform")
+        if self.backend == "inductor" and not ctx.is_cuda and shutil.which("cc") is None \
+                and shutil.which("gcc") is None:
+            raise UnsupportedTechnique("torch.compile on the CPU needs a C compiler (cc/gcc), none on PATH")
+
+    def apply(self, model: Any, ctx: Context) -> Any:
+        order = ctx.info.get("order") or [self.name]
+        if ctx.steps_done != len(order) - 1:
+            raise ConfigError(f"'compile' must be the last step of a pipeline, got {'+'.join(order)}")
+        if _has_bnb(model):
+            raise UnsupportedTechnique("compile: bitsandbytes layers break torch.compile graphs (their kernels "
+                                       "are opaque to it); measure the eager case (without +compile) instead")
+        decode_mode = DECODE_MODE if ctx.is_cuda else None  # CUDA graphs need a GPU
+        state = CompiledExecution(model, self.backend, decode_mode, self.cache_bucket)
+        model.forward = state.forward
+        model.generate = state.generate
+        model._efficiency_compiled = state
+        ctx.info[self.name] = {
+            "backend": self.backend,
+            "torch": torch.__version__,
+            "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
+                      f"one-token step torch.compile(fullgraph, mode={decode_mode}); prefill eager",
+            "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks for passes "
+                       "without cache (perplexity, prefill)",
+            "cuda_graphs": decode_mode == DECODE_MODE,
+            "warm_up": "compilation at the first call of each shape, in the phases' untimed setup (setup_s)",
+        }
+        return model
+
+
+@register(r"compile", "compile (last step: bf16+compile, int4wo+compile)")
+def _compile(m: re.Match[str]) -> Compile:
+    return Compile()

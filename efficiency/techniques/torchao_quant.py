@@ -1,0 +1,166 @@
+"""Inference-optimised quantisation through torchao: ``int8wo``, ``int4wo``, ``fp8wo``, ``fp8dq``, ``int8dq``.
+
+Each is one torchao config applied with ``torchao.quantization.quantize_`` to the transformer's linear layers (the
+LM head and embeddings stay; GPT-2's ``Conv1D`` layers become ``nn.Linear`` first). The report names the kernel
+that runs and the tensor subclass torchao put in place of the weight (``ctx.info``).
+
+- ``int8wo``: int8 weights per channel, bf16 activations; CUDA: the int8 weight dequantised inside the matmul
+  (fused by inductor under compile); CPU: ``_weight_int8pack_mm``.
+- ``int4wo`` (group 128; ``int4wo-g64``: 64; ``-hqq``: HQQ scales): tinygemm ``_weight_int4pack_mm``
+  (tile-packed), CUDA only (torchao removed its CPU packing).
+- ``fp8wo``: fp8 e4m3 weights per channel, bf16 activations, dequantised inside the matmul.
+- ``fp8dq``: fp8 weights and dynamically quantised fp8 activations, per row: ``torch._scaled_mm``; CUDA with
+  compute capability >= 8.9 only.
+- ``int8dq``: int8 weights per channel, int8 activations per token (dynamic): ``torch._int_mm``.
+
+The int4 packing: without fbgemm-gpu-genai (its ``plain``/``preshuffled`` formats), tinygemm is torchao's int4
+kernel on CUDA; gemlite's Triton kernels are the alternative (``gemlite-int4``, efficiency.techniques.gemlite_quant),
+and benchmarks/gpu/run.sh deploy measures both side by side (docs/results.md names the faster).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
+from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
+
+KERNELS_CUDA = {
+    "int8wo": "int8 weight-only: weight dequantised inside the matmul (inductor-fused under compile; eager: "
+              "dequantise + bf16 GEMM)",
+    "int4wo": "tinygemm torch.ops.aten._weight_int4pack_mm (int4 tile-packed, asymmetric, grouped)",
+    "fp8wo": "fp8 e4m3 weight-only: weight dequantised inside the matmul (inductor-fused under compile)",
+    "fp8dq": "torch._scaled_mm (cuBLASLt fp8 e4m3 GEMM, per-row scales, dynamic activation quantisation)",
+    "int8dq": "torch._int_mm (int8 GEMM, dynamic per-token activation quantisation)",
+}
+KERNELS_CPU = {
+    "int8wo": "torch.ops.aten._weight_int8pack_mm",
+    "fp8wo": "fp8 weight dequantised to the compute dtype, then the GEMM",
+    "int8dq": "torch._int_mm (int8 GEMM, dynamic per-token activation quantisation)",
+}
+GPU_ONLY = {"fp8dq": "fp8 GEMMs (torch._scaled_mm) need a CUDA GPU",
+            "int4wo": "torchao's int4 weight-only packings are CUDA kernels (tinygemm; plain/preshuffled need "
+                      "fbgemm-gpu-genai); the CPU packing was removed from torchao"}
+
+
+def require_torchao() -> Any:
+    try:
+        import torchao
+        from torchao.quantization import quantize_
+    except Exception as err:  # ImportError, or a native library built for another torch
+        raise UnsupportedTechnique(f"torchao is not usable here: {type(err).__name__}: {err}") from err
+    return torchao, quantize_
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace GPT-2's ``Conv1D`` (weight stored (in, out)) by ``nn.Linear`` with the same function."""
+
+    def make(mod: nn.Module, name: str) -> nn.Module:
+        conv: Any = mod
+        w = conv.weight.detach()  # (in, out) in Conv1D
+        bias = conv.bias
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return lin
+
+    return swap_modules(model, make, lambda m, n: is_conv1d(m))
+
+
+def _config(kind: str, group_size: int, hqq: bool) -> Any:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    if kind == "int8wo":
+        return Int8WeightOnlyConfig()
+    if kind == "int4wo":
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                    int4_choose_qparams_algorithm="hqq" if hqq else "tinygemm")
+    if kind == "fp8wo":
+        return Float8WeightOnlyConfig()
+    if kind == "fp8dq":
+        from torchao.quantization import PerRow
+
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if kind == "int8dq":
+        return Int8DynamicActivationInt8WeightConfig()
+    raise ValueError(kind)
+
+
+@dataclass(frozen=True)
+class TorchaoQuant(TechniqueBase):
+    kind: str  # int8wo | int4wo | fp8wo | fp8dq | int8dq
+    group_size: int = 128
+    hqq: bool = False  # int4wo: scales and zero points by HQQ's optimiser instead of min/max
+    family = "quantisation"
+
+    @property
+    def name(self) -> str:
+        group = f"-g{self.group_size}" if self.kind == "int4wo" and self.group_size != 128 else ""
+        return self.kind + group + ("-hqq" if self.hqq else "")
+
+    def check(self, ctx: Context) -> None:
+        require_torchao()
+        if self.kind in GPU_ONLY and not ctx.is_cuda:
+            raise UnsupportedTechnique(f"{self.name}: {GPU_ONLY[self.kind]}")
+        if ctx.is_cuda:
+            if not torch.cuda.is_available():
+                raise UnsupportedTechnique(f"{ctx.device} requested but CUDA is not available")
+            cap = torch.cuda.get_device_capability(ctx.device)
+            if self.kind.startswith("fp8") and cap < (8, 9):
+                raise UnsupportedTechnique(f"{self.name}: fp8 needs compute capability >= 8.9, this GPU has "
+                                           f"{cap[0]}.{cap[1]}")
+            if self.kind == "int4wo" and cap < (8, 0):
+                raise UnsupportedTechnique(f"{self.name}: tinygemm needs compute capability >= 8.0 (bf16)")
+
+    def load_dtype(self, ctx: Context) -> torch.dtype | None:
+        # tinygemm and the CPU int4 kernel take bf16; the other weight-only kernels run in the model's dtype.
+        if self.kind == "int4wo" or ctx.is_cuda:
+            return torch.bfloat16
+        return torch.float32
+
+    def apply(self, model: Any, ctx: Context) -> Any:
+        torchao, quantize_ = require_torchao()
+        if self.kind == "int4wo" and next(model.parameters()).dtype != torch.bfloat16:
+            model = model.to(torch.bfloat16)  # the int4 kernels take bf16 activations
+        converted = conv1d_to_linear(model)
+        targets = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and default_filter(m, n)]
+        if not targets:
+            raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
+        chosen = set(targets)
+        quantize_(model, _config(self.kind, self.group_size, self.hqq),
+                  filter_fn=lambda m, fqn: fqn in chosen)
+        weight = model.get_submodule(targets[0]).weight
+        kernels = KERNELS_CUDA if ctx.is_cuda else KERNELS_CPU
+        ctx.info[self.name] = {
+            "library": f"torchao {torchao.__version__}",
+            "kernel": kernels[self.kind],
+            "weight_tensor": type(weight).__name__,
+            "quantised_layers": len(targets),
+            "conv1d_converted": converted,
+            "group_size": self.group_size if self.kind == "int4wo" else None,
+            "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
+            "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
+        }
+        return model
+
+
+@register(r"int8wo|fp8wo|fp8dq|int8dq", "int8wo | fp8wo | fp8dq | int8dq (torchao)")
+def _torchao(m: re.Match[str]) -> TorchaoQuant:
+    return TorchaoQuant(m.group(0))
+
+
+@register(r"int4wo(?:-g(32|64|128|256))?(-hqq)?", "int4wo[-g64][-hqq] (torchao tinygemm, group 128 by default)")
+def _int4wo(m: re.Match[str]) -> TorchaoQuant:
+    return TorchaoQuant("int4wo", int(m.group(1) or 128), hqq=bool(m.group(2)))

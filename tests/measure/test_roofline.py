@@ -1,0 +1,108 @@
+"""Roofline figures against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from efficiency.measure import roofline
+from efficiency.measure.roofline import decode_roofline, lookup, mfu, stored_bytes, weights_read_per_token
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S"),
+])
+def test_device_table_matches_torch_names(name: str, expected: str) -> None:
+    peak = lookup(name)
+    assert peak is not None and peak.name == expected and peak.source
+
+
+def test_every_row_has_a_source_and_dense_half_precision() -> None:
+    for peak in roofline.PEAKS:
+        assert peak.source.startswith("NVIDIA") and peak.memory_bytes_per_s > 0
+        assert peak.dense_flops_per_s["bfloat16"] == peak.dense_flops_per_s["float16"]
+
+
+def test_decode_roofline_by_hand() -> None:
+    # opt-6.7b in bf16: 13.3 GB of weights, 5.7 ms per token on an H100 SXM (3.35 TB/s)
+    r = decode_roofline(13_300_000_000, 0.0057, "NVIDIA H100 80GB HBM3")
+    assert r["weight_bytes_per_s"] == pytest.approx(13.3e9 / 0.0057)
+    assert r["roofline_fraction"] == pytest.approx(13.3e9 / 0.0057 / 3.35e12)  # 0.6965
+    assert r["floor_s_per_token"] == pytest.approx(13.3e9 / 3.35e12)
+    assert r["reason"] is None
+
+
+def test_unknown_device_reports_achieved_without_fraction() -> None:
+    r = decode_roofline(1000, 0.001, "cpu")
+    assert r["weight_bytes_per_s"] == pytest.approx(1e6)
+    assert r["roofline_fraction"] is None and "not in the peak table" in r["reason"]
+    m = mfu(10, 100, 1.0, torch.float32, "Some Future GPU")
+    assert m["achieved_flops_per_s"] == pytest.approx(2000.0) and m["mfu"] is None and m["reason"]
+
+
+def test_mfu_by_hand() -> None:
+    # 1.3e9 parameters, 65,536 tokens processed in 0.5 s: 2 * 1.3e9 * 65536 / 0.5 FLOP/s over 989.5 TFLOP/s
+    m = mfu(1_300_000_000, 65_536, 0.5, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    assert m["flops"] == pytest.approx(2 * 1.3e9 * 65536)
+    assert m["mfu"] == pytest.approx(2 * 1.3e9 * 65536 / 0.5 / 989.5e12)
+    assert mfu(1, 1, 1.0, torch.float8_e4m3fn, "NVIDIA H200")["peak_flops_per_s"] == pytest.approx(1979e12)
+
+
+def test_missing_inputs_give_none_with_reason() -> None:
+    assert decode_roofline(None, 0.01, "NVIDIA H200")["reason"]
+    assert mfu(100, 100, None, torch.float16, "NVIDIA H200")["mfu"] is None
+
+
+def test_weights_read_per_token_counts_tied_head_once_and_skips_gathered_tables() -> None:
+    model = tiny_model("opt")  # OPT ties the LM head to the token embedding; positions are a gathered table
+    nbytes, params = weights_read_per_token(model)
+    positions = model.model.decoder.embed_positions.weight
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    assert params == total - positions.numel()
+    assert nbytes == params * 4  # float32
+
+
+def test_stored_bytes_of_a_quantised_tensor_counts_packed_data() -> None:
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantize_(lin, Int8WeightOnlyConfig())
+    w = lin[0].weight
+    assert stored_bytes(w) < 64 * 32 * 4
+    assert stored_bytes(w) >= 64 * 32  # int8 data plus scales
+
+
+def test_model_size_counts_torchao_weights_as_stored() -> None:
+    """Before: model_size called count_nonzero on torchao's Int8Tensor, which it does not implement (the case
+    errored); and counted logical float bytes."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from efficiency.measure.memory import model_size
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    quantize_(model, Int8WeightOnlyConfig())
+    size = model_size(model)
+    assert size.parameters == 64 * 32
+    assert 64 * 32 <= size.size_bytes < 64 * 32 * 2
+
+
+def test_linear_layers_with_packed_buffers_count_their_logical_weights() -> None:
+    """Before: a layer keeping its packed weight as a buffer (gemlite) added no parameters, so the FLOPs of the
+    pass, and its MFU, came out near zero."""
+
+    class PackedLinear(torch.nn.Module):
+        def __init__(self, n_in: int, n_out: int) -> None:
+            super().__init__()
+            self.in_features, self.out_features = n_in, n_out
+            self.register_buffer("W_q", torch.zeros(n_out, n_in // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.zeros(n_out, n_in // 64, dtype=torch.bfloat16))
+
+    model = torch.nn.Sequential(PackedLinear(128, 64), torch.nn.Linear(64, 8, bias=False))
+    nbytes, params = weights_read_per_token(model)
+    assert params == 128 * 64 + 64 * 8
+    assert nbytes == 64 * 64 + 64 * 2 * 2 + 64 * 8 * 4

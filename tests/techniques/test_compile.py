@@ -1,0 +1,132 @@
+"""The compile step on CPU: the compiled greedy decode over a static cache gives Hugging Face's greedy tokens,
+the compiled forward gives the same perplexity, the step is captured in one graph (fullgraph), and the lengths the
+latency phases use share one cache (no recompilation inside a window)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from efficiency.config import ConfigError
+from efficiency.measure.perplexity import PerplexityEvaluator
+from efficiency.techniques.base import Context, UnsupportedTechnique, parse
+from efficiency.techniques.compile import Compile, compiled_state
+
+
+def _ctx(order: list[str]) -> Context:
+    ctx = Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    ctx.info["order"] = order
+    ctx.steps_done = len(order) - 1
+    return ctx
+
+
+def _hf_greedy(model: Any, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, min_new_tokens=n,
+                              max_new_tokens=n, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_compiled_decode_equals_hf_greedy(family: str, one_thread: Any) -> None:
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 128, (1, 9))
+    expected = {n: _hf_greedy(model, prompt, n) for n in (1, 2, 12)}
+    model = Compile(backend="eager", cache_bucket=32).apply(model, _ctx(["compile"]))
+    state = compiled_state(model)
+    assert state is not None
+    for n in (12, 1, 2, 12):  # the longest first, then the others: one cache serves them all
+        got = _hf_greedy(model, prompt, n)
+        assert torch.equal(got, expected[n]), (family, n)
+    assert state.calls["compiled_generate"] == 4 and state.calls["hf_generate"] == 0
+    assert len(state.caches) == 1  # 9 + 1, 9 + 2 and 9 + 12 tokens share the 32-token bucket
+
+
+def test_step_is_one_graph_without_recompiles(one_thread: Any) -> None:
+    """fullgraph=True raises on any graph break; the compile counter shows one compilation for all steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = Compile(backend="eager", cache_bucket=32).apply(tiny_model("opt"), _ctx(["compile"]))
+    prompt = torch.randint(0, 128, (1, 5))
+    for n in (10, 3, 10):
+        _hf_greedy(model, prompt, n)
+    frames = counters["stats"]["unique_graphs"]
+    assert frames == 1, dict(counters["stats"])
+
+
+def test_other_generate_calls_go_to_hugging_face(one_thread: Any) -> None:
+    model = Compile(backend="eager").apply(tiny_model("gpt2"), _ctx(["compile"]))
+    prompt = torch.randint(0, 128, (1, 4))
+    with torch.inference_mode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)  # no min_new_tokens: may stop early, so Hugging Face's loop runs
+    state = compiled_state(model)
+    assert state is not None and state.calls["hf_generate"] == 1 and state.calls["compiled_generate"] == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any) -> None:
+    """Regional compilation: the blocks share one graph per input shape (not one per block)."""
+    from torch._dynamo.utils import counters
+
+    from efficiency.measure.perplexity import _batches
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (200,))
+    eager = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
+    model = Compile(backend="eager").apply(model, _ctx(["compile"]))
+    ev = PerplexityEvaluator(ids, 64, 32, 4)
+    compiled = ev.run(model, "cpu")
+    state = compiled_state(model)
+    assert state is not None and state.calls["compiled_forward"] > 0 and len(state.blocks) == 2
+    assert abs(compiled.perplexity - eager.perplexity) / eager.perplexity < 1e-6
+    shapes = {(len(g), g[0].length) for g in _batches(ev.plan, 4)}
+    assert counters["stats"]["unique_graphs"] <= len(shapes)
+    assert all(b is model.get_submodule(n) for b, n in zip(state.blocks, _block_names(model), strict=True))  # put back
+
+
+def _block_names(model: Any) -> list[str]:
+    return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()
+            and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.ModuleList)]
+
+
+def test_compile_must_be_last() -> None:
+    ctx = _ctx(["compile", "bf16"])
+    ctx.steps_done = 0
+    with pytest.raises(ConfigError, match="last step"):
+        Compile().apply(tiny_model("gpt2"), ctx)
+
+
+def test_bitsandbytes_layers_are_not_compiled() -> None:
+    class FakeBnb(torch.nn.Module):
+        pass
+
+    FakeBnb.__module__ = "bitsandbytes.nn.modules"
+    model = tiny_model("gpt2")
+    model.transformer.h[0].mlp.c_fc = FakeBnb()
+    with pytest.raises(UnsupportedTechnique, match="bitsandbytes"):
+        Compile().apply(model, _ctx(["bnb4", "compile"]))
+
+
+def test_pipeline_names_parse() -> None:
+    assert parse("bf16+compile").name == "bf16+compile"
+
+
+@pytest.mark.slow
+def test_inductor_on_cpu_decodes_like_hf(one_thread: Any) -> None:
+    """The real CPU path (inductor code generation), slow: a C++ compile per graph."""
+    torch._dynamo.reset()
+    model = tiny_model("gpt2")
+    prompt = torch.randint(0, 128, (1, 6))
+    expected = _hf_greedy(model, prompt, 5)
+    model = Compile(cache_bucket=16).apply(model, _ctx(["compile"]))
+    assert torch.equal(_hf_greedy(model, prompt, 5), expected)

@@ -1,0 +1,78 @@
+"""torchao techniques on the CPU with tiny models: the ones with CPU kernels quantise every block linear layer,
+keep the perplexity close, shrink the weights and name the kernel; the GPU-only ones skip with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from efficiency.measure.perplexity import PerplexityEvaluator
+from efficiency.measure.roofline import weights_read_per_token
+from efficiency.techniques.base import Context, UnsupportedTechnique, parse
+
+pytest.importorskip("torchao")
+
+
+def _ctx() -> Context:
+    return Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+@pytest.mark.parametrize("name,max_rel,max_bytes_ratio", [("int8wo", 1e-3, 0.45), ("int8dq", 1e-3, 0.45),
+                                                          ("fp8wo", 1e-3, 0.45)])
+def test_cpu_techniques_quantise(family: str, name: str, max_rel: float, max_bytes_ratio: float,
+                                 one_thread: None) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (300,))
+    model = tiny_model(family)
+    ref = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu").perplexity
+    base_bytes = weights_read_per_token(model)[0]
+    ctx = _ctx()
+    pipe = parse(name)
+    pipe.check(ctx)
+    model = pipe.apply(model.to(pipe.load_dtype(ctx, torch.float32)), ctx)
+    got = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu").perplexity
+    assert abs(got - ref) / ref < max_rel
+    info = ctx.info[name]
+    assert info["quantised_layers"] == {"gpt2": 8, "opt": 12, "llama": 14}[family]
+    assert info["kernel"] and info["weight_tensor"] != "Parameter"
+    # tiny models are embedding-heavy: the linear layers shrink 4x, the whole read set to under ~45%
+    assert weights_read_per_token(model)[0] < base_bytes * max_bytes_ratio + 2 * 128 * 32 * 4
+
+
+@pytest.mark.parametrize("name", ["fp8dq", "int4wo", "gemlite-int4", "gemlite-fp8wo"])
+def test_gpu_only_techniques_skip_on_cpu_with_the_reason(name: str) -> None:
+    with pytest.raises(UnsupportedTechnique, match="CUDA|GPU"):
+        parse(name).check(_ctx())
+
+
+def test_names() -> None:
+    assert parse("int4wo-g64-hqq+compile").name == "int4wo-g64-hqq+compile"
+    assert parse("int4wo").name == "int4wo" and parse("gemlite-int4").name == "gemlite-int4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,max_increase_pct", [("int8wo", 2.0), ("int8dq", 5.0), ("fp8wo", 5.0)])
+def test_real_smollm2_perplexity_on_cpu(name: str, max_increase_pct: float, shared_data: Path) -> None:
+    """The CPU techniques on the real SmolLM2-135M (small budget): a real model's perplexity, close to fp32's."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from efficiency.smollm2 import ensure_dequantised
+
+    cache = Path(os.environ.get("EFFICIENCY_CACHE_DIR", Path.home() / ".cache" / "pytest-efficiency"))
+    folder = ensure_dequantised(cache)
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
+    ids = torch.tensor(tok(text)["input_ids"][:768])
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = PerplexityEvaluator(ids, 256, 256, 3).run(model, "cpu").perplexity
+    ctx = _ctx()
+    model = parse(name).apply(model, ctx)
+    got = PerplexityEvaluator(ids, 256, 256, 3).run(model, "cpu").perplexity
+    assert 5 < ref < 200
+    assert (got - ref) / ref * 100 < max_increase_pct, (name, ref, got)
