@@ -128,6 +128,7 @@ class SuiteConfig:
     tasks: TasksSettings = field(default_factory=TasksSettings)
     kld: KldSettings = field(default_factory=KldSettings)
     serving: ServingSettings = field(default_factory=ServingSettings)
+    device_map: str | None = None  # --eff-device-map: split each model across the GPUs this process sees
 
     @property
     def students(self) -> Mapping[str, str]:
@@ -141,3 +142,7 @@ class SuiteConfig:
             raise ConfigError("no techniques selected (--eff-techniques or [tool.efficiency] techniques)")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        from efficiency.devices import DEVICE_MAP_MODES
+
+        if self.device_map is not None and self.device_map not in DEVICE_MAP_MODES:
+            raise ConfigError(f"--eff-device-map {self.device_map!r}: use one of {', '.join(DEVICE_MAP_MODES)}")

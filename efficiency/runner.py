@@ -74,7 +74,8 @@ class Runner:
         return ids[: self.cfg.workload.max_tokens] if self.cfg.workload.max_tokens else ids
 
     def load_named(self, name: str, dtype: Any) -> LoadedModel:
-        return load(self.source(name), self.cfg.device, dtype, self.cfg.cache_dir, log=self.log)
+        return load(self.source(name), self.cfg.device, dtype, self.cfg.cache_dir, log=self.log,
+                    device_map=self.cfg.device_map)
 
     def pipeline(self, technique: str) -> Pipeline:
         return parse(technique, self.cfg.technique_options)
@@ -91,6 +92,13 @@ class Runner:
         default_dtype = torch.float16 if cfg.device.startswith("cuda") else torch.float32
         probe_ctx = self._context(model_name, None, default_dtype)
         pipeline.check(probe_ctx)
+        if cfg.device_map:  # techniques that rebuild layers on one device would undo the split
+            from efficiency.devices import split_unsupported
+            from efficiency.techniques.base import UnsupportedTechnique
+
+            reason = split_unsupported(pipeline.name.split("+"))
+            if reason:
+                raise UnsupportedTechnique(reason)
         dtype = pipeline.load_dtype(probe_ctx, default_dtype)
         self.corpus()  # fail on missing data before spending time on the model
 
@@ -128,7 +136,8 @@ class Runner:
     def _measure_loaded(
         self, model: Any, loaded: LoadedModel, pipeline: Pipeline, ctx: Context, apply_s: float, benchmark: Any
     ) -> CaseResult:
-        from efficiency.measure.memory import model_size
+        from efficiency.devices import model_gpus
+        from efficiency.measure.memory import case_gpus, model_size
         from efficiency.measure.timing import make_sync
         from efficiency.phases.base import PhaseContext, run_phase
         from efficiency.phases.plan import case_phases, group_of
@@ -137,13 +146,19 @@ class Runner:
         case_id = f"{ctx.model_name}-{pipeline.name}"
         ids = self.tokens(loaded.tokenizer)
         context = min(wl.context, _max_positions(model.config))
-        meter_set = select_meters(cfg.device)
+        gpus = model_gpus(model)  # a model split across GPUs (--eff-device-map): metered, synced, tracked on all
+        meter_set = select_meters(cfg.device, ordinals=gpus or None)
+        syncs = [make_sync(f"cuda:{i}") for i in gpus] if len(gpus) > 1 else [make_sync(cfg.device)]
+
+        def sync_all() -> None:
+            for sync in syncs:
+                sync()
         meters = {"gpu": meter_set.gpu, "cpu": meter_set.cpu}
         primary = "gpu" if cfg.device.startswith("cuda") else "cpu"
         pctx = PhaseContext(
             case_id=case_id, device=cfg.device, workload=wl, tokens=ids, tokenizer=loaded.tokenizer,
             context=context, stride=min(wl.stride, context), meters=meters, primary=primary,
-            sync=make_sync(cfg.device), log=self.log, benchmark=benchmark,
+            sync=sync_all, log=self.log, benchmark=benchmark,
             store=self._stores.setdefault(ctx.model_name, {}), model_name=ctx.model_name,
             is_baseline=pipeline.name == cfg.baseline,
         )
@@ -151,18 +166,19 @@ class Runner:
         sections: dict[str, dict[str, Any]] = {}
         phases = case_phases(cfg, loaded.source.random_weights)
         failed_groups: dict[str, str] = {}
-        for phase in phases:
-            group = group_of(phase.name)
-            if group is not None and group in failed_groups:
-                continue
-            try:
-                record = run_phase(phase, model, pctx)
-                sections.update(phase.section(record, pctx))
-            except Exception as err:
-                if group is None or _is_oom(err):
-                    raise
-                # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
-                failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
+        with case_gpus([f"cuda:{i}" for i in gpus] if len(gpus) > 1 else ()):
+            for phase in phases:
+                group = group_of(phase.name)
+                if group is not None and group in failed_groups:
+                    continue
+                try:
+                    record = run_phase(phase, model, pctx)
+                    sections.update(phase.section(record, pctx))
+                except Exception as err:
+                    if group is None or _is_oom(err):
+                        raise
+                    # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
+                    failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
         conditions["after"] = case_conditions(meter_set, sample_load=False)
         conditions["warnings"] += [w for w in conditions["after"]["warnings"] if w not in conditions["warnings"]]
         for group, reason in failed_groups.items():
@@ -184,10 +200,12 @@ def case_conditions(meter_set: Any, sample_load: bool = True) -> dict[str, Any]:
     """What the case ran under: machine load (CPU share of other processes, load average, threads) and, on a
     GPU, its power state (temperature, SM/memory clocks and their maxima, power limit, throttle reasons);
     ``warnings`` when the machine was busy or the clocks throttled. Taken before and after the phases."""
+    from efficiency.devices import placement
     from efficiency.report.env import busy_warning, load_snapshot
 
     out: dict[str, Any] = {"warnings": list(meter_set.notes)}
     if sample_load:
+        out["placement"] = placement(meter_set)
         out["load"] = load_snapshot()
         warning = busy_warning(out["load"])
         if warning:

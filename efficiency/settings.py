@@ -279,7 +279,11 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         compute_dtype=str(compute_dtype) if compute_dtype is not None else None,
         technique_options=technique_options(table),
         **quality_settings(pick, path_pick, table, list(opts.get("accuracy_threshold") or [])),
+        device_map=opts.get("device_map") or None,
     )
+    if check_grid and cfg.device_map and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"--eff-device-map {cfg.device_map} splits a model across CUDA GPUs, but this run is on "
+                          f"{cfg.device}: drop it, or run on a GPU machine")
     if check_grid:
         outside = threshold_names_outside(cli_threshold_names(list(opts.get("threshold") or [])),
                                           (cfg.baseline, *cfg.techniques))

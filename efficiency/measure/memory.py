@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 import resource
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -106,10 +107,13 @@ class PeakMemory:
     reason: str | None = None
     before_bytes: int | None = None  # CPU: RSS at the start of the block
     peak_rss_bytes: int | None = None  # CPU: highest RSS seen during the block
+    # CUDA: the allocator's peak on each GPU of the case ("cuda:0" -> bytes); peak_bytes is their sum
+    peak_bytes_by_device: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "method": self.method, "reason": self.reason,
-                "before_bytes": self.before_bytes, "peak_rss_bytes": self.peak_rss_bytes}
+                "before_bytes": self.before_bytes, "peak_rss_bytes": self.peak_rss_bytes,
+                "peak_bytes_by_device": self.peak_bytes_by_device}
 
 
 SAMPLE_INTERVAL_S = 0.005
@@ -155,19 +159,53 @@ CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus r
               "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
 
 
+# The GPUs of the case being measured, when it holds more than one (a model split with --eff-device-map): set
+# by the runner around the case's phases, read by track_peak (whose callers name only the input device).
+_CASE_GPUS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("efficiency_case_gpus", default=())
+
+
+@contextmanager
+def case_gpus(devices: Sequence[str]) -> Iterator[None]:
+    """Within the block, :func:`track_peak` on a CUDA device tracks every device in ``devices``."""
+    token = _CASE_GPUS.set(tuple(devices))
+    try:
+        yield
+    finally:
+        _CASE_GPUS.reset(token)
+
+
+def tracked_devices(device: str) -> tuple[str, ...]:
+    """The CUDA devices whose peaks a block on ``device`` reports: the case's GPUs when set, else ``device``."""
+    extra = _CASE_GPUS.get()
+    return extra if extra else (device,)
+
+
+def cuda_peaks(devices: Sequence[str], torch_mod: Any = torch) -> dict[str, int]:
+    """The allocator's peak since the last reset on each device, by device name."""
+    def name(d: str) -> str:
+        return d if ":" in d else f"cuda:{torch_mod.cuda.current_device()}"
+
+    return {name(d): int(torch_mod.cuda.max_memory_allocated(torch_mod.device(d))) for d in devices}
+
+
 @contextmanager
 def track_peak(device: str) -> Iterator[PeakMemory]:
-    """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``). CPU: the
-    peak RSS during the block as a delta over the level before it, so the order of cases does not inflate it."""
+    """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) on each GPU of
+    the case, and their sum. CPU: the peak RSS during the block as a delta over the level before it, so the
+    order of cases does not inflate it."""
     result = PeakMemory()
     if device.startswith("cuda"):
-        dev = torch.device(device)
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+        devices = tracked_devices(device)
+        for d in devices:
+            torch.cuda.synchronize(torch.device(d))
+            torch.cuda.reset_peak_memory_stats(torch.device(d))
         yield result
-        torch.cuda.synchronize(dev)
-        result.peak_bytes = int(torch.cuda.max_memory_allocated(dev))
-        result.method = "torch.cuda.max_memory_allocated over the perplexity pass"
+        for d in devices:
+            torch.cuda.synchronize(torch.device(d))
+        result.peak_bytes_by_device = cuda_peaks(devices)
+        result.peak_bytes = sum(result.peak_bytes_by_device.values())
+        summed = f"; peak_bytes is the sum of the {len(devices)} GPUs' peaks (peak_bytes_by_device)"
+        result.method = "torch.cuda.max_memory_allocated over the perplexity pass" + (summed if devices[1:] else "")
         return
     try:
         sampler = _RssSampler()

@@ -11,15 +11,21 @@ MIG: on a GPU in MIG mode NVML's energy counter and power reading are the whole 
 other tenants), not the slice's. The meter still reads it, its domain says ``gpu:N(mig:whole-gpu)`` and every
 sample carries that caveat in its reason.
 
-CPU meter: RAPL package counters where readable, else a NullMeter with the reason. ``MeterSet.primary`` is
-the meter whose energy the score uses: the GPU's on a CUDA run, the CPU's otherwise.
+CPU meter: RAPL package counters where readable, else a NullMeter with the reason. Under pytest-xdist with
+more than one worker the package counter also counts the other workers' cases: it is still read, but its energy
+is null with the reason (:class:`SharedMeter`). ``MeterSet.primary`` is the meter whose energy the score uses:
+the GPU's on a CUDA run, the CPU's otherwise.
+
+A model split across GPUs (``--eff-device-map``) is metered over exactly the GPUs holding it: ``ordinals``
+gives their CUDA ordinals; each is mapped to its NVML index and the meter sums them. If one cannot be mapped,
+the sum would be partial: the GPU energy is null with the reason.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,12 +63,18 @@ class MeterSet:
     primary: Meter
     gpu_mapping: GpuMapping | None = None
     notes: tuple[str, ...] = field(default=())
+    gpu_mappings: tuple[GpuMapping, ...] = field(default=())  # every metered GPU (a split model: several)
+
+    @property
+    def mappings(self) -> tuple[GpuMapping, ...]:
+        if self.gpu_mappings:
+            return self.gpu_mappings
+        return () if self.gpu_mapping is None else (self.gpu_mapping,)
 
     @property
     def nvml_indices(self) -> tuple[int, ...]:
         """NVML indices of the metered GPU(s), for :func:`efficiency.measure.gpustate.power_state`."""
-        m = self.gpu_mapping
-        return () if m is None or m.nvml_index is None else (m.nvml_index,)
+        return tuple(m.nvml_index for m in self.mappings if m.nvml_index is not None)
 
     def all(self) -> tuple[Meter, ...]:
         return (self.gpu, self.cpu)
@@ -82,6 +94,27 @@ class CaveatMeter:
         s = self.inner.end()
         reason = f"{s.reason}; {self.caveat}" if s.reason else self.caveat
         return EnergySample(s.energy_j, s.window_s, s.method, s.uncertainty_j, self.domains, reason)
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+class SharedMeter:
+    """A meter whose counter other processes' work also moves (the CPU package under concurrent pytest-xdist
+    workers): the window is read, but the energy is not this case's, so ``energy_j`` is None and the reason
+    carries the whole reading."""
+
+    def __init__(self, inner: Meter, reason: str) -> None:
+        self.inner, self.reason = inner, reason
+        self.method, self.domains = f"{inner.method}(shared)", inner.domains
+
+    def begin(self) -> None:
+        self.inner.begin()
+
+    def end(self) -> EnergySample:
+        s = self.inner.end()
+        whole = f"; the whole package read {s.energy_j:.3f} J over the window" if s.energy_j is not None else ""
+        return EnergySample(None, s.window_s, self.method, None, self.domains, f"{self.reason}{whole}")
 
     def cancel(self) -> None:
         self.inner.cancel()
@@ -156,23 +189,34 @@ def select_meters(
     *,
     bus_id_of: Callable[[int], str | None] = cuda_pci_bus_id,
     environ: Mapping[str, str] | None = None,
+    ordinals: Sequence[int] | None = None,
 ) -> MeterSet:
-    """The meters of a run on ``device`` ("cpu", "cuda", "cuda:N"); the one place that picks them."""
+    """The meters of a run on ``device`` ("cpu", "cuda", "cuda:N"); the one place that picks them.
+    ``ordinals``: the CUDA ordinals of a model split across GPUs (default: the device's one GPU)."""
+    from efficiency.devices import SHARED_CPU_REASON, worker_count
+
     cpu = select_cpu_meter()
+    workers = worker_count(environ)
+    if workers > 1 and not isinstance(cpu, NullMeter):  # its energy section says why it is null
+        cpu = SharedMeter(cpu, SHARED_CPU_REASON.format(n=workers))
     if not device.startswith("cuda"):
         return MeterSet(device, NullMeter("no GPU: the run is on the CPU"), cpu, cpu)
-    ordinal = cuda_ordinal(device)
-    mapping = map_cuda_to_nvml(ordinal, bus_id_of(ordinal), environ)
+    ords = tuple(ordinals) if ordinals else (cuda_ordinal(device),)
+    mappings = tuple(map_cuda_to_nvml(o, bus_id_of(o), environ) for o in ords)
     notes: tuple[str, ...] = ()
     gpu: Meter
-    if mapping.nvml_index is None:
-        gpu = NullMeter(f"cuda:{ordinal}: {mapping.reason}")
+    unmapped = [m for m in mappings if m.nvml_index is None]
+    if unmapped:
+        why = "; ".join(f"cuda:{m.cuda_index}: {m.reason}" for m in unmapped)
+        partial = " (a sum over the other GPUs would be partial)" if len(mappings) > 1 else ""
+        gpu = NullMeter(f"{why}{partial}")
     else:
-        gpu = select_gpu_meter([mapping.nvml_index])
-        if mapping.mig:
-            gpu = CaveatMeter(gpu, MIG_CAVEAT, (f"gpu:{mapping.nvml_index}(mig:whole-gpu)",))
-            notes = (MIG_CAVEAT,)
-    return MeterSet(device, gpu, cpu, gpu, mapping, notes)
+        indices = [m.nvml_index for m in mappings if m.nvml_index is not None]
+        gpu = select_gpu_meter(indices)
+        if any(m.mig for m in mappings):
+            gpu = CaveatMeter(gpu, MIG_CAVEAT, tuple(f"gpu:{i}(mig:whole-gpu)" for i in indices))
+            notes = (*notes, MIG_CAVEAT)
+    return MeterSet(device, gpu, cpu, gpu, mappings[0], notes, gpu_mappings=mappings)
 
 
 @dataclass(frozen=True)
