@@ -72,6 +72,25 @@ def _upgrade_case_v1(case: dict[str, Any]) -> dict[str, Any]:
     return case
 
 
+def _refresh_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """Every registry metric in every measured case: a metric added to the registry after the report was written
+    reads null there (its producer did not run), so a new metric never needs a migration."""
+    from efficiency.metrics import case_values
+
+    cases = report.get("cases") or []
+    if all(set(c.get("metrics") or {}) >= _names() for c in cases if c.get("status") == "measured"):
+        return report
+    out = dict(report)
+    out["cases"] = [{**c, "metrics": case_values(c)} if c.get("status") == "measured" else c for c in cases]
+    return out
+
+
+def _names() -> set[str]:
+    from efficiency.metrics import NAMES
+
+    return set(NAMES)
+
+
 def upgrade(report: dict[str, Any], source: object = "report") -> dict[str, Any]:
     """The report in the current schema; raises SchemaError for a version this code cannot read."""
     version = report.get("schema_version") if isinstance(report, dict) else None
@@ -82,7 +101,7 @@ def upgrade(report: dict[str, Any], source: object = "report") -> dict[str, Any]
         raise SchemaError(f"{source} has schema version {version}; this pytest-efficiency understands "
                           f"<= {SCHEMA_VERSION}: upgrade pytest-efficiency")
     if version == SCHEMA_VERSION:
-        return report
+        return _refresh_metrics(report)
     out = dict(report)
     out["cases"] = [_upgrade_case_v1(c) for c in report.get("cases") or []]
     out["schema_version"] = SCHEMA_VERSION
