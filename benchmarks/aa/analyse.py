@@ -55,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("outdir", type=Path)
     ap.add_argument("--planted", type=float, default=1.15)
+    ap.add_argument("--min-runs", type=int, default=MIN_RUNS, help="runs per side of each A/A split (the gate's "
+                    "default %(default)s)")
     ap.add_argument("--include-busy", action="store_true", help="let runs flagged 'machine busy' count")
     ap.add_argument("--pattern", default="run*.json", help="report files in OUTDIR (default %(default)s)")
     args = ap.parse_args()
@@ -78,23 +80,24 @@ def main() -> None:
     old = sum(old_rule(runs[a], runs[b]) > 0 for a, b in pairs)
     print(f"old rule: {old} false regressions in {len(pairs)} ordered run-vs-run comparisons "
           f"({old / len(pairs):.1%})")
-    if n < 2 * MIN_RUNS:
-        print(f"new rule: needs {2 * MIN_RUNS} runs for one A/A split of {MIN_RUNS} vs {MIN_RUNS}; have {n}")
+    k = args.min_runs
+    if n < 2 * k:
+        print(f"new rule: needs {2 * k} runs for one A/A split of {k} vs {k}; have {n}")
         return
-    splits = [(s, tuple(i for i in range(n) if i not in s)) for s in itertools.combinations(range(n), MIN_RUNS)]
-    splits = [(a, b[:MIN_RUNS]) for a, b in splits]
+    splits = [(a, b) for a in itertools.combinations(range(n), k)
+              for b in itertools.combinations([i for i in range(n) if i not in a], k) if a < b]
     false, detected = 0, 0
     for base_idx, head_idx in splits:
         base = [runs[i] for i in base_idx]
         head = [runs[i] for i in head_idx]
-        crit = Criteria(include_busy=args.include_busy)
+        crit = Criteria(include_busy=args.include_busy, min_runs=k)
         false += bool(compare(base, head, crit).regressions())
         detected += bool(compare(base, [_slow(r, args.planted) for r in head], crit).regressions())
     flagged = sum(any("machine busy" in str(w) for c in r["cases"] for w in (c.get("conditions") or {}).get(
         "warnings") or []) for r in runs)
     print(f"{flagged} of {n} runs flagged 'machine busy' by the suite"
           + (" (counted: --include-busy)" if args.include_busy else " (left out of runtime verdicts)"))
-    print(f"new rule: {false} false regressions in {len(splits)} A/A splits ({MIN_RUNS} vs {MIN_RUNS} runs) "
+    print(f"new rule: {false} false regressions in {len(splits)} A/A splits ({k} vs {k} runs) "
           f"({false / len(splits):.1%})")
     print(f"new rule: planted x{args.planted} slowdown called in {detected} of {len(splits)} splits "
           f"({detected / len(splits):.1%})")
