@@ -54,7 +54,7 @@ class Workload:
     context: int = 1024
     stride: int = 512
     max_tokens: int | None = None
-    batch_size: int = 4
+    batch_size: int | None = 4  # windows per forward pass; None = automatic (from the model and free memory)
     prefill_tokens: int = 128
     decode_tokens: int = 16
     min_rounds: int = 3
@@ -68,7 +68,9 @@ class Workload:
             raise ConfigError(f"stride must be in [1, context={self.context}], got {self.stride}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ConfigError(f"max_tokens must be at least 2 (or unset for the whole split), got {self.max_tokens}")
-        for name in ("batch_size", "prefill_tokens", "min_rounds"):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1 (or 'auto'), got {self.batch_size}")
+        for name in ("prefill_tokens", "min_rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.decode_tokens < 2:

@@ -44,7 +44,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("stride", {"type": int, "help": "window stride in tokens (= context for non-overlapping windows)"}),
     ("max-tokens", {"help": f"token budget of the evaluated prefix (at least 2), or 'all' for the whole split "
                             f"(default {_CPU['max-tokens']} on CPU, all on GPU)"}),
-    ("batch-size", {"type": int, "help": "windows per forward pass"}),
+    ("batch-size", {"help": "windows per forward pass of the perplexity pass, or 'auto' (chosen from the model and "
+                           "free memory; the GPU default)"}),
     ("prefill-tokens", {"type": int, "help": "prompt length for prefill latency"}),
     ("decode-tokens", {"type": int, "help": "generated tokens for decode time per token"}),
     ("rounds", {"type": int, "help": "minimum timed rounds of the perplexity pass"}),

@@ -31,7 +31,7 @@ TOP_KEYS = (*DEVICE_KEYS, *QUALITY_KEYS, "device", "dataset", "calibration", "mo
             "reports-dir", "random-weights", "strict")
 TABLES = ("cpu", "gpu", "thresholds", "technique", "students", "accuracy-thresholds")
 PATH_KEYS = ("calibration", "model-dir", "data-dir", "cache-dir", "reports-dir", "tasks-dir")
-INT_KEYS = ("context", "stride", "batch-size", "prefill-tokens", "decode-tokens", "rounds")
+INT_KEYS = ("context", "stride", "prefill-tokens", "decode-tokens", "rounds")
 
 # Keys of the first pyproject layout and where their value lives now.
 RENAMED = {
@@ -170,6 +170,13 @@ def _max_tokens(value: Any, source: str) -> int | None:
     return value
 
 
+def _batch_size(value: Any, source: str) -> int | None:
+    """Windows per forward pass: a whole number, or ``auto`` (None: chosen from the model and free memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto" or value is None:
+        return None
+    return _int(value, "batch-size", source)
+
+
 def _int(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{source} {key} must be a whole number, got {value!r}")
@@ -248,7 +255,7 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
             context=context,
             stride=stride,
             max_tokens=_max_tokens(*pick("max-tokens")),
-            batch_size=ints["batch-size"],
+            batch_size=_batch_size(*pick("batch-size")),
             prefill_tokens=ints["prefill-tokens"],
             decode_tokens=ints["decode-tokens"],
             min_rounds=ints["rounds"],

@@ -123,3 +123,15 @@ def test_threshold_syntax_errors() -> None:
     with pytest.raises(ConfigError, match="NAME=PCT"):
         parse_thresholds({}, ["bnb4=lots"])
     assert parse_thresholds({}, ["12.5"]).default_pct == 12.5
+
+
+def test_batch_size_auto_is_none_and_the_gpu_default() -> None:
+    from efficiency.settings import build_config
+
+    root = Path(".")
+    cpu = build_config({"batch_size": "auto"}, {}, root, device="cpu")
+    assert cpu.workload.batch_size is None
+    assert build_config({}, {}, root, device="cpu").workload.batch_size == 4
+    assert build_config({}, {}, root, device="cuda").workload.batch_size is None
+    with pytest.raises(ConfigError, match="batch-size"):
+        build_config({"batch_size": "many"}, {}, root, device="cpu")
