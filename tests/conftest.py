@@ -116,3 +116,28 @@ def word_corpus() -> Any:
     rng = random.Random(0)
     words = "the cat sat on a mat while dogs ran over hills and rivers under grey skies".split()
     return Corpus("tiny.txt", "memory", " ".join(rng.choice(words) for _ in range(3000)))
+
+
+def save_tiny_gpt2(folder: Path, n_positions: int = 128, n_embd: int = 64) -> None:
+    """A 2-layer GPT-2 with random weights and the real GPT-2 tokenizer, saved as an HF folder (skips the test
+    when the tokenizer files are not in the offline data folder)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok_dir = SHARED_DATA / "architectures" / "gpt2"
+    if not tok_dir.is_dir():
+        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=n_positions, n_embd=n_embd, n_layer=2, n_head=4)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(folder)
+
+
+def make_reports() -> Any:
+    """fixtures/make_reports.py as a module (the one generator of stored and simulated reports)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_reports", REPO / "fixtures" / "make_reports.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

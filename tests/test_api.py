@@ -6,21 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import save_tiny_gpt2
 
 
 def test_measure_case_on_a_tiny_local_model(tmp_path: Path, one_thread: None) -> None:
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
     from efficiency.api import measure_case
 
-    tok_dir = SHARED_DATA / "architectures" / "gpt2"
-    if not tok_dir.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(tmp_path / "m" / "t")
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp_path / "m" / "t")
+    save_tiny_gpt2(tmp_path / "m" / "t", n_positions=64, n_embd=32)
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     case = measure_case("t", "bnb4", root=tmp_path, model_dir=str(tmp_path / "m"), dataset=str(tmp_path / "text.txt"),
                         device="cpu", max_tokens="200", context=32, stride=32, rounds=2, decode_tokens=3,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, save_tiny_gpt2
 
 GRID_TEST = """
 def test_efficiency(eff_case, eff_session, benchmark):
@@ -19,17 +19,8 @@ def test_efficiency(eff_case, eff_session, benchmark):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``models/tiny-gpt2``: a 2-layer GPT-2 with the real GPT-2 tokenizer, and a small text corpus."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok_dir = SHARED_DATA / "architectures" / "gpt2"
-    if not tok_dir.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
     root = tmp_path_factory.mktemp("eff")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4))
-    model.save_pretrained(root / "models" / "tiny-gpt2")
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "models" / "tiny-gpt2")
+    save_tiny_gpt2(root / "models" / "tiny-gpt2")
     text = (SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:6000]
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     return root

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -20,25 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def hf_recipe(model: Any, ids: torch.Tensor, context: int, stride: int) -> float:
-    nll_sum, n_scored, prev_end = torch.zeros((), dtype=torch.float64, device=ids.device), 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        trg_len = end - prev_end
-        window = ids[begin:end].unsqueeze(0)
-        labels = window.clone()
-        labels[:, :-trg_len] = -100
-        with torch.inference_mode():
-            loss = model(window, labels=labels).loss
-        valid = min(trg_len, end - begin - 1)
-        nll_sum += loss.double() * valid
-        n_scored += valid
-        prev_end = end
-        if end == len(ids):
-            break
-    return math.exp(float(nll_sum) / n_scored)
 
 
 def timed(fn: Any, rounds: int = 3) -> tuple[float, Any]:
@@ -57,7 +37,7 @@ def timed(fn: Any, rounds: int = 3) -> tuple[float, Any]:
 def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from efficiency.measure.perplexity import PerplexityEvaluator, auto_batch_size
+    from efficiency.measure.perplexity import PerplexityEvaluator, auto_batch_size, hf_recipe_perplexity
     from efficiency.techniques.base import Context, parse
 
     ap = argparse.ArgumentParser()
@@ -80,7 +60,7 @@ def main() -> None:
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        t_hf, ppl_hf = timed(lambda m=model: hf_recipe(m, ids, a.context, a.stride))
+        t_hf, ppl_hf = timed(lambda m=model: hf_recipe_perplexity(m, ids, a.context, a.stride)[0])
         rows.append({"dtype": str(dtype), "variant": "hf-recipe (1 window)", "s": t_hf, "ppl": ppl_hf})
         n_windows = len(PerplexityEvaluator(ids, a.context, a.stride, 1).plan)
         auto = auto_batch_size(model, a.context, a.stride, "cuda", n_windows)

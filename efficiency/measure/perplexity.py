@@ -177,3 +177,29 @@ class PerplexityEvaluator:
             batch_size=batch_size,
             batch_size_auto=self.auto_batch,
         )
+
+
+def hf_recipe_perplexity(model: Any, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
+    """Hugging Face's documented recipe, one window per forward pass, labels -100 outside each window's target
+    and the model's own loss: the reference the batched evaluator is checked against (tests) and timed against
+    (benchmarks/gpu/ppl_speed.py). The NLL sum stays on the device (no sync per window). Returns (perplexity,
+    scored tokens)."""
+    nll_sum = torch.zeros((), dtype=torch.float64, device=ids.device)
+    n_scored, prev_end = 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg_len = end - prev_end
+        window = ids[begin:end].unsqueeze(0)
+        labels = window.clone()
+        labels[:, :-trg_len] = -100
+        valid = min(trg_len, end - begin - 1)
+        if valid <= 0:  # a one-token tail window scores nothing (its loss is NaN)
+            break
+        with torch.inference_mode():
+            loss = model(window, labels=labels).loss
+        nll_sum += loss.double() * valid
+        n_scored += valid
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(float(nll_sum) / n_scored), n_scored

@@ -9,13 +9,15 @@ from efficiency.report.view import rows, settings_line, terminal_metrics, unique
 
 
 def terminal_table(report: dict[str, Any]) -> list[str]:
-    metrics = terminal_metrics()
+    case_rows = rows(report)
+    # a metric of an optional phase group that ran nowhere in this run gets no column
+    metrics = [m for m in terminal_metrics() if m.group is None
+               or any(r.cells.get(m.name) and r.cells[m.name].value != "n/a" for r in case_rows)]
     headers = ["case"]
     for m in metrics:
         headers += [m.short, "Δ" + m.short.split(" ")[0]]
     headers += ["opt E/R/B", "opt R-only", "pareto", "gate"]
     table: list[list[str]] = []
-    case_rows = rows(report)
     for row in case_rows:
         if row.status != "measured":
             table.append([row.id] + ["-", ""] * len(metrics) + ["", "", "", row.gate])

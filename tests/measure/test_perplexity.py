@@ -1,34 +1,11 @@
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
 import torch
 
-from efficiency.measure.perplexity import PerplexityEvaluator, windows
-
-
-def reference_loop(model: Any, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
-    """The plain recipe: one window at a time, labels -100 outside the target, the model's own loss."""
-    nll_sum, n_scored, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        trg_len = end - prev_end
-        window = ids[begin:end].unsqueeze(0)
-        labels = window.clone()
-        labels[:, :-trg_len] = -100
-        with torch.no_grad():
-            loss = model(window, labels=labels).loss
-        valid = int((labels[:, 1:] != -100).sum())
-        if valid == 0:  # a one-token tail window scores nothing (its loss is NaN)
-            break
-        nll_sum += float(loss) * valid
-        n_scored += valid
-        prev_end = end
-        if end == len(ids):
-            break
-    return math.exp(nll_sum / n_scored), n_scored
+from efficiency.measure.perplexity import PerplexityEvaluator, hf_recipe_perplexity, windows
 
 
 @pytest.mark.parametrize("n_tokens,context,stride,batch", [(300, 64, 32, 4), (257, 64, 64, 3), (100, 32, 7, 8)])
@@ -36,7 +13,7 @@ def test_batched_equals_one_window_loop(tiny: Any, n_tokens: int, context: int, 
     torch.manual_seed(1)
     ids = torch.randint(0, 128, (n_tokens,))
     result = PerplexityEvaluator(ids, context, stride, batch).run(tiny, "cpu")
-    expected, n_scored = reference_loop(tiny, ids, context, stride)
+    expected, n_scored = hf_recipe_perplexity(tiny, ids, context, stride)
     assert abs(result.perplexity - expected) / expected < 1e-5
     assert result.n_scored_tokens == n_scored
 

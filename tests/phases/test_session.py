@@ -11,21 +11,13 @@ from typing import Any
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import save_tiny_gpt2
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok_dir = SHARED_DATA / "architectures" / "gpt2"
-    if not tok_dir.is_dir():
-        pytest.skip(f"GPT-2 tokenizer files not found under {tok_dir}")
     root = tmp_path_factory.mktemp("session")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4)).save_pretrained(root / "m" / "t")
-    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(root / "m" / "t")
+    save_tiny_gpt2(root / "m" / "t", n_positions=64, n_embd=32)
     (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
     return root
 

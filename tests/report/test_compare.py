@@ -5,18 +5,17 @@ simulation tests prove the false-regression rate and the power; the U test is ch
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import json
 import math
 import random
 import statistics
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import pytest
 
+from conftest import make_reports
 from efficiency.metrics import METRICS
 from efficiency.report import stats
 from efficiency.report.compare import INSUFFICIENT, MIN_RUNS, Criteria, compare
@@ -29,14 +28,6 @@ FIXTURES = ROOT / "fixtures" / "reports"
 def load(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
     return data
-
-
-def make_reports() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_reports", ROOT / "fixtures" / "make_reports.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def verdicts(comp: Any, metric: str) -> dict[str, str]:

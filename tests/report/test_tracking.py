@@ -4,15 +4,14 @@ under --eff-fail-on-regression; a regression is called only on pooled independen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from conftest import make_reports
 from efficiency.report import history
 from efficiency.report.compare import MIN_RUNS
 from efficiency.report.tracking import finish
@@ -24,14 +23,6 @@ FIXTURES = ROOT / "fixtures" / "reports"
 def load(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
     return data
-
-
-def make_reports() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_reports", ROOT / "fixtures" / "make_reports.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def history_with(db: Path, *runs: dict[str, Any]) -> None:
