@@ -315,6 +315,16 @@ def _split_kwargs(mode: str | None, device: str) -> dict[str, Any]:
     return device_map_kwargs(mode, {i: int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())})
 
 
+def device_map_of(model: Any) -> dict[str, Any]:
+    """Where a model dispatched with a device map lives: its ``hf_device_map``, or, where transformers set none
+    (everything fitted on one device: seen on an H100 with transformers 5.17), the devices of its parameters."""
+    hf_map = dict(getattr(model, "hf_device_map", None) or {})
+    if hf_map:
+        return hf_map
+    devices = {name: str(p.device) for name, p in model.named_parameters()}
+    return {"": next(iter(devices.values()))} if len(set(devices.values())) == 1 else devices
+
+
 def _random_model(config: Any, dtype: Any, device: str, split: dict[str, Any]) -> Any:
     """A model with random weights (seed 0). Split over GPUs, transformers initialises every (missing) weight
     on its device under the device map: ``from_pretrained`` with an empty state dict."""
@@ -374,7 +384,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
     if split:
         from efficiency.devices import offloaded_modules
 
-        hf_map = dict(getattr(model, "hf_device_map", None) or {})
+        hf_map = device_map_of(model)
         off = offloaded_modules(hf_map)
         if off:
             del model

@@ -178,3 +178,18 @@ def test_case_placement_names_the_worker_and_its_gpus() -> None:
     got = devices.placement(ms, env)
     assert got["worker"] == "gw1" and got["workers"] == 4 and got["cuda_visible_devices"] == "3"
     assert got["gpus"][0]["nvml_index"] == 3 and ms.nvml_indices == (3,)
+
+
+def test_placement_of_a_model_without_hf_device_map_comes_from_its_parameters() -> None:
+    """On the H100 (transformers 5.17) a model that fitted on one GPU came back without hf_device_map and the
+    report's placement said no GPU at all."""
+    import torch
+
+    from efficiency.devices import placement_gpus
+    from efficiency.models import device_map_of
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert device_map_of(model) == {"": "cpu"}
+    model.hf_device_map = {"0": 0, "1": 1}  # type: ignore[assignment]
+    assert device_map_of(model) == {"0": 0, "1": 1} and placement_gpus(device_map_of(model)) == (0, 1)
+    assert placement_gpus({"": "cuda:0"}) == (0,)
