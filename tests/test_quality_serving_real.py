@@ -20,6 +20,8 @@ QUALITY = ["--eff-techniques", "bnb4", "--eff-tasks", "eff_facts", "--eff-tasks-
 
 
 def test_tasks_kld_and_serving_through_the_plugin(pytester: pytest.Pytester, shared_data: Path) -> None:
+    pytest.importorskip("lm_eval", reason="the [quality] extra (lm-eval) is not installed")
+    pytest.importorskip("bitsandbytes")
     result, report = run_benchmarks(pytester, shared_data, *QUALITY)
     cases = {c["technique"]: c for c in report["cases"]}
     base, q4 = cases["fp32"], cases["bnb4"]
