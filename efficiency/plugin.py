@@ -218,9 +218,6 @@ def pytest_configure(config: pytest.Config) -> None:
             _configure_devices(config, state)
         except ConfigError as err:
             raise pytest.UsageError(f"pytest-efficiency: {err}") from err
-    if config.getoption("eff_grid"):
-        grid_module = Path(__file__).with_name("grid.py")
-        config.args.append(str(grid_module))
     if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
     if hasattr(config, "workerinput"):
@@ -396,7 +393,20 @@ def _has_cases(items: list[pytest.Item]) -> bool:
     return any("eff_case" in getattr(item, "fixturenames", ()) for item in items)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--eff-grid: the packaged grid test (efficiency/grid.py) joins the collected items, before -k / -m select.
+
+    It is collected here, not by adding its path to the arguments: an installed package lives inside a virtual
+    environment, and pytest never collects paths inside one (a non-editable install would collect nothing)."""
+    grid_path = Path(__file__).with_name("grid.py")
+    if config.getoption("eff_grid") and not any(Path(str(i.path)) == grid_path for i in items):
+        grid_module = pytest.Module.from_parent(session, path=grid_path)
+        items.extend(item for item in session.genitems(grid_module) if isinstance(item, pytest.Item))
+    _check_collected(session, config, items)
+
+
+def _check_collected(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Once efficiency cases are collected, refuse bad input before any model loads (usage errors, exit 4):
     the measuring stack, technique and threshold names, model names, the dataset, and the outputs."""
     state = _state(config)
@@ -580,6 +590,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if state is None:
         return
     empty_run = (state.collected and not hasattr(session.config, "workerinput")
+                 and not session.config.option.collectonly
                  and not session.config.getoption("eff_allow_empty")
                  and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
                  and (state.session is None or _measured(state.session.report) == 0))
