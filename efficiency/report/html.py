@@ -10,6 +10,7 @@ from typing import Any
 from efficiency.metrics import METRICS
 from efficiency.report import plots, view
 from efficiency.report.compare import Comparison
+from efficiency.report.schema import upgrade
 from efficiency.report.summary import comparison_lines
 
 CSS = """
@@ -91,6 +92,7 @@ def _meta(report: dict[str, Any], source: str) -> str:
 
 
 def render(report: dict[str, Any], comparison: Comparison | None = None, source: str = "") -> str:
+    report = upgrade(report)  # a report of an older schema, as given by a library user, renders too
     settings = report.get("settings") or {}
     commit = (((report.get("environment") or {}).get("git") or {}).get("commit") or "no git")[:12]
     _, xlabel = plots.quality_axis(report)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from efficiency.report.schema import upgrade
 from efficiency.report.view import rows, settings_line, terminal_metrics, unique_notes
 
 
 def terminal_table(report: dict[str, Any]) -> list[str]:
+    report = upgrade(report)
     case_rows = rows(report)
     # a metric of an optional phase group that ran nowhere in this run gets no column
     metrics = [m for m in terminal_metrics() if m.group is None

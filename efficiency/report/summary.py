@@ -8,6 +8,7 @@ from typing import Any
 
 from efficiency.metrics import BY_NAME, METRICS
 from efficiency.report.compare import INCONCLUSIVE, NOT_SIGNIFICANT, Comparison, MetricComparison
+from efficiency.report.schema import upgrade
 from efficiency.report.view import rows as view_rows
 from efficiency.report.view import unique_notes
 
@@ -101,6 +102,7 @@ def comparison_lines(comp: Comparison, markdown: bool = False, verbose: bool = T
 def run_markdown(report: dict[str, Any]) -> list[str]:
     """A run as Markdown: header, one row per case (the view-model of efficiency.report.view), violations,
     notes."""
+    report = upgrade(report)
     env, settings = report.get("environment") or {}, report.get("settings") or {}
     git, wl = env.get("git") or {}, settings.get("workload") or {}
     commit = (git.get("commit") or "no git")[:12] + (" (dirty)" if git.get("dirty") else "")

@@ -194,6 +194,6 @@ class Compile(TechniqueBase):
         return model
 
 
-@register(r"compile", "compile (last step: bf16+compile, int4wo+compile)")
+@register(r"compile", "compile (last step: bf16+compile, int4wo+compile)", ("compile",))
 def _compile(m: re.Match[str]) -> Compile:
     return Compile()

@@ -97,6 +97,7 @@ class GemliteQuant(TechniqueBase):
         return model
 
 
-@register(r"gemlite-(int4|fp8wo)(?:-g(64|128))?", "gemlite-int4[-g64] | gemlite-fp8wo (CUDA)")
+@register(r"gemlite-(int4|fp8wo)(?:-g(64|128))?", "gemlite-int4[-g64] | gemlite-fp8wo (CUDA)",
+          ("gemlite-int4", "gemlite-int4-g64", "gemlite-fp8wo"))
 def _gemlite(m: re.Match[str]) -> GemliteQuant:
     return GemliteQuant(m.group(1), int(m.group(2) or 128))

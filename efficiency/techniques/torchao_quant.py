@@ -156,11 +156,13 @@ class TorchaoQuant(TechniqueBase):
         return model
 
 
-@register(r"int8wo|fp8wo|fp8dq|int8dq", "int8wo | fp8wo | fp8dq | int8dq (torchao)")
+@register(r"int8wo|fp8wo|fp8dq|int8dq", "int8wo | fp8wo | fp8dq | int8dq (torchao)",
+          ("int8wo", "fp8wo", "fp8dq", "int8dq"))
 def _torchao(m: re.Match[str]) -> TorchaoQuant:
     return TorchaoQuant(m.group(0))
 
 
-@register(r"int4wo(?:-g(32|64|128|256))?(-hqq)?", "int4wo[-g64][-hqq] (torchao tinygemm, group 128 by default)")
+@register(r"int4wo(?:-g(32|64|128|256))?(-hqq)?", "int4wo[-g64][-hqq] (torchao tinygemm, group 128 by default)",
+          ("int4wo", "int4wo-g64", "int4wo-hqq"))
 def _int4wo(m: re.Match[str]) -> TorchaoQuant:
     return TorchaoQuant("int4wo", int(m.group(1) or 128), hqq=bool(m.group(2)))
