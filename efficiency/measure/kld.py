@@ -118,7 +118,10 @@ def _kl_rows(lq: Any, top_ids: Any, top_logp: Any, rest_logp: Any) -> Any:
     import torch
 
     lq_top = lq.gather(-1, top_ids)
-    lq_rest = _rest(lq_top)
+    # The case's mass outside the baseline's top k, summed in the log domain over the complement: 1 - sum(top)
+    # rounds to 0 in float32 when the case is sharper than the baseline, which read as an infinite KL (seen on
+    # SmolLM2 bf16 and bnb8 against fp32).
+    lq_rest = torch.logsumexp(lq.scatter(-1, top_ids, float("-inf")), dim=-1)
     p_top = top_logp.exp()
     kl = (p_top * (top_logp - lq_top)).sum(-1)
     p_rest = rest_logp.exp()

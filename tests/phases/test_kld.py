@@ -103,3 +103,26 @@ def test_without_a_baseline_reference_the_phase_says_why() -> None:
     ctx = phase_context(tokens(), {}, is_baseline=False)
     with pytest.raises(DataUnavailable, match="reference is not in this session"):
         KldPhase(KldSettings(tokens=32)).setup(tiny_model("gpt2"), ctx)
+
+
+def test_a_case_sharper_than_the_baseline_has_a_finite_kl() -> None:
+    """The case's tail mass was 1 - sum(top-k), which rounds to 0 in float32 when the case puts nearly all its
+    mass on the baseline's top tokens: the KL read infinite (SmolLM2 bf16 and bnb8 against fp32, fresh clone)."""
+    import math
+
+    import torch
+
+    from efficiency.measure.kld import _kl_rows
+
+    vocab, k = 1000, 3
+    base = torch.full((1, vocab), -30.0)
+    base[0, :k] = torch.tensor([0.0, -1.0, -2.0])
+    base_lp = torch.log_softmax(base, -1)
+    case = torch.full((1, vocab), -40.0)  # each tail token e^-40 of the top: the sum of the tail rounds away
+    case[0, :k] = torch.tensor([0.0, -1.0, -2.0])
+    case_lp = torch.log_softmax(case, -1)
+    top_logp, top_ids = torch.topk(base_lp, k, dim=-1)
+    rest = torch.logsumexp(base_lp[:, k:], dim=-1)
+    kl = float(_kl_rows(case_lp, top_ids, top_logp, rest)[0])
+    exact = float((base_lp.exp() * (base_lp - case_lp)).sum())
+    assert math.isfinite(kl) and 0 < kl <= exact * 1.0001
