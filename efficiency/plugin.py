@@ -544,7 +544,7 @@ def _narrow_benchmark_table(config: pytest.Config) -> None:
     the rest). Kept when the user chose --benchmark-columns."""
     if "--benchmark-columns" in " ".join(config.invocation_params.args):
         return
-    bench = config.pluginmanager.get_plugin("benchmarksession")
+    bench = getattr(config, "_benchmarksession", None)  # where pytest-benchmark keeps its session object
     if bench is not None and hasattr(bench, "columns"):
         bench.columns = GRID_COLUMNS.split(",")
 

@@ -26,10 +26,12 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def run_grid(pytester: pytest.Pytester, tiny_dir: Path, *args: str) -> tuple[pytest.RunResult, dict[str, Any]]:
+def run_grid(pytester: pytest.Pytester, tiny_dir: Path, *args: str,
+             benchmark: bool = False) -> tuple[pytest.RunResult, dict[str, Any]]:
     pytester.makepyfile(test_grid=GRID_TEST)
     result = pytester.runpytest_subprocess(
-        "--rootdir", str(pytester.path), "-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet",
+        "--rootdir", str(pytester.path), "-p", "no:cacheprovider", *([] if benchmark else ["--benchmark-disable"]),
+        "--eff-quiet",
         "--eff-models", "tiny-gpt2", "--eff-model-dir", str(tiny_dir / "models"),
         "--eff-dataset", str(tiny_dir / "corpus.txt"), "--eff-max-tokens", "300", "--eff-context", "64",
         "--eff-stride", "32", "--eff-rounds", "2", "--eff-decode-tokens", "3", "--eff-prefill-tokens", "16",
