@@ -71,6 +71,8 @@ class Metric:
     formatter: Callable[[float | None], str] = fmt_number
     requires_meaningful_quality: bool = False  # perplexity of random weights is not a value
     group: str | None = None  # the optional phase group producing it (phases.plan); None: always measured
+    relative: bool = True  # a percent change against the baseline means something (False: the metric is itself
+    # measured against the baseline, e.g. KL divergence, which is 0 for the baseline)
 
     @property
     def gated(self) -> bool:
@@ -140,11 +142,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
     # quality beyond perplexity and serving (optional phases: their group must be enabled)
     Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
-           requires_meaningful_quality=True, group="kld", short="KLD"),
+           requires_meaningful_quality=True, group="kld", relative=False, short="KLD"),
     Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True,
-           group="kld"),
+           group="kld", relative=False),
     Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
-           requires_meaningful_quality=True, group="kld", short="top1"),
+           requires_meaningful_quality=True, group="kld", relative=False, short="top1"),
     Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
            requires_meaningful_quality=True, group="tasks", short="acc"),
     Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",

@@ -111,7 +111,7 @@ def number_at(d: Mapping[str, object], *path: str) -> float | None:
 def case_deltas(case: Mapping[str, object], base: Mapping[str, object]) -> dict[str, float | None]:
     """Percentage change of every registry metric of a case against its model's baseline case (report dicts),
     keyed by metric name."""
-    return {m.name: pct_change(m.value(case), m.value(base)) for m in METRICS}
+    return {m.name: pct_change(m.value(case), m.value(base)) if m.relative else None for m in METRICS}
 
 
 RUNTIME_ONLY = "runtime_only"

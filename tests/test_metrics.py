@@ -60,3 +60,11 @@ def test_version_1_reports_upgrade_on_read() -> None:
 def test_unreadable_schema_versions_are_refused(version: object) -> None:
     with pytest.raises(SchemaError):
         upgrade({"schema_version": version, "cases": []})
+
+
+def test_metrics_measured_against_the_baseline_get_no_percent_change() -> None:
+    """KL divergence is 0 for the baseline: a percent change against it read +8e8% in the fresh-clone run."""
+    base = {"status": "measured", "perplexity": {"value": 30.0, "meaningful": True}, "kld": {"mean": 1e-10}}
+    case = {"status": "measured", "perplexity": {"value": 31.0, "meaningful": True}, "kld": {"mean": 0.02}}
+    deltas = case_deltas(case, base)
+    assert deltas["kld_mean"] is None and deltas["perplexity"] == pytest.approx(100 / 30)
