@@ -315,6 +315,18 @@ def _split_kwargs(mode: str | None, device: str) -> dict[str, Any]:
     return device_map_kwargs(mode, {i: int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())})
 
 
+UNLIMITED_POSITIONS = 1 << 30
+
+
+def max_positions(config: Any) -> int:
+    """The longest sequence a model's config allows (positions), or UNLIMITED_POSITIONS where it names none."""
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return UNLIMITED_POSITIONS
+
+
 def device_map_of(model: Any) -> dict[str, Any]:
     """Where a model dispatched with a device map lives: its ``hf_device_map``, or, where transformers set none
     (everything fitted on one device: seen on an H100 with transformers 5.17), the devices of its parameters."""

@@ -18,7 +18,7 @@ from typing import Any
 from efficiency.config import SuiteConfig
 from efficiency.data import Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
 from efficiency.measure.meters import select_meters
-from efficiency.models import LoadedModel, ModelSource, load, resolve
+from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve
 from efficiency.results import CaseResult
 from efficiency.techniques.base import Context, Pipeline, parse
 
@@ -145,7 +145,7 @@ class Runner:
         cfg, wl = self.cfg, self.cfg.workload
         case_id = f"{ctx.model_name}-{pipeline.name}"
         ids = self.tokens(loaded.tokenizer)
-        context = min(wl.context, _max_positions(model.config))
+        context = min(wl.context, max_positions(model.config))
         gpus = model_gpus(model)  # a model split across GPUs (--eff-device-map): metered, synced, tracked on all
         meter_set = select_meters(cfg.device, ordinals=gpus or None)
         syncs = [make_sync(f"cuda:{i}") for i in gpus] if len(gpus) > 1 else [make_sync(cfg.device)]
@@ -241,11 +241,3 @@ def _device_memory(device: str) -> dict[str, Any]:
         free, total = None, None
     return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated(dev)),
             "reserved_bytes": int(torch.cuda.memory_reserved(dev)), "free_bytes": free, "total_bytes": total}
-
-
-def _max_positions(config: Any) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30

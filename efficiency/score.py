@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from efficiency.config import Priority
-from efficiency.metrics import METRICS, finite, pareto_axes
+from efficiency.metrics import METRICS, pareto_axes
 
 CONVENTION = (
     "opt = max(0, ppl_increase_pct)^1.5 / (alpha*runtime_reduction_pct + beta*energy_reduction_pct); lower is "
@@ -96,16 +96,6 @@ def pareto_front(points: Sequence[Sequence[float | None]], tolerances: Sequence[
                         for j, q in enumerate(points))
         flags.append(not dominated)
     return flags
-
-
-def number_at(d: Mapping[str, object], *path: str) -> float | None:
-    """The number at ``d[path[0]][path[1]]...`` of a report dict, or None where the path or number is missing."""
-    cur: object = d
-    for key in path:
-        if not isinstance(cur, Mapping):
-            return None
-        cur = cur.get(key)
-    return finite(cur)
 
 
 def case_deltas(case: Mapping[str, object], base: Mapping[str, object]) -> dict[str, float | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from efficiency.config import SuiteConfig
+from efficiency.errors import Unavailable
 from efficiency.report.schema import new_report, now_iso
 from efficiency.results import unmeasured_case
 from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_flags
@@ -183,7 +184,7 @@ class EfficiencySession:
     def _not_measured(self, case_id: str, model: str, technique: str, err: BaseException | _Failed) -> None:
         kind = err.kind if isinstance(err, _Failed) else type(err)
         message = err.message if isinstance(err, _Failed) else str(err)
-        skip = err.skip if isinstance(err, _Failed) else isinstance(err, self._skip_types())
+        skip = err.skip if isinstance(err, _Failed) else isinstance(err, Unavailable)
         reason = f"{kind.__name__}: {message}"
         from efficiency.runner import CaseOutOfMemory
 
@@ -206,7 +207,7 @@ class EfficiencySession:
                 from efficiency.runner import CaseOutOfMemory
 
                 figures = err.figures if isinstance(err, CaseOutOfMemory) else {}
-                self._baselines[model] = _Failed(type(err), str(err), isinstance(err, self._skip_types()), figures)
+                self._baselines[model] = _Failed(type(err), str(err), isinstance(err, Unavailable), figures)
         return self._baselines[model]
 
     def run_case(self, model: str, technique: str, benchmark: Any = None) -> dict[str, Any]:
@@ -229,20 +230,12 @@ class EfficiencySession:
         except Exception as err:
             from efficiency.runner import CaseOutOfMemory
 
-            if isinstance(err, (CaseOutOfMemory, *self._skip_types())):
+            if isinstance(err, (CaseOutOfMemory, Unavailable)):
                 self._not_measured(case_id, model, technique, err)
             self._record(unmeasured_case(case_id, model, technique, "error", f"{type(err).__name__}: {err}",
                                          traceback=traceback.format_exc()[-4000:]))
             raise
         return self._judge(result, base)
-
-    def _skip_types(self) -> tuple[type[Exception], ...]:
-        from efficiency.data import DataUnavailable
-        from efficiency.models import ModelUnavailable
-        from efficiency.smollm2 import FetchError
-        from efficiency.techniques.base import UnsupportedTechnique
-
-        return (ModelUnavailable, DataUnavailable, FetchError, UnsupportedTechnique)
 
     def _judge(self, result: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
         from efficiency.gate import check_perplexity

@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from efficiency.report.compare import MIN_RUNS, Criteria, compare
+from efficiency.report.compare import MIN_RUNS, Criteria, busy, compare
 from efficiency.report.io import read
 from efficiency.report.stats import mann_whitney_u
 
@@ -93,8 +93,7 @@ def main() -> None:
         crit = Criteria(include_busy=args.include_busy, min_runs=k)
         false += bool(compare(base, head, crit).regressions())
         detected += bool(compare(base, [_slow(r, args.planted) for r in head], crit).regressions())
-    flagged = sum(any("machine busy" in str(w) for c in r["cases"] for w in (c.get("conditions") or {}).get(
-        "warnings") or []) for r in runs)
+    flagged = sum(any(busy(c) for c in r["cases"] if c.get("status") == "measured") for r in runs)
     print(f"{flagged} of {n} runs flagged 'machine busy' by the suite"
           + (" (counted: --include-busy)" if args.include_busy else " (left out of runtime verdicts)"))
     print(f"new rule: {false} false regressions in {len(splits)} A/A splits ({k} vs {k} runs) "

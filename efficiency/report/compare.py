@@ -3,7 +3,7 @@
 **Independent runs, not rounds.** Rounds inside one run share the process, the model load, the allocator
 state, the clocks and the machine's load at that moment, so they are not independent samples: run-to-run
 noise is larger than round-to-round noise, and a test on the rounds of one run against the rounds of another
-calls run-to-run noise a regression (12.7% of A/A comparisons at 3% run-to-run noise). Here every run
+calls run-to-run noise a regression (11.9% of A/A comparisons at 3% run-to-run noise, below). Here every run
 contributes ONE value per case and metric (its median over rounds, the registry metric's value), and the
 base runs are compared with the head runs: several runs of one commit pooled from the history, or several
 report files per side.
@@ -18,10 +18,11 @@ report files per side.
 Why this test: it makes no assumption about the shape of run-to-run noise (a run slowed by a busy machine is
 one outlier, not a shifted mean as in a t-test), is exact at these sample sizes, and testing against the
 threshold (not against "no change") makes a false regression need the data to show a slowdown beyond the
-threshold with 95% confidence. Simulated (tests/report/test_compare.py, 3% run-to-run and 1% round noise,
-7 rounds, 5 runs per side, 2000 to 4000 comparisons): 0.00% false regressions in A/A comparisons (0.03% when 1
-run in 10 is slowed 4-10% by a busy machine; the old rule on rounds of one run: 12% and 17%); a planted 15%
-slowdown detected in 99.2% (94.5% with busy runs), a 10% one in 70%. Why ``MIN_RUNS = 5`` per side: with 4 the
+threshold with 95% confidence. Simulated (``python benchmarks/aa/simulate.py``: the simulation of
+tests/report/test_compare.py, 3% run-to-run and 1% round noise, 7 rounds, 5 runs per side, 4000 A/A and 2000
+planted comparisons): 0.00% false regressions in A/A comparisons (also when 1 run in 10 is slowed 4-10% by a busy
+machine; the old rule on rounds of one run: 11.9% and 16.8%); a planted 15% slowdown detected in 99.2% (94.3% with
+busy runs), a 10% one in 67%. Why ``MIN_RUNS = 5`` per side: with 4 the
 power for 15% falls to about 92% (82% with busy runs), with 3 far lower, and one run per side is never a
 verdict.
 
@@ -179,9 +180,12 @@ def _mismatch(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -
 
 
 def busy(case: Case) -> bool:
-    """True when the suite flagged the machine busy while this case was measured (report/env.busy_warning)."""
-    warnings = (case.get("conditions") or {}).get("warnings") or []
-    return any("machine busy" in str(w) for w in warnings)
+    """True when the machine was busy while this case was measured: the one rule of report/env.busy_warning,
+    applied to the load snapshot the case recorded."""
+    from efficiency.report.env import busy_warning
+
+    load = (case.get("conditions") or {}).get("load")
+    return isinstance(load, dict) and busy_warning(load) is not None
 
 
 def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Criteria,

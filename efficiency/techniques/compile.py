@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from efficiency.config import ConfigError
+from efficiency.models import max_positions
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 
 CACHE_BUCKET_TOKENS = 256
@@ -56,7 +57,7 @@ class CompiledExecution:
         params = inspect.signature(self.orig_forward).parameters
         self.takes_cache_position = "cache_position" in params
         self.caches: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        self.max_positions = _max_positions(model.config)
+        self.max_positions = max_positions(model.config)
         self.calls = {"compiled_generate": 0, "hf_generate": 0, "compiled_forward": 0}
 
     # --- forward ---------------------------------------------------------------------------------------
@@ -139,14 +140,6 @@ def repeated_blocks(model: Any) -> tuple[Any, list[Any]]:
         if isinstance(m, torch.nn.ModuleList) and len(m) > len(best or ()) and len({type(b) for b in m}) == 1:
             best = m
     return best, list(best or ())
-
-
-def _max_positions(config: Any) -> int:
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 20
 
 
 def compiled_state(model: Any) -> CompiledExecution | None:

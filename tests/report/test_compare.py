@@ -109,7 +109,7 @@ def _simulate(seed: int, comparisons: int, slowdown: float, busy: float, runs: i
     for _ in range(comparisons):
         base = [_sim_run(rng, 1.0, 7, run_noise, round_noise, busy) for _ in range(runs)]
         head = [_sim_run(rng, 1.0 * slowdown, 7, run_noise, round_noise, busy) for _ in range(runs)]
-        called += len(compare(base, head).regressions())
+        called += len(compare(base, head, Criteria(min_runs=runs)).regressions())
         b, h = base[0]["cases"][0]["runtime"]["rounds_s"], head[0]["cases"][0]["runtime"]["rounds_s"]
         change = statistics.median(h) / statistics.median(b) - 1
         old += change > 0.05 and mann_whitney_u(h, b, "greater").p_value <= 0.05
@@ -310,7 +310,7 @@ def test_runs_flagged_busy_do_not_count_for_runtime_verdicts() -> None:
     head = mr.repeated_runs("c3", MIN_RUNS, 12, "2026-11-22T10:00:00+00:00", slow={"bnb8": 1.15})
     for run in head[:2]:
         for case in run["cases"]:
-            case["conditions"] = {"warnings": ["machine busy while measuring: other processes used 190% of a CPU"]}
+            case["conditions"] = {"load": {"cpu_count": 2, "other_cpu_pct": 190.0, "other_busy_processes": 1}}
     comp = compare(base, head)
     assert comp.regressions() == []
     m = next(x for c in comp.cases if c.case_id.endswith("bnb8") for x in c.metrics if x.metric == "runtime_s")
