@@ -340,13 +340,9 @@ def _controller_report(state: PluginState) -> None:
     if session.report:
         return
     from efficiency.devices import SHARED_CPU_REASON
-    from efficiency.report.env import capture
-    from efficiency.report.schema import new_report
 
-    session.report = new_report(capture(session.root, session.cfg.device), session.settings())
-    session.report["started_at"] = session.started_at
+    session._ensure_report(idle_power={"power_w": None, "reason": XDIST_IDLE_REASON})
     env = session.report["environment"]
-    env["idle_power"] = {"power_w": None, "reason": XDIST_IDLE_REASON}
     workers = len(state.config.getoption("tx") or [])
     env["devices"] = {
         "workers": [a.to_dict() for a in state.assignments],

@@ -78,14 +78,16 @@ class EfficiencySession:
         self.expected = set(case_ids)
 
     # --- report ----------------------------------------------------------------------------------------
-    def _ensure_report(self) -> None:
+    def _ensure_report(self, idle_power: dict[str, Any] | None = None) -> None:
+        """Start the report (environment, settings, start time) once. ``idle_power``: what to record instead
+        of reading it (the xdist controller may not read while its workers measure)."""
         if self.report:
             return
         from efficiency.report.env import capture
 
         self.report = new_report(capture(self.root, self.cfg.device), self.settings())
         self.report["started_at"] = self.started_at
-        self.report["environment"]["idle_power"] = self._idle_power()
+        self.report["environment"]["idle_power"] = idle_power or self._idle_power()
 
     def _idle_power(self) -> dict[str, Any]:
         """The primary meter's idle power, once per run before the first case, so that reports give net energy
