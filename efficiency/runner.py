@@ -137,7 +137,7 @@ class Runner:
         self, model: Any, loaded: LoadedModel, pipeline: Pipeline, ctx: Context, apply_s: float, benchmark: Any
     ) -> CaseResult:
         from efficiency.devices import model_gpus
-        from efficiency.measure.memory import case_gpus, model_size
+        from efficiency.measure.memory import model_size
         from efficiency.measure.timing import make_sync
         from efficiency.phases.base import PhaseContext, run_phase
         from efficiency.phases.plan import case_phases, group_of
@@ -161,24 +161,24 @@ class Runner:
             sync=sync_all, log=self.log, benchmark=benchmark,
             store=self._stores.setdefault(ctx.model_name, {}), model_name=ctx.model_name,
             is_baseline=pipeline.name == cfg.baseline,
+            gpus=tuple(f"cuda:{i}" for i in gpus) if len(gpus) > 1 else (),
         )
         conditions = case_conditions(meter_set)
         sections: dict[str, dict[str, Any]] = {}
         phases = case_phases(cfg, loaded.source.random_weights)
         failed_groups: dict[str, str] = {}
-        with case_gpus([f"cuda:{i}" for i in gpus] if len(gpus) > 1 else ()):
-            for phase in phases:
-                group = group_of(phase.name)
-                if group is not None and group in failed_groups:
-                    continue
-                try:
-                    record = run_phase(phase, model, pctx)
-                    sections.update(phase.section(record, pctx))
-                except Exception as err:
-                    if group is None or _is_oom(err):
-                        raise
-                    # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
-                    failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
+        for phase in phases:
+            group = group_of(phase.name)
+            if group is not None and group in failed_groups:
+                continue
+            try:
+                record = run_phase(phase, model, pctx)
+                sections.update(phase.section(record, pctx))
+            except Exception as err:
+                if group is None or _is_oom(err):
+                    raise
+                # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
+                failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
         conditions["after"] = case_conditions(meter_set, sample_load=False)
         conditions["warnings"] += [w for w in conditions["after"]["warnings"] if w not in conditions["warnings"]]
         for group, reason in failed_groups.items():

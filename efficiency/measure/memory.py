@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import math
 import resource
 import sys
@@ -159,25 +158,10 @@ CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus r
               "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
 
 
-# The GPUs of the case being measured, when it holds more than one (a model split with --eff-device-map): set
-# by the runner around the case's phases, read by track_peak (whose callers name only the input device).
-_CASE_GPUS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("efficiency_case_gpus", default=())
-
-
-@contextmanager
-def case_gpus(devices: Sequence[str]) -> Iterator[None]:
-    """Within the block, :func:`track_peak` on a CUDA device tracks every device in ``devices``."""
-    token = _CASE_GPUS.set(tuple(devices))
-    try:
-        yield
-    finally:
-        _CASE_GPUS.reset(token)
-
-
-def tracked_devices(device: str) -> tuple[str, ...]:
-    """The CUDA devices whose peaks a block on ``device`` reports: the case's GPUs when set, else ``device``."""
-    extra = _CASE_GPUS.get()
-    return extra if extra else (device,)
+def tracked_devices(device: str, gpus: Sequence[str] = ()) -> tuple[str, ...]:
+    """The CUDA devices whose peaks a block on ``device`` reports: the case's GPUs when it holds several (a model
+    split with --eff-device-map), else ``device``."""
+    return tuple(gpus) if gpus else (device,)
 
 
 def cuda_peaks(devices: Sequence[str], torch_mod: Any = torch) -> dict[str, int]:
@@ -189,13 +173,13 @@ def cuda_peaks(devices: Sequence[str], torch_mod: Any = torch) -> dict[str, int]
 
 
 @contextmanager
-def track_peak(device: str) -> Iterator[PeakMemory]:
+def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
     """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) on each GPU of
     the case, and their sum. CPU: the peak RSS during the block as a delta over the level before it, so the
     order of cases does not inflate it."""
     result = PeakMemory()
     if device.startswith("cuda"):
-        devices = tracked_devices(device)
+        devices = tracked_devices(device, gpus)
         for d in devices:
             torch.cuda.synchronize(torch.device(d))
             torch.cuda.reset_peak_memory_stats(torch.device(d))

@@ -95,6 +95,7 @@ class PhaseContext:
     store: dict[str, Any] = field(default_factory=dict)
     model_name: str = ""
     is_baseline: bool = False
+    gpus: tuple[str, ...] = ()  # every GPU of a model split across several (--eff-device-map): peaks tracked on each
     max_rounds: int = MAX_ROUNDS
     _window_start: float | None = None
 
@@ -169,7 +170,7 @@ def measured_window(ctx: PhaseContext) -> Iterator[dict[str, Any]]:
 
     out: dict[str, Any] = {}
     with ExitStack() as stack:
-        peak = stack.enter_context(track_peak(ctx.device))
+        peak = stack.enter_context(track_peak(ctx.device, ctx.gpus))
         windows = {k: stack.enter_context(measure_energy(m, ctx.sync)) for k, m in ctx.meters.items()}
         ctx.sync()
         t0 = time.perf_counter()

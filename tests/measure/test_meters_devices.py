@@ -51,11 +51,10 @@ def test_cpu_package_energy_is_shared_under_concurrent_workers(monkeypatch: pyte
 
 
 def test_peak_memory_per_gpu_of_the_case() -> None:
-    from efficiency.measure.memory import PeakMemory, case_gpus, cuda_peaks, tracked_devices
+    from efficiency.measure.memory import PeakMemory, cuda_peaks, tracked_devices
 
     assert tracked_devices("cuda:0") == ("cuda:0",)
-    with case_gpus(["cuda:0", "cuda:1"]):
-        assert tracked_devices("cuda") == ("cuda:0", "cuda:1")
+    assert tracked_devices("cuda", ["cuda:0", "cuda:1"]) == ("cuda:0", "cuda:1")
     assert tracked_devices("cuda") == ("cuda",)
     peaks = {0: 7 * 2**30, 1: 5 * 2**30}
     fake: Any = types.SimpleNamespace(
