@@ -135,3 +135,12 @@ def test_batch_size_auto_is_none_and_the_gpu_default() -> None:
     assert build_config({}, {}, root, device="cuda").workload.batch_size is None
     with pytest.raises(ConfigError, match="batch-size"):
         build_config({"batch_size": "many"}, {}, root, device="cpu")
+
+
+def test_the_projects_own_pyproject_lets_a_gpu_choose_its_perplexity_batch() -> None:
+    """Regression: a top-level ``batch-size = 4`` in this repository's pyproject overrode the GPU default ``auto``,
+    so GPU runs from the repository (benchmarks/gpu/run.sh) ran 4 windows per pass (H100 run of 2026-11-23)."""
+    root = Path(__file__).resolve().parents[1]
+    table = read_pyproject(root)
+    assert build_config({}, table, root, device="cuda").workload.batch_size is None  # automatic
+    assert build_config({}, table, root, device="cpu").workload.batch_size == 4

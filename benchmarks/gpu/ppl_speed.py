@@ -64,7 +64,8 @@ def main() -> None:
         rows.append({"dtype": str(dtype), "variant": "hf-recipe (1 window)", "s": t_hf, "ppl": ppl_hf})
         n_windows = len(PerplexityEvaluator(ids, a.context, a.stride, 1).plan)
         auto = auto_batch_size(model, a.context, a.stride, "cuda", n_windows)
-        for label, batch in (("suite batch 4", 4), (f"suite auto batch ({auto})", None)):
+        sizes = ((4, 16, 32) if dtype == torch.bfloat16 else (4,))
+        for label, batch in ([(f"suite batch {b}", b) for b in sizes] + [(f"suite auto batch ({auto})", None)]):
             ev = PerplexityEvaluator(ids, a.context, a.stride, batch)
             t, res = timed(lambda e=ev, m=model: e.run(m, "cuda"))
             rows.append({"dtype": str(dtype), "variant": label, "s": t, "ppl": res.perplexity,

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 def main() -> None:
@@ -29,24 +30,50 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
 
-    import torch
-
-    from efficiency.config import Workload
-    from efficiency.data import load_corpus, tokenize
-    from efficiency.measure.meters import select_meters
-    from efficiency.measure.timing import make_sync
-    from efficiency.models import load, resolve
-    from efficiency.phases.base import PhaseContext, run_phase
+    from efficiency.data import load_corpus
+    from efficiency.models import resolve
     from efficiency.phases.quality_settings import ServingSettings, parse_int_list
-    from efficiency.phases.serving import ServingPhase
     from efficiency.report.serving_plots import serving_plot
-    from efficiency.techniques.base import Context, parse
 
     settings = ServingSettings(parse_int_list(a.batch_sizes), a.input_tokens, a.output_tokens)
     source = resolve(a.model, (a.model_dir,), a.random_weights, a.cache_dir)
     corpus = load_corpus("wikitext2", a.data_dir)
     a.out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
+
+    def save(partial: dict[str, Any] | None = None) -> None:
+        """The report so far (each batch size as it is measured: an interrupted sweep keeps what it measured)."""
+        report = {"cases": cases + ([partial] if partial else []),
+                  "settings": {**settings.__dict__, "min_window_s": a.min_window}}
+        (a.out / "serving.json").write_text(json.dumps(report, indent=1, default=str))
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        sweep(a, settings, source, corpus, cases, save)
+    except KeyboardInterrupt as err:
+        print(f"[serving] interrupted ({err}): serving.json keeps the batch sizes measured so far", flush=True)
+    report = {"cases": cases, "settings": {**settings.__dict__, "min_window_s": a.min_window}}
+    png = serving_plot(report)
+    if png is not None:
+        (a.out / "serving.png").write_bytes(png)
+
+
+def sweep(a: argparse.Namespace, settings: Any, source: Any, corpus: Any, cases: list[dict[str, Any]],
+          save: Any) -> None:
+    import torch
+
+    from efficiency.config import Workload
+    from efficiency.data import tokenize
+    from efficiency.measure.meters import select_meters
+    from efficiency.measure.timing import make_sync
+    from efficiency.models import load
+    from efficiency.phases.base import PhaseContext, run_phase
+    from efficiency.phases.serving import PREFIX, ServingPhase, serving_row
+    from efficiency.techniques.base import Context, parse
+
     for technique in a.techniques.split(","):
         pipeline = parse(technique)
         probe = Context(a.device, None, a.model, a.cache_dir)
@@ -69,14 +96,15 @@ def main() -> None:
             phase = ServingPhase(b, settings, last=b == sizes[-1])
             t0 = time.perf_counter()
             try:
-                section.update(phase.section(run_phase(phase, model, ctx), ctx))
+                section.update(phase.section(run_phase(cast(Any, phase), model, ctx), ctx))
             except torch.OutOfMemoryError as err:
                 print(f"[serving] {technique} batch {b}: out of memory: {str(err)[:200]}", flush=True)
                 break
             print(f"[serving] {technique} batch {b}: {time.perf_counter() - t0:.1f} s", flush=True)
+            rows = [serving_row(r, primary) for n, r in ctx.records.items() if n.startswith(PREFIX)]
+            save({"id": ctx.case_id, "model": a.model, "technique": technique, "status": "partial",
+                  "serving": {"batches": rows, "largest": rows[-1] if rows else None}})
         if "serving" not in section:  # out of memory before the last batch: the rows measured so far
-            from efficiency.phases.serving import PREFIX, serving_row
-
             rows = [serving_row(r, primary) for n, r in ctx.records.items() if n.startswith(PREFIX)]
             section["serving"] = {"batches": rows, "largest": rows[-1] if rows else None}
         for row in section["serving"]["batches"]:
@@ -87,15 +115,11 @@ def main() -> None:
         cases.append({"id": ctx.case_id, "model": a.model, "technique": technique, "status": "measured",
                       "random_weights": loaded.source.random_weights,
                       "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu", **section})
+        save()
         del model, loaded, ctx
         gc.collect()
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    report = {"cases": cases, "settings": {**settings.__dict__, "min_window_s": a.min_window}}
-    (a.out / "serving.json").write_text(json.dumps(report, indent=1, default=str))
-    png = serving_plot(report)
-    if png is not None:
-        (a.out / "serving.png").write_bytes(png)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ run() {  # run NAME pytest-args...
 }
 archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
 # deploy: compiled bf16 against compiled low-bit kernels, batch-1 decode of 64 tokens after a 128-token prompt;
-# 17408 tokens = 33 windows of 1024 (stride 512): the first window alone, then 4 batches of 8 (two input shapes).
-deploy_techniques=${DEPLOY_TECHNIQUES:-bf16,bf16+compile,int4wo+compile,gemlite-int4+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile}
+# perplexity pass over 65536 tokens = 128 windows of 1024 (stride 512), windows per forward chosen automatically.
+deploy_techniques=${DEPLOY_TECHNIQUES:-bf16+compile,gemlite-int4+compile,int4wo+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile}
 deploy() {  # deploy NAME MODEL
   run "$1" $archs --eff-models "$2" --eff-techniques "$deploy_techniques" --eff-baseline bf16+compile \
-    --eff-max-tokens "${DEPLOY_MAX_TOKENS:-17408}" --eff-batch-size 8 --eff-decode-tokens 64 --eff-prefill-tokens 128 \
+    --eff-max-tokens "${DEPLOY_MAX_TOKENS:-65536}" --eff-decode-tokens 64 --eff-prefill-tokens 128 \
     --eff-min-window "${DEPLOY_MIN_WINDOW:-3}" --eff-threshold 100000 --eff-history off
 }
 case $mode in

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,30 @@ def auto_batch_size(model: Any, context: int, stride: int, device: str | torch.d
     return batch
 
 
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of -log softmax(logits)[label] (logits (..., V), labels (...)), in float32 whatever
+    the logits' dtype: the cross-entropy as ``logsumexp - logit of the label``, which a compiler fuses into one
+    read of the logits (no float32 copy of the (tokens, vocabulary) matrix, no log-probability matrix)."""
+    x = logits.float()
+    return (torch.logsumexp(x, dim=-1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
+
+
+_COMPILED_NLL: dict[str, Any] = {}
+
+
+def nll_function(device: str | torch.device) -> Any:
+    """:func:`token_nll_sum`, compiled on a GPU (one fused reduction per batch shape; eager it writes and reads
+    the float32 logits and the log-probabilities, several times the bytes of the logits themselves); eager on
+    the CPU, where compiling needs a C compiler and buys little."""
+    if torch.device(device).type != "cuda":
+        return token_nll_sum
+    if "cuda" not in _COMPILED_NLL:
+        # dynamic shapes: one graph for every batch and vocabulary size (a static graph per shape would reach
+        # torch.compile's recompile limit within one grid and fall back to eager)
+        _COMPILED_NLL["cuda"] = torch.compile(token_nll_sum, dynamic=True)
+    return _COMPILED_NLL["cuda"]
+
+
 class PerplexityEvaluator:
     """Holds the token ids and the window plan; ``run()`` is the timed "perplexity pass" of a case.
 
@@ -129,12 +152,25 @@ class PerplexityEvaluator:
         self.batch_size: int | None = batch_size
         self.auto_batch = batch_size is None
         self.plan = windows(len(ids), context, stride)
+        self.keeps_logits: bool | None = None  # does the model take logits_to_keep (known after a run)
         if not self.plan:
             raise ValueError(f"{len(ids)} tokens are too few for one window")
 
     @property
     def n_scored_tokens(self) -> int:
         return sum(w.n_scored for w in self.plan)
+
+    @property
+    def window_lengths(self) -> list[int]:
+        return [w.length for w in self.plan]
+
+    @property
+    def n_logit_positions(self) -> int:
+        """Positions whose logits a pass computes (the LM head's share of the FLOPs): each window's scored
+        positions and the one before them where the model takes ``logits_to_keep``, every position otherwise."""
+        if self.keeps_logits is False:
+            return self.n_processed_tokens
+        return sum(w.n_scored + 1 for w in self.plan)
 
     @property
     def n_processed_tokens(self) -> int:
@@ -147,23 +183,24 @@ class PerplexityEvaluator:
         return self.batch_size
 
     def _forward_logits(self, model: Any, batch: torch.Tensor, keep: int) -> torch.Tensor:
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        if self.keeps_logits:
             return model(batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
         return model(batch, use_cache=False).logits[:, -keep:]
 
     @torch.inference_mode()
     def run(self, model: Any, device: str | torch.device) -> PerplexityResult:
         batch_size = self.resolve_batch_size(model, device)
+        nll_of = nll_function(device)
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)
         for group in _batches(self.plan, batch_size):
             batch = torch.stack([self.ids[w.begin : w.end] for w in group]).to(device)  # (B, L)
             length, trg = group[0].length, group[0].trg_len
             scored = min(trg, length - 1)
             # Logits at positions [L-scored-1, L-1) predict the labels at [L-scored, L).
-            logits = self._forward_logits(model, batch, scored + 1)[:, :-1].float()  # (B, scored, V)
+            logits = self._forward_logits(model, batch, scored + 1)[:, :-1]  # (B, scored, V)
             labels = batch[:, length - scored :]  # (B, scored)
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum")
-            nll_sum += nll.double()
+            nll_sum += nll_of(logits, labels).double()  # the slice is a view: no copy of the logits
         total = float(nll_sum.item())
         n = self.n_scored_tokens
         return PerplexityResult(

@@ -3,10 +3,12 @@
 - **Decode** (batch 1) is bound by memory: every generated token reads every weight once. The achieved weight
   bandwidth is ``bytes of weights read per token / seconds per token``; its fraction of the device's peak
   memory bandwidth is the roofline fraction, and ``weight bytes / peak bandwidth`` is the floor per token.
-- **Perplexity pass** is bound by arithmetic: ``FLOPs ~ 2 x parameters x tokens processed`` (a multiply and an
-  add per weight per token; tokens processed count the overlap of sliding windows, attention's quadratic term
-  is left out, so the figure is a slight underestimate). Achieved FLOP/s over the dense peak of the compute
-  dtype is the model FLOP utilisation (MFU).
+- **Perplexity pass** is bound by arithmetic. Its model FLOPs (:func:`pass_flops`): a multiply and an add per
+  weight per token, ``2 x (parameters - LM head) x tokens processed`` (window overlap counted), plus the LM head
+  only at the positions whose logits are computed (``2 x head x logit positions``: the pass asks for the scored
+  positions' logits alone), plus causal attention (:func:`attention_flops`: ``QK^T`` and ``AV``, ``4 x width``
+  per query and attended key, a query at position i attending to i + 1 keys). Achieved FLOP/s over the dense
+  peak of the compute dtype is the model FLOP utilisation (MFU).
 
 Peaks are datasheet figures (dense, i.e. without 2:4 sparsity), one row per device with its source. A device
 missing from the table gets the achieved figure and no fraction, with the reason. The functions are pure;
@@ -108,9 +110,34 @@ def decode_roofline(weight_bytes: int | None, s_per_token: float | None, device_
     return out
 
 
-def pass_flops(parameters: int, tokens_processed: int) -> float:
-    """FLOPs of a forward pass over ``tokens_processed`` tokens: 2 x parameters x tokens."""
-    return 2.0 * parameters * tokens_processed
+def pass_flops(parameters: int, tokens_processed: int, head_parameters: int = 0,
+               logit_positions: int | None = None, attention: float = 0.0) -> float:
+    """Model FLOPs of forward passes over ``tokens_processed`` tokens: ``2 x (parameters - head) x tokens`` +
+    ``2 x head x logit_positions`` (all tokens when None) + ``attention`` (:func:`attention_flops`)."""
+    positions = tokens_processed if logit_positions is None else logit_positions
+    return 2.0 * (parameters - head_parameters) * tokens_processed + 2.0 * head_parameters * positions + attention
+
+
+def attention_flops(config: Any, window_lengths: list[int]) -> float | None:
+    """FLOPs of causal self-attention's two matrix products over windows of the given lengths: per layer and
+    window of L tokens, ``4 x width x L(L+1)/2`` (``QK^T`` and ``AV``, 2 x width each per query-key pair; query
+    i attends to i + 1 keys). Width = heads x head dimension. None when the config does not say its layers
+    and width."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not layers or not heads or not head_dim:
+        return None
+    width = int(heads) * int(head_dim)
+    return float(sum(4 * width * length * (length + 1) // 2 for length in window_lengths) * int(layers))
+
+
+def head_parameters(model: Any) -> int:
+    """Logical weights of the LM head (the output embedding), 0 when the model has none."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(out_emb, "weight", None)
+    return int(weight.numel()) if weight is not None else 0
 
 
 def dtype_key(dtype: Any) -> str:
@@ -121,16 +148,16 @@ def dtype_key(dtype: Any) -> str:
     return name
 
 
-def mfu(parameters: int | None, tokens_processed: int | None, seconds: float | None, dtype: Any,
-        device_name: str | None) -> dict[str, Any]:
-    """Achieved FLOP/s of a pass and its fraction of the device's dense peak for ``dtype`` (MFU)."""
+def mfu(flops: float | None, seconds: float | None, dtype: Any, device_name: str | None) -> dict[str, Any]:
+    """Achieved FLOP/s of a pass of ``flops`` model FLOPs (:func:`pass_flops`) and its fraction of the device's
+    dense peak for ``dtype`` (MFU)."""
     key = dtype_key(dtype)
     out: dict[str, Any] = {"flops": None, "achieved_flops_per_s": None, "mfu": None, "peak_flops_per_s": None,
                            "compute_dtype": key, "device_peak": None, "peak_source": None, "reason": None}
-    if not parameters or not tokens_processed or not seconds or seconds <= 0:
-        out["reason"] = "parameters, tokens or pass time not measured"
+    if not flops or not seconds or seconds <= 0:
+        out["reason"] = "FLOPs or pass time not measured"
         return out
-    out["flops"] = pass_flops(parameters, tokens_processed)
+    out["flops"] = flops
     out["achieved_flops_per_s"] = out["flops"] / seconds
     peak = lookup(device_name)
     if peak is None:

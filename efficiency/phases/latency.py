@@ -97,8 +97,10 @@ class DecodePhase:
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         from efficiency.measure.roofline import weights_read_per_token
+        from efficiency.techniques.compile import compiled_state
 
         ctx.shared.setdefault("weights_read", weights_read_per_token(model))
+        ctx.shared["compiled"] = compiled_state(model)
         # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
         # never inside the window.
         ctx.sync()
@@ -130,6 +132,8 @@ class DecodePhase:
             j_per_token = (e_many - e_one) / (n - 1)
         prompt, _ = _prompt(ctx)
         roof = _roofline(ctx, per_token if per_token > 0 else None)
+        compiled = ctx.shared.get("compiled")
+        skips = compiled.cudagraph_skips() if compiled is not None else None
         return {"latency": {
             "prefill_s": pre.median_s,
             "first_token_s": one.median_s,
@@ -147,6 +151,7 @@ class DecodePhase:
             "decode_s_all": list(many.times_s),
             "reason": reason,
             "method": METHOD,
+            "cuda_graph_skips": skips,  # compiled graphs that ran without CUDA graphs (None: not asked for)
             **roof,
         }}
 

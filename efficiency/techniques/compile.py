@@ -34,7 +34,21 @@ from efficiency.models import max_positions
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 
 CACHE_BUCKET_TOKENS = 256
-DECODE_MODE = "reduce-overhead"  # CUDA graphs for the one-token step
+
+
+def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool) -> dict[str, Any]:
+    """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
+    ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``)."""
+    return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
+            "max_autotune": max_autotune}
+
+
+def cudagraph_skips() -> int:
+    """How many compiled graphs inductor ran without CUDA graphs so far in this process (it logs the reason
+    under ``TORCH_LOGS=perf_hints``): a compiled decode that should be one graph replay per token is not."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _has_bnb(model: Any) -> bool:
@@ -44,21 +58,33 @@ def _has_bnb(model: Any) -> bool:
 class CompiledExecution:
     """The state behind a compiled model: the compiled callables and the static caches."""
 
-    def __init__(self, model: Any, backend: str, decode_mode: str | None, cache_bucket: int) -> None:
+    def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
+                 forward_options: dict[str, Any] | None, cache_bucket: int) -> None:
         self.model = model
         self.orig_forward = model.forward
         self.orig_generate = model.generate
         self.cache_bucket = cache_bucket
+        self.step_options = decode_options
         # Passes without cache: regional compilation (each repeated decoder block compiled; the blocks share one
         # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
         self.container, self.blocks = repeated_blocks(model)
-        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False) for b in self.blocks]
-        self.step = torch.compile(self._step, backend=backend, mode=decode_mode, fullgraph=True, dynamic=False)
+        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False, options=forward_options)
+                                for b in self.blocks]
+        self.step = torch.compile(self._step, backend=backend, options=decode_options, fullgraph=True,
+                                  dynamic=False)
         params = inspect.signature(self.orig_forward).parameters
         self.takes_cache_position = "cache_position" in params
         self.caches: dict[tuple[int, int], tuple[Any, torch.Tensor, torch.Tensor]] = {}
         self.max_positions = max_positions(model.config)
         self.calls = {"compiled_generate": 0, "hf_generate": 0, "compiled_forward": 0}
+        self.cudagraph_skips_before = cudagraph_skips() if decode_options else 0
+
+    def cudagraph_skips(self) -> int | None:
+        """Compiled graphs run without CUDA graphs since this model was compiled (None: CUDA graphs not asked)."""
+        options = self.step_options
+        if not options or not options.get("triton.cudagraphs"):
+            return None
+        return cudagraph_skips() - self.cudagraph_skips_before
 
     # --- forward ---------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -104,7 +130,7 @@ class CompiledExecution:
     def handles(self, input_ids: Any, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
         if kwargs.get("do_sample") or kwargs.get("num_beams", 1) != 1:
             return False
-        if set(kwargs) - {"do_sample", "min_new_tokens", "max_new_tokens", "pad_token_id", "num_beams"}:
+        if set(kwargs) - {"do_sample", "min_new_tokens", "max_new_tokens", "pad_token_id", "num_beams", "streamer"}:
             return False
         n = kwargs.get("max_new_tokens")
         if not isinstance(n, int) or n < 1 or kwargs.get("min_new_tokens") != n:
@@ -119,17 +145,25 @@ class CompiledExecution:
             return self.orig_generate(input_ids, attention_mask=attention_mask, **kwargs)
         self.calls["compiled_generate"] += 1
         n: int = kwargs["max_new_tokens"]
+        streamer = kwargs.get("streamer")  # Hugging Face's protocol: put(prompt), put(each new token), end()
         batch, prompt_len = input_ids.shape
         cache, mask, positions = self.cache_for(batch, prompt_len + n)
         cache.reset()
         with torch.inference_mode():
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
             out = self.orig_forward(**self._kwargs(input_ids, positions[:, :prompt_len], cache, mask))
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens = [tok]
             for i in range(n - 1):
+                if streamer is not None:  # as in generate: the host receives each token (a sync per token)
+                    streamer.put(tok.squeeze(-1).cpu())
                 pos = positions[:, prompt_len + i : prompt_len + i + 1]
                 tok = self.step(tok, pos, cache, mask).clone()  # CUDA-graph outputs are reused by the next replay
                 tokens.append(tok)
+            if streamer is not None:
+                streamer.put(tok.squeeze(-1).cpu())
+                streamer.end()
         return torch.cat([input_ids, *tokens], dim=1)
 
 
@@ -152,6 +186,11 @@ def compiled_state(model: Any) -> CompiledExecution | None:
 class Compile(TechniqueBase):
     backend: str = "inductor"
     cache_bucket: int = CACHE_BUCKET_TOKENS
+    # inductor settings, chosen by measurement on the H100 (docs/results.md section 5): coordinate-descent tuning
+    # of the generated kernels' launch configurations; max-autotune (Triton GEMM templates against cuBLAS) costs
+    # minutes of compilation per shape.
+    coordinate_descent_tuning: bool = False
+    max_autotune: bool = False
     name: str = "compile"
     family = "execution"
 
@@ -169,8 +208,16 @@ class Compile(TechniqueBase):
         if _has_bnb(model):
             raise UnsupportedTechnique("compile: bitsandbytes layers break torch.compile graphs (their kernels "
                                        "are opaque to it); measure the eager case (without +compile) instead")
-        decode_mode = DECODE_MODE if ctx.is_cuda else None  # CUDA graphs need a GPU
-        state = CompiledExecution(model, self.backend, decode_mode, self.cache_bucket)
+        cuda_graphs = ctx.is_cuda  # CUDA graphs need a GPU
+        decode_options: dict[str, Any] | None
+        forward_options: dict[str, Any] | None
+        if self.backend == "inductor":
+            decode_options = inductor_options(cuda_graphs, self.coordinate_descent_tuning, self.max_autotune)
+            forward_options = inductor_options(False, self.coordinate_descent_tuning, self.max_autotune)
+        else:  # other backends take no inductor options
+            decode_options = forward_options = None
+            cuda_graphs = False
+        state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket)
         model.forward = state.forward
         model.generate = state.generate
         model._efficiency_compiled = state
@@ -178,10 +225,11 @@ class Compile(TechniqueBase):
             "backend": self.backend,
             "torch": torch.__version__,
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
-                      f"one-token step torch.compile(fullgraph, mode={decode_mode}); prefill eager",
+                      f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
             "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks for passes "
                        "without cache (perplexity, prefill)",
-            "cuda_graphs": decode_mode == DECODE_MODE,
+            "cuda_graphs": cuda_graphs,
+            "inductor": forward_options,
             "warm_up": "compilation at the first call of each shape, in the phases' untimed setup (setup_s)",
         }
         return model

@@ -46,3 +46,21 @@ def test_a_perfect_model_scores_perplexity_one() -> None:
     ids = torch.arange(40) % 16
     result = PerplexityEvaluator(ids, 10, 5, 3).run(Oracle(ids), "cpu")
     assert result.perplexity == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_nll_sum_is_the_float32_cross_entropy(dtype: torch.dtype) -> None:
+    """The fused form (logsumexp - label logit, float32) equals cross_entropy on the float32 logits, also for a
+    strided view of bf16 logits (the evaluator passes the slice without copying it)."""
+    import torch.nn.functional as F
+
+    from efficiency.measure.perplexity import nll_function, token_nll_sum
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 9, 50, generator=g) * 4).to(dtype)[:, :-1]  # (3, 8, 50), not contiguous
+    labels = torch.randint(0, 50, (3, 8), generator=g)
+    expected = F.cross_entropy(logits.float().reshape(-1, 50), labels.reshape(-1), reduction="sum")
+    got = token_nll_sum(logits, labels)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert nll_function("cpu") is token_nll_sum  # eager on the CPU

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from conftest import tiny_model
 from efficiency.measure import roofline
-from efficiency.measure.roofline import decode_roofline, lookup, mfu, stored_bytes, weights_read_per_token
+from efficiency.measure.roofline import (
+    attention_flops,
+    decode_roofline,
+    lookup,
+    mfu,
+    pass_flops,
+    stored_bytes,
+    weights_read_per_token,
+)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -39,21 +49,38 @@ def test_unknown_device_reports_achieved_without_fraction() -> None:
     r = decode_roofline(1000, 0.001, "cpu")
     assert r["weight_bytes_per_s"] == pytest.approx(1e6)
     assert r["roofline_fraction"] is None and "not in the peak table" in r["reason"]
-    m = mfu(10, 100, 1.0, torch.float32, "Some Future GPU")
+    m = mfu(2000.0, 1.0, torch.float32, "Some Future GPU")
     assert m["achieved_flops_per_s"] == pytest.approx(2000.0) and m["mfu"] is None and m["reason"]
 
 
 def test_mfu_by_hand() -> None:
     # 1.3e9 parameters, 65,536 tokens processed in 0.5 s: 2 * 1.3e9 * 65536 / 0.5 FLOP/s over 989.5 TFLOP/s
-    m = mfu(1_300_000_000, 65_536, 0.5, torch.bfloat16, "NVIDIA H100 80GB HBM3")
+    m = mfu(pass_flops(1_300_000_000, 65_536), 0.5, torch.bfloat16, "NVIDIA H100 80GB HBM3")
     assert m["flops"] == pytest.approx(2 * 1.3e9 * 65536)
     assert m["mfu"] == pytest.approx(2 * 1.3e9 * 65536 / 0.5 / 989.5e12)
-    assert mfu(1, 1, 1.0, torch.float8_e4m3fn, "NVIDIA H200")["peak_flops_per_s"] == pytest.approx(1979e12)
+    assert mfu(1.0, 1.0, torch.float8_e4m3fn, "NVIDIA H200")["peak_flops_per_s"] == pytest.approx(1979e12)
+
+
+def test_pass_flops_count_the_head_only_where_logits_are_computed() -> None:
+    # 100 weights of which 30 are the LM head; 1,000 tokens through the body, logits at 600 positions, plus 7
+    assert pass_flops(100, 1000, head_parameters=30, logit_positions=600, attention=7.0) == \
+        2 * 70 * 1000 + 2 * 30 * 600 + 7
+    assert pass_flops(100, 1000, head_parameters=30) == 2 * 100 * 1000  # logits everywhere: the old count
+
+
+def test_attention_flops_by_hand() -> None:
+    # 2 layers, 4 heads of 8 (width 32); windows of 3 and 2 tokens: query i attends to i + 1 keys, so 6 and 3
+    # query-key pairs; 4 x 32 FLOPs each (QK^T and AV) per layer
+    config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=32)
+    assert attention_flops(config, [3, 2]) == 2 * 4 * 32 * (6 + 3)
+    gpt2 = SimpleNamespace(n_layer=1, n_head=2, n_embd=16)
+    assert attention_flops(gpt2, [1]) == 4 * 16 * 1
+    assert attention_flops(SimpleNamespace(), [4]) is None
 
 
 def test_missing_inputs_give_none_with_reason() -> None:
     assert decode_roofline(None, 0.01, "NVIDIA H200")["reason"]
-    assert mfu(100, 100, None, torch.float16, "NVIDIA H200")["mfu"] is None
+    assert mfu(100.0, None, torch.float16, "NVIDIA H200")["mfu"] is None
 
 
 def test_weights_read_per_token_counts_tied_head_once_and_skips_gathered_tables() -> None:

@@ -130,3 +130,37 @@ def test_inductor_on_cpu_decodes_like_hf(one_thread: Any) -> None:
     expected = _hf_greedy(model, prompt, 5)
     model = Compile(cache_bucket=16).apply(model, _ctx(["compile"]))
     assert torch.equal(_hf_greedy(model, prompt, 5), expected)
+
+
+class _Recorder:
+    """A generate streamer (Hugging Face's protocol) that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.values.append(value)
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_compiled_decode_feeds_a_streamer_like_generate(one_thread: Any) -> None:
+    """The serving phase reads the time to the first token through a streamer: the compiled loop must take it
+    (it used to fall back to eager ``generate``) and feed it as ``generate`` does: the prompt, then each token."""
+    torch._dynamo.reset()
+    model = tiny_model("opt")
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 128, (2, 7))
+    model = Compile(backend="eager", cache_bucket=32).apply(model, _ctx(["compile"]))
+    streamer = _Recorder()
+    with torch.inference_mode():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, min_new_tokens=5,
+                             max_new_tokens=5, pad_token_id=0, streamer=streamer)
+    state = compiled_state(model)
+    assert state is not None and state.calls["compiled_generate"] == 1 and state.calls["hf_generate"] == 0
+    assert len(streamer.values) == 1 + 5 and streamer.ended
+    assert torch.equal(streamer.values[0], prompt)
+    assert torch.equal(torch.stack(streamer.values[1:], dim=1), out[:, 7:])
+    assert state.cudagraph_skips() is None  # CUDA graphs are not asked for on the CPU

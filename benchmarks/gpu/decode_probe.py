@@ -1,0 +1,191 @@
+"""Development probe behind the defaults of docs/results.md section 5: execution variants side by side on one GPU.
+
+Not a suite report (no energy window, no phases): it chooses what the suite's ``compile`` step and the low-bit
+techniques default to, and the suite's own grid (`benchmarks/gpu/run.sh deploy`) then measures the chosen ones.
+
+`python benchmarks/gpu/decode_probe.py OUTDIR --model opt-6.7b --variants "bf16+compile,int4wo+compile@cdt"`
+
+A variant is a pipeline of the suite, optionally followed by ``@`` and compile settings joined by ``.``:
+``cdt`` (inductor's coordinate-descent tuning), ``ma`` (max-autotune), e.g. ``bf16+compile@cdt.ma``.
+Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
+
+- ``--what decode``: batch-1 greedy decode of ``--new`` tokens after a ``--prompt``-token prompt; per token =
+  (median t(generate new) - median t(generate 1)) / (new - 1), as the suite's decode phase; 10 rounds each.
+- ``--what ppl``: the perplexity pass (context 1024, stride 512, automatic batch) over ``--tokens`` random ids,
+  median of 3 after a warm-up, MFU by the suite's FLOP count (efficiency.measure.roofline.pass_flops).
+
+Writes OUTDIR/probe-<what>-<model>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Any, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import AutoConfig
+
+    from efficiency.models import _random_model
+    from efficiency.techniques.base import Context, parse
+
+    pipeline_name, _, flags = variant.partition("@")
+    options = {"compile": {"coordinate_descent_tuning": "cdt" in flags.split("."),
+                           "max_autotune": "ma" in flags.split(".")}} if "compile" in pipeline_name else {}
+    pipeline = parse(pipeline_name, options)
+    ctx = Context(device=device, tokenizer=None, model_name=name, cache_dir=Path("/tmp/eff-probe"))
+    pipeline.check(ctx)
+    dtype = pipeline.load_dtype(ctx, torch.bfloat16)
+    config = AutoConfig.from_pretrained(Path(os.environ["EFFICIENCY_DATA_DIR"]) / "architectures" / name)
+    model = _random_model(config, dtype, device, {}).eval()
+    t0 = time.perf_counter()
+    model = pipeline.apply(model, ctx)
+    _sync()
+    info = {k: v for k, v in ctx.info.items() if k != "order"}
+    return model, {"apply_s": time.perf_counter() - t0, "info": info}
+
+
+def one(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from efficiency.measure.roofline import device_name, weights_read_per_token
+    from efficiency.techniques.compile import compiled_state
+
+    dev = a.device
+    model, row = _model(a.model, a.one, dev)
+    weight_bytes, params = weights_read_per_token(model)
+    row.update(variant=a.one, model=a.model, device=device_name(dev), torch=torch.__version__,
+               weight_bytes_per_token=weight_bytes, parameters=params)
+    g = torch.Generator().manual_seed(0)
+    if a.what == "decode":
+        prompt = torch.randint(0, model.config.vocab_size, (1, a.prompt), generator=g).to(dev)
+        mask = torch.ones_like(prompt)
+
+        def gen(n: int) -> Any:
+            with torch.inference_mode():
+                return model.generate(prompt, attention_mask=mask, do_sample=False, min_new_tokens=n,
+                                      max_new_tokens=n, pad_token_id=0)
+
+        t0 = time.perf_counter()
+        out = gen(a.new)  # compile + CUDA-graph capture happen here and in the next call
+        gen(1)
+        _sync()
+        row["warm_up_s"] = time.perf_counter() - t0
+        assert out.shape == (1, a.prompt + a.new), out.shape
+        one_s = _timed(lambda: gen(1), a.rounds)
+        many_s = _timed(lambda: gen(a.new), a.rounds)
+        per_token = (statistics.median(many_s) - statistics.median(one_s)) / (a.new - 1)
+        spread = [(m - statistics.median(one_s)) / (a.new - 1) for m in many_s]
+        state = compiled_state(model)
+        row.update(ms_per_token=per_token * 1e3, ms_per_token_min=min(spread) * 1e3,
+                   ms_per_token_max=max(spread) * 1e3, rounds=a.rounds,
+                   pct_of_3_35_tbs=weight_bytes / per_token / 3.35e12 * 100,
+                   floor_ms=weight_bytes / 3.35e12 * 1e3,
+                   cuda_graph_skips=state.cudagraph_skips() if state is not None else None,
+                   calls=dict(state.calls) if state is not None else None)
+    else:
+        from efficiency.measure.perplexity import PerplexityEvaluator
+        from efficiency.measure.roofline import attention_flops, head_parameters, mfu, pass_flops
+
+        ids = torch.randint(0, model.config.vocab_size, (a.tokens,), generator=g).to(dev)
+        ev = PerplexityEvaluator(ids, 1024, 512, None if a.batch == 0 else a.batch)
+        t0 = time.perf_counter()
+        ev.run(model, dev)
+        _sync()
+        row["warm_up_s"] = time.perf_counter() - t0
+        times = _timed(lambda: ev.run(model, dev), 3)
+        s = statistics.median(times)
+        flops = pass_flops(params, ev.n_processed_tokens, head_parameters(model), ev.n_logit_positions,
+                           attention_flops(model.config, ev.window_lengths) or 0.0)
+        m = mfu(flops, s, next(model.parameters()).dtype, device_name(dev))
+        row.update(pass_s=s, pass_s_all=times, batch=ev.batch_size, tokens=a.tokens,
+                   tokens_processed=ev.n_processed_tokens, model_tflop=flops / 1e12,
+                   mfu_pct=m["mfu"] * 100 if m["mfu"] else None,
+                   old_count_mfu_pct=2 * params * ev.n_processed_tokens / s / 989.5e12 * 100)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model", default="opt-6.7b")
+    ap.add_argument("--variants", default="bf16+compile")
+    ap.add_argument("--what", choices=("decode", "ppl"), default="decode")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--batch", type=int, default=0, help="perplexity batch of windows; 0: automatic")
+    ap.add_argument("--budget-s", type=float, default=480.0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print("PROBE-ROW " + json.dumps(one(a), default=str), flush=True)
+        return
+    a.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for variant in a.variants.split(","):
+        left = a.budget_s - (time.perf_counter() - start)
+        if left < 30:
+            rows.append({"variant": variant, "error": "not run: the probe's time budget was spent"})
+            continue
+        cmd = [sys.executable, __file__, str(a.out), "--model", a.model, "--what", a.what, "--one", variant,
+               "--prompt", str(a.prompt), "--new", str(a.new), "--rounds", str(a.rounds), "--tokens", str(a.tokens),
+               "--batch", str(a.batch), "--device", a.device]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            found = [ln for ln in p.stdout.splitlines() if ln.startswith("PROBE-ROW ")]
+            row = json.loads(found[-1][10:]) if found else {"variant": variant, "error": p.stderr[-3000:]}
+            hints = [ln for ln in p.stderr.splitlines() if "cudagraph" in ln.lower() or "skipping" in ln.lower()]
+            row["perf_hints"] = hints[-5:]
+        except subprocess.TimeoutExpired:
+            row = {"variant": variant, "error": f"stopped after {left:.0f} s (the probe's budget)"}
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(json.dumps(row, default=str)[:1500], flush=True)
+    path = a.out / f"probe-{a.what}-{a.model}.json"
+    path.write_text(json.dumps({"model": a.model, "what": a.what, "rows": rows}, indent=1, default=str))
+    print(f"\n{a.what} {a.model}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:34s} ERROR {str(r['error'])[-300:]}")
+        elif a.what == "decode":
+            print(f"{r['variant']:34s} {r['ms_per_token']:7.3f} ms/token [{r['ms_per_token_min']:.3f}, "
+                  f"{r['ms_per_token_max']:.3f}]  {r['pct_of_3_35_tbs']:5.1f}% of 3.35 TB/s  floor "
+                  f"{r['floor_ms']:.2f}  warm-up {r['warm_up_s']:.0f} s  skips {r['cuda_graph_skips']}")
+        else:
+            print(f"{r['variant']:34s} {r['pass_s']:7.4f} s  batch {r['batch']}  MFU {r['mfu_pct']}% "
+                  f"(old count {r['old_count_mfu_pct']:.1f}%)  warm-up {r['warm_up_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
