@@ -32,7 +32,7 @@ WORKLOAD: dict[str, dict[str, Any]] = {
         "context": 1024,
         "stride": 512,
         "max-tokens": None,
-        "batch-size": "auto",  # from the model size and free memory: 7.5x the HF recipe on an H100 (results §5)
+        "batch-size": "auto",  # from the model size and free memory: 7.5x-10.75x the HF recipe on an H100 (results §5)
         "prefill-tokens": 128,
         "decode-tokens": 16,
         "rounds": 3,
