@@ -8,6 +8,7 @@ the result equals the one-window-at-a-time loop (a test checks it).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterator
@@ -84,7 +85,8 @@ CPU_AUTO_BATCH = 4  # on the CPU a larger batch buys nothing and costs memory
 def window_bytes(config: Any, context: int, keep: int, elem_bytes: int) -> int:
     """Activation bytes one window adds to a forward pass (inference: one layer's activations live at a time):
     hidden states and the MLP's intermediate in the compute dtype, plus the kept logits in the compute dtype
-    and their float32 copy for the cross-entropy (twice: the copy and its log-softmax)."""
+    and two float32 copies of them (the eager cross-entropy's upcast and intermediate; the compiled one on a
+    GPU needs neither, so there the figure is an upper bound)."""
     hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0)
     ffn = int(getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None)
               or getattr(config, "n_inner", None) or 4 * hidden)
@@ -120,20 +122,18 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(x, dim=-1) - x.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
 
 
-_COMPILED_NLL: dict[str, Any] = {}
+@functools.cache
+def _compiled_nll() -> Any:
+    # dynamic shapes: one graph for every batch and vocabulary size (a static graph per shape reached
+    # torch.compile's recompile limit within one run on the H100 and fell back to eager)
+    return torch.compile(token_nll_sum, dynamic=True)
 
 
 def nll_function(device: str | torch.device) -> Any:
-    """:func:`token_nll_sum`, compiled on a GPU (one fused reduction per batch shape; eager it writes and reads
-    the float32 logits and the log-probabilities, several times the bytes of the logits themselves); eager on
-    the CPU, where compiling needs a C compiler and buys little."""
-    if torch.device(device).type != "cuda":
-        return token_nll_sum
-    if "cuda" not in _COMPILED_NLL:
-        # dynamic shapes: one graph for every batch and vocabulary size (a static graph per shape would reach
-        # torch.compile's recompile limit within one grid and fall back to eager)
-        _COMPILED_NLL["cuda"] = torch.compile(token_nll_sum, dynamic=True)
-    return _COMPILED_NLL["cuda"]
+    """:func:`token_nll_sum`, compiled on a GPU (one fused reduction; eager it writes and reads the float32
+    logits and the log-probabilities, several times the bytes of the logits themselves); eager on the CPU,
+    where compiling needs a C compiler."""
+    return _compiled_nll() if torch.device(device).type == "cuda" else token_nll_sum
 
 
 class PerplexityEvaluator:
@@ -183,7 +183,6 @@ class PerplexityEvaluator:
         return self.batch_size
 
     def _forward_logits(self, model: Any, batch: torch.Tensor, keep: int) -> torch.Tensor:
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.keeps_logits:
             return model(batch, logits_to_keep=keep, use_cache=False).logits  # (B, keep, V)
         return model(batch, use_cache=False).logits[:, -keep:]
@@ -191,6 +190,7 @@ class PerplexityEvaluator:
     @torch.inference_mode()
     def run(self, model: Any, device: str | torch.device) -> PerplexityResult:
         batch_size = self.resolve_batch_size(model, device)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         nll_of = nll_function(device)
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)
         for group in _batches(self.plan, batch_size):

@@ -3,8 +3,8 @@
 What a deployment runs instead of eager Hugging Face passes:
 
 - **decode**: a static KV cache (one per batch size and cache-length bucket, reset before each call, so its
-  tensors keep their addresses) and a greedy loop whose one-token step is ``torch.compile``d with
-  ``mode="reduce-overhead"`` (CUDA graphs on a GPU). The loop replaces ``model.generate`` only for the calls
+  tensors keep their addresses) and a greedy loop whose one-token step is ``torch.compile``d with CUDA graphs
+  on a GPU (``options={"triton.cudagraphs": True}``, what ``mode="reduce-overhead"`` sets). The loop replaces ``model.generate`` only for the calls
   the latency phases make (greedy, no padding, ``min_new_tokens == max_new_tokens``); any other call goes to
   Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
   equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
@@ -21,6 +21,7 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import shutil
@@ -186,9 +187,9 @@ def compiled_state(model: Any) -> CompiledExecution | None:
 class Compile(TechniqueBase):
     backend: str = "inductor"
     cache_bucket: int = CACHE_BUCKET_TOKENS
-    # inductor settings, chosen by measurement on the H100 (docs/results.md section 5): coordinate-descent tuning
-    # of the generated kernels' launch configurations; max-autotune (Triton GEMM templates against cuBLAS) costs
-    # minutes of compilation per shape.
+    # inductor settings (``[tool.efficiency.technique.compile]``). Coordinate-descent tuning of the generated
+    # kernels: off, measured on the H100 (docs/results.md section 5b: no gain for bf16 decode, 26 s more
+    # compilation). Max-autotune (Triton GEMM templates against cuBLAS): off, not measured.
     coordinate_descent_tuning: bool = False
     max_autotune: bool = False
     name: str = "compile"
@@ -218,8 +219,10 @@ class Compile(TechniqueBase):
             decode_options = forward_options = None
             cuda_graphs = False
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket)
-        model.forward = state.forward
-        model.generate = state.generate
+        # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
+        # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
+        model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
+        model.generate = functools.wraps(state.orig_generate)(lambda *a, **kw: state.generate(*a, **kw))
         model._efficiency_compiled = state
         ctx.info[self.name] = {
             "backend": self.backend,

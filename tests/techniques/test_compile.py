@@ -164,3 +164,19 @@ def test_compiled_decode_feeds_a_streamer_like_generate(one_thread: Any) -> None
     assert torch.equal(streamer.values[0], prompt)
     assert torch.equal(torch.stack(streamer.values[1:], dim=1), out[:, 7:])
     assert state.cudagraph_skips() is None  # CUDA graphs are not asked for on the CPU
+
+
+def test_compiled_model_keeps_the_signatures_callers_inspect(one_thread: Any) -> None:
+    """Regression: ``model.forward`` became ``(*args, **kwargs)`` under compile, so the perplexity pass stopped
+    asking for ``logits_to_keep`` and computed the LM head at every position (H100 probe, 2026-11-23)."""
+    import inspect
+
+    torch._dynamo.reset()
+    model = tiny_model("opt")
+    params = set(inspect.signature(model.forward).parameters)
+    model = Compile(backend="eager").apply(model, _ctx(["compile"]))
+    assert set(inspect.signature(model.forward).parameters) == params and "logits_to_keep" in params
+    ev = PerplexityEvaluator(torch.randint(0, 128, (200,)), 64, 32, 4)
+    ev.run(model, "cpu")
+    assert ev.keeps_logits is True
+    assert ev.n_logit_positions < ev.n_processed_tokens
