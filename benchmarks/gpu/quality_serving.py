@@ -10,7 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 
 def main() -> None:
@@ -41,11 +41,13 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     cases: list[dict[str, Any]] = []
 
+    def report(partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"cases": cases + ([partial] if partial else []),
+                "settings": {**settings.__dict__, "min_window_s": a.min_window}}
+
     def save(partial: dict[str, Any] | None = None) -> None:
         """The report so far (each batch size as it is measured: an interrupted sweep keeps what it measured)."""
-        report = {"cases": cases + ([partial] if partial else []),
-                  "settings": {**settings.__dict__, "min_window_s": a.min_window}}
-        (a.out / "serving.json").write_text(json.dumps(report, indent=1, default=str))
+        (a.out / "serving.json").write_text(json.dumps(report(partial), indent=1, default=str))
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt("SIGTERM")
@@ -55,8 +57,7 @@ def main() -> None:
         sweep(a, settings, source, corpus, cases, save)
     except KeyboardInterrupt as err:
         print(f"[serving] interrupted ({err}): serving.json keeps the batch sizes measured so far", flush=True)
-    report = {"cases": cases, "settings": {**settings.__dict__, "min_window_s": a.min_window}}
-    png = serving_plot(report)
+    png = serving_plot(report())
     if png is not None:
         (a.out / "serving.png").write_bytes(png)
 
@@ -96,7 +97,7 @@ def sweep(a: argparse.Namespace, settings: Any, source: Any, corpus: Any, cases:
             phase = ServingPhase(b, settings, last=b == sizes[-1])
             t0 = time.perf_counter()
             try:
-                section.update(phase.section(run_phase(cast(Any, phase), model, ctx), ctx))
+                section.update(phase.section(run_phase(phase, model, ctx), ctx))
             except torch.OutOfMemoryError as err:
                 print(f"[serving] {technique} batch {b}: out of memory: {str(err)[:200]}", flush=True)
                 break

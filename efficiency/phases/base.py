@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from efficiency.config import Workload
 from efficiency.defaults import MAX_ROUNDS
@@ -149,7 +149,9 @@ class PhaseContext:
 
 
 class Phase(Protocol):
-    name: ClassVar[str]
+    @property
+    def name(self) -> str:
+        """The phase's name in the report (a class constant, or per instance: ``serving_b8``)."""
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         """Untimed preparation (inputs, warm-up). Never inside the window."""
