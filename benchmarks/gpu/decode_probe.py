@@ -74,7 +74,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
 def one(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from efficiency.measure.roofline import device_name, weights_read_per_token
+    from efficiency.measure.roofline import decode_roofline, device_name, weights_read_per_token
     from efficiency.techniques.compile import compiled_state
 
     dev = a.device
@@ -103,15 +103,17 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
         per_token = (statistics.median(many_s) - statistics.median(one_s)) / (a.new - 1)
         spread = [(m - statistics.median(one_s)) / (a.new - 1) for m in many_s]
         state = compiled_state(model)
+        roof = decode_roofline(weight_bytes, per_token, device_name(dev))
         row.update(ms_per_token=per_token * 1e3, ms_per_token_min=min(spread) * 1e3,
                    ms_per_token_max=max(spread) * 1e3, rounds=a.rounds,
-                   pct_of_3_35_tbs=weight_bytes / per_token / 3.35e12 * 100,
-                   floor_ms=weight_bytes / 3.35e12 * 1e3,
+                   roofline_pct=roof["roofline_fraction"] * 100 if roof["roofline_fraction"] else None,
+                   floor_ms=roof["floor_s_per_token"] * 1e3 if roof["floor_s_per_token"] else None,
+                   device_peak=roof["device_peak"],
                    cuda_graph_skips=state.cudagraph_skips() if state is not None else None,
                    calls=dict(state.calls) if state is not None else None)
     else:
         from efficiency.measure.perplexity import PerplexityEvaluator
-        from efficiency.measure.roofline import attention_flops, head_parameters, mfu, pass_flops
+        from efficiency.measure.roofline import evaluator_flops, mfu, pass_flops
 
         ids = torch.randint(0, model.config.vocab_size, (a.tokens,), generator=g).to(dev)
         ev = PerplexityEvaluator(ids, 1024, 512, None if a.batch == 0 else a.batch)
@@ -121,13 +123,14 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
         row["warm_up_s"] = time.perf_counter() - t0
         times = _timed(lambda: ev.run(model, dev), 3)
         s = statistics.median(times)
-        flops = pass_flops(params, ev.n_processed_tokens, head_parameters(model), ev.n_logit_positions,
-                           attention_flops(model.config, ev.window_lengths) or 0.0)
-        m = mfu(flops, s, next(model.parameters()).dtype, device_name(dev))
+        dtype = next(model.parameters()).dtype
+        flops, _ = evaluator_flops(params, model, ev)
+        m = mfu(flops, s, dtype, device_name(dev))
+        old = mfu(pass_flops(params, ev.n_processed_tokens), s, dtype, device_name(dev))
         row.update(pass_s=s, pass_s_all=times, batch=ev.batch_size, tokens=a.tokens,
-                   tokens_processed=ev.n_processed_tokens, model_tflop=flops / 1e12,
+                   tokens_processed=ev.n_processed_tokens, model_tflop=flops / 1e12 if flops else None,
                    mfu_pct=m["mfu"] * 100 if m["mfu"] else None,
-                   old_count_mfu_pct=2 * params * ev.n_processed_tokens / s / 989.5e12 * 100)
+                   old_count_mfu_pct=old["mfu"] * 100 if old["mfu"] else None)
     return row
 
 
@@ -180,11 +183,11 @@ def main() -> None:
             print(f"{r['variant']:34s} ERROR {str(r['error'])[-300:]}")
         elif a.what == "decode":
             print(f"{r['variant']:34s} {r['ms_per_token']:7.3f} ms/token [{r['ms_per_token_min']:.3f}, "
-                  f"{r['ms_per_token_max']:.3f}]  {r['pct_of_3_35_tbs']:5.1f}% of 3.35 TB/s  floor "
-                  f"{r['floor_ms']:.2f}  warm-up {r['warm_up_s']:.0f} s  skips {r['cuda_graph_skips']}")
+                  f"{r['ms_per_token_max']:.3f}]  {r['roofline_pct']}% of {r['device_peak']} peak BW  floor "
+                  f"{r['floor_ms']} ms  warm-up {r['warm_up_s']:.0f} s  skips {r['cuda_graph_skips']}")
         else:
             print(f"{r['variant']:34s} {r['pass_s']:7.4f} s  batch {r['batch']}  MFU {r['mfu_pct']}% "
-                  f"(old count {r['old_count_mfu_pct']:.1f}%)  warm-up {r['warm_up_s']:.0f} s")
+                  f"(old count {r['old_count_mfu_pct']}%)  warm-up {r['warm_up_s']:.0f} s")
 
 
 if __name__ == "__main__":

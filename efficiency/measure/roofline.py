@@ -133,11 +133,28 @@ def attention_flops(config: Any, window_lengths: list[int]) -> float | None:
     return float(sum(4 * width * length * (length + 1) // 2 for length in window_lengths) * int(layers))
 
 
-def head_parameters(model: Any) -> int:
-    """Logical weights of the LM head (the output embedding), 0 when the model has none."""
+def _head_weight(model: Any) -> Any:
+    """The LM head's weight (the output embedding), None when the model has none."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(out_emb, "weight", None)
+    return getattr(out_emb, "weight", None)
+
+
+def head_parameters(model: Any) -> int:
+    """Logical weights of the LM head, 0 when the model has none."""
+    weight = _head_weight(model)
     return int(weight.numel()) if weight is not None else 0
+
+
+def evaluator_flops(parameters: int | None, model: Any, evaluator: Any) -> tuple[float | None, bool]:
+    """(model FLOPs of one perplexity pass of ``evaluator`` (efficiency.measure.perplexity) over ``model`` with
+    ``parameters`` logical weights (:func:`weights_read_per_token`), whether causal attention is counted).
+    After a pass, when the evaluator knows whether the model computed only the kept logits."""
+    if not parameters or not evaluator.n_processed_tokens:
+        return None, False
+    attention = attention_flops(getattr(model, "config", None), evaluator.window_lengths)
+    flops = pass_flops(parameters, evaluator.n_processed_tokens, head_parameters(model),
+                       evaluator.n_logit_positions, attention or 0.0)
+    return flops, attention is not None
 
 
 def dtype_key(dtype: Any) -> str:
@@ -191,8 +208,7 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
     stored. ``parameters`` counts logical weights (the FLOPs side)."""
     from torch import nn
 
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_weight = getattr(out_emb, "weight", None)
+    head_weight = _head_weight(model)
     gathered: set[int] = set()
     for mod in model.modules():
         if isinstance(mod, nn.Embedding) and mod.weight is not head_weight:

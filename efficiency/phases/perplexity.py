@@ -62,7 +62,8 @@ class TimedPass:
     n_processed_tokens: int = 0  # window overlap counted
     batch_size: int | None = None
     n_logit_positions: int | None = None  # positions whose logits were computed (the LM head's work)
-    window_lengths: tuple[int, ...] | list[int] = ()
+    flops: float | None = None  # model FLOPs of one pass (efficiency.measure.roofline.evaluator_flops)
+    attention_counted: bool = False
 
     @property
     def n(self) -> int:
@@ -111,11 +112,10 @@ class TimedPassPhase:
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         import time
 
-        from efficiency.measure.roofline import head_parameters, weights_read_per_token
+        from efficiency.measure.roofline import weights_read_per_token
 
         ctx.shared.setdefault("weights_read", weights_read_per_token(model))
         ctx.shared["compute_dtype"] = getattr(model, "dtype", None)
-        ctx.shared["flops_shape"] = (head_parameters(model), getattr(model, "config", None))
         ev = _evaluator(ctx)
         first = ctx.records.get("quality")
         self._estimate_s = first.window.wall_s if first else 0.0
@@ -132,8 +132,11 @@ class TimedPassPhase:
         ev = _evaluator(ctx)
         rounds = ctx.repeat(lambda: ev.run(model, ctx.device), ctx.workload.min_rounds, self._estimate_s,
                             use_benchmark=True)
+        from efficiency.measure.roofline import evaluator_flops
+
+        flops, attention = evaluator_flops(ctx.shared.get("weights_read", (None, None))[1], model, ev)
         return TimedPass(rounds, len(ev.ids), ev.n_scored_tokens, ev.n_processed_tokens, ev.batch_size,
-                         ev.n_logit_positions, ev.window_lengths)
+                         ev.n_logit_positions, flops, attention)
 
     def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
         tp: TimedPass = record.result
@@ -143,21 +146,16 @@ class TimedPassPhase:
         if tp.rounds.note:
             energy["round_cap"] = tp.rounds.note
         first = ctx.records.get("quality")
-        from efficiency.measure.roofline import attention_flops, device_name, mfu, pass_flops
+        from efficiency.measure.roofline import device_name, mfu
 
-        params = ctx.shared.get("weights_read", (None, None))[1]
-        head, config = ctx.shared.get("flops_shape", (0, None))
-        attention = attention_flops(config, list(tp.window_lengths)) if config is not None else None
-        flops = pass_flops(params, tp.n_processed_tokens, head, tp.n_logit_positions, attention or 0.0) \
-            if params and tp.n_processed_tokens else None
-        m = mfu(flops, median_s, ctx.shared.get("compute_dtype"), device_name(ctx.device))
+        m = mfu(tp.flops, median_s, ctx.shared.get("compute_dtype"), device_name(ctx.device))
         return {
             "runtime": {
                 "batch_size": tp.batch_size,
                 "tokens_processed": tp.n_processed_tokens,
                 "logit_positions": tp.n_logit_positions,
                 "model_tflop": m["flops"] / 1e12 if m["flops"] else None,
-                "attention_flops_counted": attention is not None,
+                "attention_flops_counted": tp.attention_counted,
                 "achieved_tflops": m["achieved_flops_per_s"] / 1e12 if m["achieved_flops_per_s"] else None,
                 "mfu_pct": m["mfu"] * 100 if m["mfu"] is not None else None,
                 "mfu_peak_tflops": m["peak_flops_per_s"] / 1e12 if m["peak_flops_per_s"] else None,

@@ -4,9 +4,10 @@ What a deployment runs instead of eager Hugging Face passes:
 
 - **decode**: a static KV cache (one per batch size and cache-length bucket, reset before each call, so its
   tensors keep their addresses) and a greedy loop whose one-token step is ``torch.compile``d with CUDA graphs
-  on a GPU (``options={"triton.cudagraphs": True}``, what ``mode="reduce-overhead"`` sets). The loop replaces ``model.generate`` only for the calls
-  the latency phases make (greedy, no padding, ``min_new_tokens == max_new_tokens``); any other call goes to
-  Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
+  on a GPU (``options={"triton.cudagraphs": True}``, what ``mode="reduce-overhead"`` sets). The loop replaces
+  ``model.generate`` only for the calls the latency and serving phases make (greedy, no padding,
+  ``min_new_tokens == max_new_tokens``, optionally a streamer, fed as ``generate`` feeds it); any other call goes
+  to Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
   equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
 - **forward without cache** (the perplexity pass, prefill latency): regional compilation, each decoder block
   compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one

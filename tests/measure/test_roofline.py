@@ -12,6 +12,7 @@ from efficiency.measure import roofline
 from efficiency.measure.roofline import (
     attention_flops,
     decode_roofline,
+    evaluator_flops,
     lookup,
     mfu,
     pass_flops,
@@ -76,6 +77,16 @@ def test_attention_flops_by_hand() -> None:
     gpt2 = SimpleNamespace(n_layer=1, n_head=2, n_embd=16)
     assert attention_flops(gpt2, [1]) == 4 * 16 * 1
     assert attention_flops(SimpleNamespace(), [4]) is None
+
+
+def test_evaluator_flops_by_hand() -> None:
+    # 100 weights, 30 of them the LM head; 1,000 tokens processed in windows of 3 and 2, logits at 600 positions;
+    # 2 layers of width 32: attention 2 x 4 x 32 x (6 + 3)
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=32),
+                            get_output_embeddings=lambda: SimpleNamespace(weight=torch.zeros(30, 1)))
+    ev = SimpleNamespace(n_processed_tokens=1000, window_lengths=[3, 2], n_logit_positions=600)
+    assert evaluator_flops(100, model, ev) == (2 * 70 * 1000 + 2 * 30 * 600 + 2 * 4 * 32 * 9, True)
+    assert evaluator_flops(None, model, ev) == (None, False)
 
 
 def test_missing_inputs_give_none_with_reason() -> None:
