@@ -14,6 +14,7 @@ import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,15 @@ def make_zone(root: Path, zone: str, name: str, energy_uj: int, max_uj: int = MA
 
 def set_energy(zone: Path, energy_uj: int) -> None:
     (zone / "energy_uj").write_text(f"{energy_uj}\n")
+
+
+def window(meter: Any, clock: Any, seconds: float, during: Callable[[], Any] | None = None) -> Any:
+    """One energy window of ``seconds`` on a fake clock: begin, what happens inside it, advance, end."""
+    meter.begin()
+    if during is not None:
+        during()
+    clock.advance(seconds)
+    return meter.end()
 
 
 def test_rapl_sums_only_top_level_package_zones(tmp_path: Path) -> None:
@@ -528,21 +538,16 @@ def test_energy_counter_stuck_over_a_long_window_is_refused_on_fake_nvml(
 def test_energy_counter_implausible_power_is_refused_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     install(monkeypatch, FakeBoard(clock, [constant(50_000.0)]))  # 50 kW: a misread, not a GPU
-    meter = NvmlEnergyMeter([0], clock=clock)
-    meter.begin()
-    clock.advance(2.0)
-    sample = meter.end()
+    sample = window(NvmlEnergyMeter([0], clock=clock), clock, 2.0)
     assert sample.energy_j is None and sample.reason is not None and "reading refused" in sample.reason
 
 
 def test_rapl_counter_reset_is_refused_not_read_as_a_wrap(tmp_path: Path) -> None:
     clock = FakeClock()
     zone = make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    # reset: end below begin, read as a wrap of ~262 kJ
     meter = RaplMeter(tmp_path, clock=clock)
-    meter.begin()
-    (zone / "energy_uj").write_text("1000000\n")  # reset: end below begin, read as a wrap of ~262 kJ
-    clock.advance(2.0)
-    sample = meter.end()
+    sample = window(meter, clock, 2.0, lambda: (zone / "energy_uj").write_text("1000000\n"))
     assert sample.energy_j is None
     assert sample.reason is not None and "reading refused" in sample.reason and "reset" in sample.reason
 
@@ -550,19 +555,14 @@ def test_rapl_counter_reset_is_refused_not_read_as_a_wrap(tmp_path: Path) -> Non
 def test_rapl_zero_over_a_long_window_is_refused(tmp_path: Path) -> None:
     clock = FakeClock()
     make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
-    meter = RaplMeter(tmp_path, clock=clock)
-    meter.begin()
-    clock.advance(1.0)
-    sample = meter.end()
+    sample = window(RaplMeter(tmp_path, clock=clock), clock, 1.0)
     assert sample.energy_j is None and sample.reason is not None and "did not advance" in sample.reason
 
 
 def test_one_counter_tick_in_a_short_window_is_not_refused(tmp_path: Path) -> None:
     clock = FakeClock()
     zone = make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    # 0.3 mJ in 0.5 ms: one honest tick
     meter = RaplMeter(tmp_path, clock=clock)
-    meter.begin()
-    (zone / "energy_uj").write_text("5000300\n")  # 0.3 mJ in 0.5 ms: one honest tick
-    clock.advance(0.0005)
-    sample = meter.end()
+    sample = window(meter, clock, 0.0005, lambda: (zone / "energy_uj").write_text("5000300\n"))
     assert sample.energy_j == pytest.approx(0.0003)
