@@ -5,14 +5,19 @@ techniques default to, and the suite's own grid (`benchmarks/gpu/run.sh deploy`)
 
 `python benchmarks/gpu/decode_probe.py OUTDIR --model opt-6.7b --variants "bf16+compile,int4wo+compile@cdt"`
 
-A variant is a pipeline of the suite, optionally followed by ``@`` and compile settings joined by ``.``:
-``cdt`` (inductor's coordinate-descent tuning), ``ma`` (max-autotune), e.g. ``bf16+compile@cdt.ma``.
+A variant is a pipeline of the suite, optionally followed by ``@`` and flags joined by ``.``: compile settings
+``cdt`` (inductor's coordinate-descent tuning), ``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections
+not fused, techniques/fusion.py), ``nohead`` (LM head not compiled in passes without cache), and ``prof`` (a kernel
+table from torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
 
 - ``--what decode``: batch-1 greedy decode of ``--new`` tokens after a ``--prompt``-token prompt; per token =
   (median t(generate new) - median t(generate 1)) / (new - 1), as the suite's decode phase; 10 rounds each.
 - ``--what ppl``: the perplexity pass (context 1024, stride 512, automatic batch) over ``--tokens`` random ids,
   median of 3 after a warm-up, MFU by the suite's FLOP count (efficiency.measure.roofline.pass_flops).
+
+The kernel table (``prof``) gives each kernel's GPU time per generated token (decode: the profile of ``new`` tokens
+minus that of 1, over ``new - 1``) or per pass (ppl), with the share of the total, top 30.
 
 Writes OUTDIR/probe-<what>-<model>.json and prints a table.
 """
@@ -55,9 +60,12 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     from efficiency.models import _random_model
     from efficiency.techniques.base import Context, parse
 
-    pipeline_name, _, flags = variant.partition("@")
-    options = {"compile": {"coordinate_descent_tuning": "cdt" in flags.split("."),
-                           "max_autotune": "ma" in flags.split(".")}} if "compile" in pipeline_name else {}
+    pipeline_name, _, flag_text = variant.partition("@")
+    flags = flag_text.split(".")
+    options = {"compile": {"coordinate_descent_tuning": "cdt" in flags, "max_autotune": "ma" in flags,
+                           "freezing": "fz" in flags, "fuse_projections": "nofuse" not in flags,
+                           "compile_head": "nohead" not in flags}
+               } if "compile" in pipeline_name else {}
     pipeline = parse(pipeline_name, options)
     ctx = Context(device=device, tokenizer=None, model_name=name, cache_dir=Path("/tmp/eff-probe"))
     pipeline.check(ctx)
@@ -69,6 +77,39 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     _sync()
     info = {k: v for k, v in ctx.info.items() if k != "order"}
     return model, {"apply_s": time.perf_counter() - t0, "info": info}
+
+
+def _kernel_times_us(fn: Any) -> dict[str, tuple[float, int]]:
+    """GPU time (microseconds) of each kernel name over one call of ``fn``, from torch.profiler (on a machine
+    without a GPU: each operator's own CPU time, so that the table can be tried there)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        fn()
+        _sync()
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        t = float(getattr(e, "device_time_total", 0.0) if gpu else e.self_cpu_time_total)
+        if t > 0:
+            before = out.get(e.key, (0.0, 0))
+            out[e.key] = (before[0] + t, before[1] + int(e.count))
+    return out
+
+
+def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float, int]] | None, per: int,
+                 top: int = 30) -> dict[str, Any]:
+    """Top kernels by GPU time per unit (``(many - few) / per``), with calls per unit and share of the total."""
+    few = few or {}
+    names = set(many) | set(few)
+    zero = (0.0, 0)
+    per_unit = {n: ((many.get(n, zero)[0] - few.get(n, zero)[0]) / per,
+                    (many.get(n, zero)[1] - few.get(n, zero)[1]) / per) for n in names}
+    total = sum(v for v, _ in per_unit.values() if v > 0)
+    rows = sorted(((n, v, c) for n, (v, c) in per_unit.items() if v > 0), key=lambda r: -r[1])[:top]
+    return {"total_us": total, "kernels": [{"name": n[:160], "us": v, "calls": c,
+                                            "share": v / total if total else None} for n, v, c in rows]}
 
 
 def one(a: argparse.Namespace) -> dict[str, Any]:
@@ -111,6 +152,9 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
                    device_peak=roof["device_peak"],
                    cuda_graph_skips=state.cudagraph_skips() if state is not None else None,
                    calls=dict(state.calls) if state is not None else None)
+        if "prof" in a.one.partition("@")[2].split("."):
+            row["kernels_per_token"] = kernel_table(_kernel_times_us(lambda: gen(a.new)),
+                                                    _kernel_times_us(lambda: gen(1)), a.new - 1)
     else:
         from efficiency.measure.perplexity import PerplexityEvaluator
         from efficiency.measure.roofline import evaluator_flops, mfu, pass_flops
@@ -130,7 +174,10 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
         row.update(pass_s=s, pass_s_all=times, batch=ev.batch_size, tokens=a.tokens,
                    tokens_processed=ev.n_processed_tokens, model_tflop=flops / 1e12 if flops else None,
                    mfu_pct=m["mfu"] * 100 if m["mfu"] else None,
-                   old_count_mfu_pct=old["mfu"] * 100 if old["mfu"] else None)
+                   old_count_mfu_pct=old["mfu"] * 100 if old["mfu"] else None,
+                   logit_positions=ev.n_logit_positions)
+        if "prof" in a.one.partition("@")[2].split("."):
+            row["kernels_per_pass"] = kernel_table(_kernel_times_us(lambda: ev.run(model, dev)), None, 1)
     return row
 
 
@@ -178,6 +225,13 @@ def main() -> None:
     path = a.out / f"probe-{a.what}-{a.model}.json"
     path.write_text(json.dumps({"model": a.model, "what": a.what, "rows": rows}, indent=1, default=str))
     print(f"\n{a.what} {a.model}")
+    for r in rows:
+        table = r.get("kernels_per_token") or r.get("kernels_per_pass")
+        if table:
+            print(f"{r['variant']}: kernels, GPU us per {'token' if a.what == 'decode' else 'pass'} "
+                  f"(total {table['total_us']:.1f})")
+            for k in table["kernels"][:15]:
+                print(f"  {k['us']:10.1f} {k['share'] * 100:5.1f}% x{k['calls']:<6.1f} {k['name'][:100]}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:34s} ERROR {str(r['error'])[-300:]}")

@@ -196,9 +196,25 @@ class Pipeline:
                 return dtype
         return default
 
+    def fusion_index(self) -> int | None:
+        """Before which step the projections that share an input are fused (``techniques/fusion.py``), None: not
+        at all. The last step asks for it (``compile``'s ``fuse_projections``); it happens before the first
+        quantisation step, which then quantises the fused layers, else before the last step."""
+        if not self.steps or not getattr(self.steps[-1], "fuse_projections", False):
+            return None
+        for i, step in enumerate(self.steps):
+            if getattr(step, "family", None) == "quantisation":
+                return i
+        return len(self.steps) - 1
+
     def apply(self, model: Any, ctx: Context) -> Any:
+        from efficiency.techniques.fusion import fuse_projections
+
         ctx.info["order"] = [step.name for step in self.steps]
-        for step in self.steps:
+        fuse_at = self.fusion_index()
+        for i, step in enumerate(self.steps):
+            if i == fuse_at:
+                ctx.info["fused_projections"] = fuse_projections(model)
             model = step.apply(model, ctx)
             ctx.steps_done += 1
         return model

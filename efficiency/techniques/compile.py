@@ -11,7 +11,10 @@ What a deployment runs instead of eager Hugging Face passes:
   equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
 - **forward without cache** (the perplexity pass, prefill latency): regional compilation, each decoder block
   compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one
-  block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks).
+  block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks). The LM head is a region
+  of its own, so that inductor pads a vocabulary whose size breaks the tensor cores' alignment.
+- **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
+  the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
 
 Compilation happens at the first call of each shape, which the phases make in their untimed setup (warm-up); the
 report gives it as each phase's ``setup_s``. The static cache's length is the prompt plus the new tokens rounded
@@ -38,11 +41,14 @@ from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechni
 CACHE_BUCKET_TOKENS = 256
 
 
-def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool) -> dict[str, Any]:
+def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool,
+                     freezing: bool = False) -> dict[str, Any]:
     """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
-    ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``)."""
+    ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``). ``freezing`` treats the
+    weights as constants of the graph (inference only), which lets inductor fold them and concatenate the
+    query / key / value projections that share one input into one matmul."""
     return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
-            "max_autotune": max_autotune}
+            "max_autotune": max_autotune, "freezing": freezing}
 
 
 def cudagraph_skips() -> int:
@@ -61,7 +67,7 @@ class CompiledExecution:
     """The state behind a compiled model: the compiled callables and the static caches."""
 
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
-                 forward_options: dict[str, Any] | None, cache_bucket: int) -> None:
+                 forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool = True) -> None:
         self.model = model
         self.orig_forward = model.forward
         self.orig_generate = model.generate
@@ -72,6 +78,12 @@ class CompiledExecution:
         self.container, self.blocks = repeated_blocks(model)
         self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False, options=forward_options)
                                 for b in self.blocks]
+        # The LM head as a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
+        # (GPT-2's 50,257-token vocabulary ran in align-1 CUTLASS kernels, 13% of gpt2-xl's pass on the H200).
+        self.head_name = output_head_name(model) if compile_head else None
+        self.head = getattr(model, self.head_name) if self.head_name else None
+        self.compiled_head = (torch.compile(self.head, backend=backend, dynamic=False, options=forward_options)
+                              if self.head is not None else None)
         self.step = torch.compile(self._step, backend=backend, options=decode_options, fullgraph=True,
                                   dynamic=False)
         params = inspect.signature(self.orig_forward).parameters
@@ -96,10 +108,14 @@ class CompiledExecution:
             try:
                 for i, block in enumerate(self.compiled_blocks):
                     container[i] = block
+                if self.head_name:
+                    setattr(self.model, self.head_name, self.compiled_head)
                 return self.orig_forward(*args, **kwargs)
             finally:
                 for i, block in enumerate(self.blocks):
                     container[i] = block
+                if self.head_name:
+                    setattr(self.model, self.head_name, self.head)
         return self.orig_forward(*args, **kwargs)
 
 
@@ -178,6 +194,16 @@ def repeated_blocks(model: Any) -> tuple[Any, list[Any]]:
     return best, list(best or ())
 
 
+def output_head_name(model: Any) -> str | None:
+    """The attribute of ``model`` that holds its output embedding (``lm_head``), None when it is not a direct
+    child (then the head runs uncompiled)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((name for name, child in model.named_children() if child is head), None)
+
+
 def compiled_state(model: Any) -> CompiledExecution | None:
     """The compiled-execution state of a model, None when it runs eagerly."""
     state = getattr(model, "_efficiency_compiled", None)
@@ -193,6 +219,14 @@ class Compile(TechniqueBase):
     # compilation). Max-autotune (Triton GEMM templates against cuBLAS): off, not measured.
     coordinate_descent_tuning: bool = False
     max_autotune: bool = False
+    # Freezing (weights as graph constants): off, measured on the H200 (docs/results.md section 5c): it did not
+    # concatenate opt-6.7b's q/k/v GEMVs, and one compiled graph ran without CUDA graphs (8.67 ms/token against 4.91).
+    freezing: bool = False
+    # Fuse the projections that share an input (q/k/v, gate/up) before quantisation (techniques/fusion.py; the
+    # pipeline does it, Pipeline.fusion_index).
+    fuse_projections: bool = True
+    # Compile the LM head as a region of its own in passes without cache (inductor pads misaligned vocabularies).
+    compile_head: bool = True
     name: str = "compile"
     family = "execution"
 
@@ -214,12 +248,15 @@ class Compile(TechniqueBase):
         decode_options: dict[str, Any] | None
         forward_options: dict[str, Any] | None
         if self.backend == "inductor":
-            decode_options = inductor_options(cuda_graphs, self.coordinate_descent_tuning, self.max_autotune)
-            forward_options = inductor_options(False, self.coordinate_descent_tuning, self.max_autotune)
+            decode_options = inductor_options(cuda_graphs, self.coordinate_descent_tuning, self.max_autotune,
+                                              self.freezing)
+            forward_options = inductor_options(False, self.coordinate_descent_tuning, self.max_autotune,
+                                               self.freezing)
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
-        state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket)
+        state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
+                                  self.compile_head)
         # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
         # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
@@ -230,9 +267,11 @@ class Compile(TechniqueBase):
             "torch": torch.__version__,
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
                       f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
-            "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks for passes "
-                       "without cache (perplexity, prefill)",
+            "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
+                       f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
+                       "(perplexity, prefill)",
             "cuda_graphs": cuda_graphs,
+            "fused_projections": ctx.info.get("fused_projections", {}) if self.fuse_projections else "off",
             "inductor": forward_options,
             "warm_up": "compilation at the first call of each shape, in the phases' untimed setup (setup_s)",
         }
