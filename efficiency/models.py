@@ -327,6 +327,20 @@ def max_positions(config: Any) -> int:
     return UNLIMITED_POSITIONS
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``output.cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def device_map_of(model: Any) -> dict[str, Any]:
     """Where a model dispatched with a device map lives: its ``hf_device_map``, or, where transformers set none
     (everything fitted on one device: seen on an H100 with transformers 5.17), the devices of its parameters."""

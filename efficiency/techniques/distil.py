@@ -32,6 +32,7 @@ from efficiency.data import tokenize, tokenizer_fingerprint
 from efficiency.measure.meters import select_meters
 from efficiency.measure.perplexity import PerplexityEvaluator
 from efficiency.measure.sample import Meter, measure_energy
+from efficiency.models import cache_argument, output_cache
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.calibration import model_fingerprint
 from efficiency.techniques.kd import KdSettings, kd_loss, lr_factor
@@ -80,6 +81,7 @@ def sample_from_teacher(
     """(n, seq_len) sequences by ancestral sampling (temperature 1, no top-k/p) from BOS, KV-cached."""
     gen = torch.Generator(device=device).manual_seed(seed)
     rows: list[torch.Tensor] = []
+    cache_kw = cache_argument(teacher)
     for start in range(0, n, batch):
         ids = torch.full((min(batch, n - start), 1), bos, dtype=torch.long, device=device)  # (b, 1)
         out = teacher(ids, use_cache=True)
@@ -87,7 +89,7 @@ def sample_from_teacher(
             probs = torch.softmax(out.logits[:, -1].float(), dim=-1)  # (b, V)
             nxt = torch.multinomial(probs, 1, generator=gen)  # (b, 1)
             ids = torch.cat([ids, nxt], dim=1)
-            out = teacher(nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = teacher(nxt, **{cache_kw: output_cache(out)}, use_cache=True)
         rows.append(ids.cpu())
     return torch.cat(rows)
 

@@ -182,3 +182,18 @@ def test_compiled_model_keeps_the_signatures_callers_inspect(one_thread: Any) ->
     ev.run(model, "cpu")
     assert ev.keeps_logits is True
     assert ev.n_logit_positions < ev.n_processed_tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_compiled_decode_passes_the_cache_under_the_name_forward_takes(family: str, one_thread: Any) -> None:
+    """Regression: the loop passed ``past_key_values``, which transformers 5.24 deprecates (FutureWarning; removed
+    in 5.40) for ``cache``: the keyword now comes from forward's signature."""
+    import warnings
+
+    model = Compile(backend="eager", cache_bucket=32).apply(tiny_model(family), _ctx(["compile"]))
+    prompt = torch.randint(0, 128, (1, 5))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        _hf_greedy(model, prompt, 4)
+    state = compiled_state(model)
+    assert state is not None and state.calls["compiled_generate"] == 1

@@ -293,3 +293,28 @@ def test_training_reports_progress_through_ctx_log(tmp_path: Path) -> None:
                   progress=False)
     TrainedStudent("d", 50, TINY).apply(llama_teacher(), ctx)
     assert quiet == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_teacher_sampling_with_its_kv_cache_equals_sampling_without(family: str) -> None:
+    """The KV-cached ancestral sampler gives the sequences a cache-free loop gives with the same generator, and
+    passes the cache under the keyword forward takes (transformers 5.24 deprecates ``past_key_values``)."""
+    import warnings
+
+    from conftest import tiny_model
+    from efficiency.techniques.distil import sample_from_teacher
+
+    teacher = tiny_model(family)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        got = sample_from_teacher(teacher, bos=1, n=3, seq_len=6, batch=2, seed=5, device="cpu")
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    with torch.inference_mode():
+        for start in (0, 2):
+            ids = torch.full((min(2, 3 - start), 1), 1, dtype=torch.long)
+            for _ in range(5):
+                probs = torch.softmax(teacher(ids, use_cache=False).logits[:, -1].float(), dim=-1)
+                ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
+            rows.append(ids)
+    assert torch.equal(got, torch.cat(rows))

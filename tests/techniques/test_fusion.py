@@ -4,6 +4,7 @@ first quantisation step when compile asks for it."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,36 @@ def test_int8_weight_only_quantises_the_fused_layer(one_thread: Any) -> None:
     with torch.no_grad():
         after = model(ids).logits
     assert (after - before).abs().max() < 0.05 * before.abs().max()
+
+
+@pytest.mark.slow
+def test_real_smollm2_fused_gives_the_same_perplexity(shared_data: Path) -> None:
+    """On the real SmolLM2-135M (dequantised Q4_1 GGUF, small budget): fusing q/k/v and gate/up changes only the
+    GEMMs' shapes, so fp32 perplexity agrees to float rounding, and int8 weight-only (per output row) quantises
+    the fused layers to the same values as the separate ones."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from efficiency.measure.perplexity import PerplexityEvaluator
+    from efficiency.smollm2 import ensure_dequantised
+
+    cache = Path(os.environ.get("EFFICIENCY_CACHE_DIR", Path.home() / ".cache" / "pytest-efficiency"))
+    folder = ensure_dequantised(cache)
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
+    ids = torch.tensor(tok(text)["input_ids"][:768])
+
+    def perplexity(pipeline: str | None) -> float:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        if pipeline == "fused":
+            assert fuse_projections(model) == {"q_proj+k_proj+v_proj": 30, "gate_proj+up_proj": 30}
+        elif pipeline:
+            model = parse(pipeline, {"compile": {"backend": "eager"}}).apply(model, _ctx())
+        return PerplexityEvaluator(ids, 256, 256, 3).run(model, "cpu").perplexity
+
+    ref, fused = perplexity(None), perplexity("fused")
+    assert 5 < ref < 200 and abs(fused - ref) / ref < 1e-5, (ref, fused)
+    if importlib.util.find_spec("torchao") is not None:
+        separate, together = perplexity("int8wo"), perplexity("int8wo+compile")
+        assert abs(together - separate) / separate < 1e-4, (separate, together)
