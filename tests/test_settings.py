@@ -144,3 +144,13 @@ def test_the_projects_own_pyproject_lets_a_gpu_choose_its_perplexity_batch() -> 
     table = read_pyproject(root)
     assert build_config({}, table, root, device="cuda").workload.batch_size is None  # automatic
     assert build_config({}, table, root, device="cpu").workload.batch_size == 4
+
+
+def test_the_projects_gpu_grid_has_compiled_cases_for_dash_k_compile() -> None:
+    """`pytest benchmarks/ -k compile` on a GPU (issue 11's done-when) selects cases only if this repository's GPU
+    grid has compiled pipelines; on the CPU the grid stays eager."""
+    root = Path(__file__).resolve().parents[1]
+    table = read_pyproject(root)
+    gpu = build_config({}, table, root, device="cuda").techniques
+    assert "bf16+compile" in gpu and any(t.endswith("+compile") and t != "bf16+compile" for t in gpu)
+    assert not any("compile" in t for t in build_config({}, table, root, device="cpu").techniques)

@@ -63,7 +63,10 @@ class ProjectionPart(nn.Module):
 
 
 def _fusable(layers: list[nn.Linear]) -> bool:
-    if not all(type(m) is nn.Linear for m in layers):
+    """Plain linear layers alike in input, dtype, device and bias; not offloaded by accelerate (its hooks move
+    each layer's weights in at call time, so the weights may not be here, and a new layer would have no hook)."""
+    if not all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") and m.weight.device.type != "meta"
+               for m in layers):
         return False
     first = layers[0]
     return all(m.in_features == first.in_features and m.weight.dtype == first.weight.dtype

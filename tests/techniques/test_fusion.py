@@ -84,6 +84,17 @@ def test_parts_use_the_layer_a_quantisation_step_put_in_its_place() -> None:
         assert torch.equal(block.gate_proj(torch.ones(1, 4)), torch.zeros(1, 3))
 
 
+def test_layers_placed_by_accelerate_hooks_are_left_alone() -> None:
+    block = nn.Module()
+    block.gate_proj, block.up_proj = nn.Linear(4, 3), nn.Linear(4, 3)
+    block.up_proj._hf_hook = object()  # what accelerate's dispatch attaches to an offloaded layer
+    assert fuse_projections(block) == {}
+    with torch.device("meta"):
+        block.gate_proj, block.up_proj = nn.Linear(4, 3), nn.Linear(4, 3)
+    assert fuse_projections(block) == {}
+    assert isinstance(block.gate_proj, nn.Linear)
+
+
 @pytest.mark.parametrize(("pipeline", "index"), [
     ("compile", 0), ("bf16+compile", 1), ("int8wo+compile", 0), ("bf16+int8wo+compile", 1),
     ("bf16", None), ("int8wo", None),
