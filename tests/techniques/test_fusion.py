@@ -4,6 +4,7 @@ first quantisation step when compile asks for it."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,10 @@ def test_real_smollm2_fused_gives_the_same_perplexity(shared_data: Path) -> None
     text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
     ids = torch.tensor(tok(text)["input_ids"][:768])
 
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
     def perplexity(pipeline: str | None) -> float:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = copy.deepcopy(original)
         if pipeline == "fused":
             assert fuse_projections(model) == {"q_proj+k_proj+v_proj": 30, "gate_proj+up_proj": 30}
         elif pipeline:
