@@ -65,6 +65,33 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def shared_cache_dir() -> Path:
+    """The cache the slow tests share (the dequantised SmolLM2 is built once there): $EFFICIENCY_CACHE_DIR, which
+    .ci/run sets, else the repository's .eff-cache."""
+    return Path(os.environ.get("EFFICIENCY_CACHE_DIR") or REPO / ".eff-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The real SmolLM2-135M as an HF folder (dequantised from its Q4_1 GGUF); skips where it cannot be had."""
+    from efficiency.smollm2 import ensure_dequantised
+
+    try:
+        return ensure_dequantised(shared_cache_dir())
+    except Exception as err:  # offline without the cached wheel
+        pytest.skip(f"SmolLM2-135M is not available: {type(err).__name__}: {err}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_eval_ids(smollm2_folder: Path, shared_data: Path) -> Any:
+    """768 SmolLM2 tokens of the WikiText-2 test split (its first 20,000 characters): the slow tests' small budget."""
+    import torch
+    from transformers import AutoTokenizer
+
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
+    return torch.tensor(AutoTokenizer.from_pretrained(smollm2_folder)(text)["input_ids"][:768])
+
+
 class ByteTokenizer:
     """Enough of a tokenizer for ``efficiency.data.tokenize``: bytes folded into the tiny models' 128 ids."""
 

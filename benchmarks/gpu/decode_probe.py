@@ -53,6 +53,11 @@ def _timed(fn: Any, rounds: int) -> list[float]:
     return out
 
 
+def _flags(variant: str) -> list[str]:
+    """The flags after ``@`` in a variant name (``bf16+compile@cdt.prof`` -> ``["cdt", "prof"]``)."""
+    return variant.partition("@")[2].split(".")
+
+
 def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     import torch
     from transformers import AutoConfig
@@ -60,8 +65,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     from efficiency.models import _random_model
     from efficiency.techniques.base import Context, parse
 
-    pipeline_name, _, flag_text = variant.partition("@")
-    flags = flag_text.split(".")
+    pipeline_name, flags = variant.partition("@")[0], _flags(variant)
     options = {"compile": {"coordinate_descent_tuning": "cdt" in flags, "max_autotune": "ma" in flags,
                            "freezing": "fz" in flags, "fuse_projections": "nofuse" not in flags,
                            "compile_head": "nohead" not in flags}
@@ -152,7 +156,7 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
                    device_peak=roof["device_peak"],
                    cuda_graph_skips=state.cudagraph_skips() if state is not None else None,
                    calls=dict(state.calls) if state is not None else None)
-        if "prof" in a.one.partition("@")[2].split("."):
+        if "prof" in _flags(a.one):
             row["kernels_per_token"] = kernel_table(_kernel_times_us(lambda: gen(a.new)),
                                                     _kernel_times_us(lambda: gen(1)), a.new - 1)
     else:
@@ -176,7 +180,7 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
                    mfu_pct=m["mfu"] * 100 if m["mfu"] else None,
                    old_count_mfu_pct=old["mfu"] * 100 if old["mfu"] else None,
                    logit_positions=ev.n_logit_positions)
-        if "prof" in a.one.partition("@")[2].split("."):
+        if "prof" in _flags(a.one):
             row["kernels_per_pass"] = kernel_table(_kernel_times_us(lambda: ev.run(model, dev)), None, 1)
     return row
 

@@ -42,11 +42,10 @@ CACHE_BUCKET_TOKENS = 256
 
 
 def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool,
-                     freezing: bool = False) -> dict[str, Any]:
+                     freezing: bool) -> dict[str, Any]:
     """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
     ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``). ``freezing`` treats the
-    weights as constants of the graph (inference only), which lets inductor fold them and concatenate the
-    query / key / value projections that share one input into one matmul."""
+    weights as constants of the graph (inference only)."""
     return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
             "max_autotune": max_autotune, "freezing": freezing}
 
@@ -67,7 +66,7 @@ class CompiledExecution:
     """The state behind a compiled model: the compiled callables and the static caches."""
 
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
-                 forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool = True) -> None:
+                 forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool) -> None:
         self.model = model
         self.orig_forward = model.forward
         self.orig_generate = model.generate
@@ -75,15 +74,17 @@ class CompiledExecution:
         self.step_options = decode_options
         # Passes without cache: regional compilation (each repeated decoder block compiled; the blocks share one
         # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
-        self.container, self.blocks = repeated_blocks(model)
-        self.compiled_blocks = [torch.compile(b, backend=backend, dynamic=False, options=forward_options)
-                                for b in self.blocks]
-        # The LM head as a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
+        # The LM head is a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
         # (GPT-2's 50,257-token vocabulary ran in align-1 CUTLASS kernels, 13% of gpt2-xl's pass on the H200).
+        container, self.blocks = repeated_blocks(model)
         self.head_name = output_head_name(model) if compile_head else None
         self.head = getattr(model, self.head_name) if self.head_name else None
-        self.compiled_head = (torch.compile(self.head, backend=backend, dynamic=False, options=forward_options)
-                              if self.head is not None else None)
+        places: list[tuple[Any, str, Any]] = [(container, str(i), b) for i, b in enumerate(self.blocks)]
+        if self.head_name:
+            places.append((model, self.head_name, self.head))
+        # (owner, attribute, eager module, compiled module): swapped in for a pass without cache, then back
+        self.regions = [(owner, name, m, torch.compile(m, backend=backend, dynamic=False, options=forward_options))
+                        for owner, name, m in places]
         self.step = torch.compile(self._step, backend=backend, options=decode_options, fullgraph=True,
                                   dynamic=False)
         params = inspect.signature(self.orig_forward).parameters
@@ -105,18 +106,13 @@ class CompiledExecution:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_cache") is False and kwargs.get(self.cache_kw) is None and self.blocks:
             self.calls["compiled_forward"] += 1
-            container = self.container
             try:
-                for i, block in enumerate(self.compiled_blocks):
-                    container[i] = block
-                if self.head_name:
-                    setattr(self.model, self.head_name, self.compiled_head)
+                for owner, name, _, compiled in self.regions:
+                    setattr(owner, name, compiled)
                 return self.orig_forward(*args, **kwargs)
             finally:
-                for i, block in enumerate(self.blocks):
-                    container[i] = block
-                if self.head_name:
-                    setattr(self.model, self.head_name, self.head)
+                for owner, name, eager, _ in self.regions:
+                    setattr(owner, name, eager)
         return self.orig_forward(*args, **kwargs)
 
 
@@ -274,7 +270,7 @@ class Compile(TechniqueBase):
                        f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
                        "(perplexity, prefill)",
             "cuda_graphs": cuda_graphs,
-            "fused_projections": ctx.info.get("fused_projections", {}) if self.fuse_projections else "off",
+            "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
             "inductor": forward_options,
             "warm_up": "compilation at the first call of each shape, in the phases' untimed setup (setup_s)",
         }

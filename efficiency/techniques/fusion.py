@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# the fused layer's name -> the projections it replaces, in the order the models call them
+GROUPS: dict[str, tuple[str, ...]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                      "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class _Product:
@@ -78,28 +80,27 @@ def fuse_projections(model: nn.Module) -> dict[str, int]:
     """Fuse every group of ``GROUPS`` found in ``model``, in place; returns how many of each were fused."""
     fused_counts: dict[str, int] = {}
     for module in list(model.modules()):
-        for group in GROUPS:
-            found = [getattr(module, name, None) for name in group]
+        for fused_name, group in GROUPS.items():
+            found = [getattr(module, part, None) for part in group]
             layers: list[nn.Linear] = [m for m in found if isinstance(m, nn.Linear)]
             if len(layers) != len(group) or not _fusable(layers):
                 continue
             first = layers[0]
             sizes = [m.out_features for m in layers]
-            fused = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None,
-                              device=first.weight.device, dtype=first.weight.dtype)
+            # built on the meta device (no initialisation to throw away), then given the concatenated weights
+            fused = nn.Linear(first.in_features, sum(sizes), bias=first.bias is not None, device="meta")
+            grad = first.weight.requires_grad
             with torch.no_grad():
-                fused.weight.copy_(torch.cat([m.weight for m in layers], dim=0))
-                if fused.bias is not None:
-                    fused.bias.copy_(torch.cat([m.bias for m in layers], dim=0))
-            fused.requires_grad_(first.weight.requires_grad)
-            name = "_".join(n.removesuffix("_proj") for n in group) + "_proj"  # qkv_proj is q_k_v_proj
-            name = {"q_k_v_proj": "qkv_proj"}.get(name, name)
-            module.add_module(name, fused)
+                fused.weight = nn.Parameter(torch.cat([m.weight for m in layers], dim=0), requires_grad=grad)
+                if first.bias is not None:
+                    fused.bias = nn.Parameter(torch.cat([m.bias for m in layers], dim=0), requires_grad=grad)
+            module.add_module(fused_name, fused)
             product = _Product()
             start = 0
             for i, (part_name, size) in enumerate(zip(group, sizes, strict=True)):
-                setattr(module, part_name, ProjectionPart(module, name, product, start, start + size, first=i == 0,
-                                                          last=i == len(group) - 1))
+                part = ProjectionPart(module, fused_name, product, start, start + size, first=i == 0,
+                                      last=i == len(group) - 1)
+                setattr(module, part_name, part)
                 start += size
             key = "+".join(group)
             fused_counts[key] = fused_counts.get(key, 0) + 1

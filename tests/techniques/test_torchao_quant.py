@@ -56,19 +56,12 @@ def test_names() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,max_increase_pct", [("int8wo", 2.0), ("int8dq", 5.0), ("fp8wo", 5.0)])
-def test_real_smollm2_perplexity_on_cpu(name: str, max_increase_pct: float, shared_data: Path) -> None:
+def test_real_smollm2_perplexity_on_cpu(name: str, max_increase_pct: float, smollm2_folder: Path,
+                                        smollm2_eval_ids: torch.Tensor) -> None:
     """The CPU techniques on the real SmolLM2-135M (small budget): a real model's perplexity, close to fp32's."""
-    import os
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from efficiency.smollm2 import ensure_dequantised
-
-    cache = Path(os.environ.get("EFFICIENCY_CACHE_DIR", Path.home() / ".cache" / "pytest-efficiency"))
-    folder = ensure_dequantised(cache)
-    tok = AutoTokenizer.from_pretrained(folder)
-    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
-    ids = torch.tensor(tok(text)["input_ids"][:768])
+    folder, ids = smollm2_folder, smollm2_eval_ids
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ref = PerplexityEvaluator(ids, 256, 256, 3).run(model, "cpu").perplexity
     ctx = _ctx()
