@@ -63,7 +63,7 @@ def main() -> None:
     runs = [read(p) for p in sorted(args.outdir.glob(args.pattern))]
     runs = [r for r in runs if r.get("status") == "complete"]
     n = len(runs)
-    medians = {c["id"]: [] for c in runs[0]["cases"]}
+    medians: dict[str, list[float]] = {c["id"]: [] for c in runs[0]["cases"]}
     for r in runs:
         for c in r["cases"]:
             medians[c["id"]].append(c["runtime"]["median_s"])

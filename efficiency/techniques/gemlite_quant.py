@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,16 @@ def require_gemlite() -> Any:
     except Exception as err:
         raise UnsupportedTechnique(f"gemlite is not usable here: {type(err).__name__}: {err}") from err
     return gemlite, helper
+
+
+GEMV_KERNELS = ("GEMV", "GEMV_REVSPLITK", "GEMV_SPLITK")  # gemlite's kernels for batches of up to 4 rows
+
+
+def configure_autotune(gemlite: Any, gemv_setting: str, cuda_graph: bool) -> None:
+    """Set gemlite's autotuning of its GEMV kernels, the GEMM ones on "fast" (a process-wide setting: gemlite
+    reloads its kernel modules, so set it before the first call of a layer)."""
+    gemlite.set_autotune({"GEMM": "fast", "GEMM_SPLITK": "fast", **dict.fromkeys(GEMV_KERNELS, gemv_setting)},
+                         use_cuda_graph=cuda_graph)
 
 
 def rtn_asymmetric(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, ...]:
@@ -45,6 +55,14 @@ def rtn_asymmetric(weight: torch.Tensor, bits: int, group_size: int) -> tuple[to
 class GemliteQuant(TechniqueBase):
     kind: str  # int4 | fp8wo
     group_size: int = 128
+    # gemlite's choice of block sizes per matrix shape for its GEMV kernels (batches of up to 4 rows: decode),
+    # made at the first call of each shape: "fast" (gemlite's default, a short list of candidates), "max" (its
+    # full grid, about 20 s per shape), "default" (one config, no tuning). Its GEMM kernels (prefill, perplexity
+    # pass) keep "fast": their full grid takes minutes per shape. ``cuda_graph_autotune`` times the candidates
+    # inside CUDA graphs (as compiled decode runs them) instead of as single launches. Defaults: gemlite's own,
+    # kept until measured otherwise (docs/results.md 5d).
+    gemv_autotune: Literal["fast", "max", "default"] = "fast"
+    cuda_graph_autotune: bool = False
     family = "quantisation"
 
     @property
@@ -64,6 +82,7 @@ class GemliteQuant(TechniqueBase):
 
     def apply(self, model: Any, ctx: Context) -> Any:
         gemlite, helper = require_gemlite()
+        configure_autotune(gemlite, self.gemv_autotune, self.cuda_graph_autotune)
         dtype = torch.bfloat16
         model = model.to(dtype)
         conv1d_to_linear(model)
@@ -93,6 +112,8 @@ class GemliteQuant(TechniqueBase):
                                   ", fp8 e4m3 weights per channel"),
             "quantised_layers": n,
             "group_size": self.group_size if self.kind == "int4" else None,
+            "gemv_autotune": self.gemv_autotune,
+            "cuda_graph_autotune": self.cuda_graph_autotune,
         }
         return model
 

@@ -69,3 +69,27 @@ def test_real_smollm2_perplexity_on_cpu(name: str, max_increase_pct: float, smol
     got = PerplexityEvaluator(ids, 256, 256, 3).run(model, "cpu").perplexity
     assert 5 < ref < 200
     assert (got - ref) / ref * 100 < max_increase_pct, (name, ref, got)
+
+
+def test_gemlite_autotune_options_are_validated_and_handed_to_gemlite() -> None:
+    """``[tool.efficiency.technique."gemlite-int4"] gemv_autotune = "max"`` reaches gemlite's own setter for its
+    GEMV kernels only; a value gemlite does not know is refused by the options check, before any model loads."""
+    from efficiency.errors import ConfigError
+    from efficiency.techniques.gemlite_quant import configure_autotune
+
+    tuned = parse("gemlite-int4", {"gemlite-int4": {"gemv_autotune": "max", "cuda_graph_autotune": True}})
+    step = tuned.steps[0]
+    assert (step.gemv_autotune, step.cuda_graph_autotune, step.name) == ("max", True, "gemlite-int4")
+    with pytest.raises(ConfigError, match="autotune"):
+        parse("gemlite-int4", {"gemlite-int4": {"gemv_autotune": "maximum"}})
+
+    calls: list[tuple[dict[str, str], bool]] = []
+
+    class FakeGemlite:  # stands in for the module on a machine without a GPU; records what the technique asks
+        @staticmethod
+        def set_autotune(setting: dict[str, str], use_cuda_graph: bool) -> None:
+            calls.append((setting, use_cuda_graph))
+
+    configure_autotune(FakeGemlite, step.gemv_autotune, step.cuda_graph_autotune)
+    assert calls == [({"GEMM": "fast", "GEMM_SPLITK": "fast", "GEMV": "max", "GEMV_REVSPLITK": "max",
+                       "GEMV_SPLITK": "max"}, True)]
