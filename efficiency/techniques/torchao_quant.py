@@ -29,6 +29,7 @@ from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
+from efficiency.techniques.compile import INDUCTOR_MATMUL_KEY
 
 KERNELS_CUDA = {
     "int8wo": "int8 weight-only: weight dequantised inside the matmul (inductor-fused under compile; eager: "
@@ -124,6 +125,11 @@ class TorchaoQuant(TechniqueBase):
             if self.kind == "int4wo" and cap < (8, 0):
                 raise UnsupportedTechnique(f"{self.name}: tinygemm needs compute capability >= 8.0 (bf16)")
 
+    def matmul_generated_by_inductor(self, ctx: Context) -> bool:
+        """int8 weight-only on a GPU has no kernel of its own: under ``compile`` inductor writes the dequantising
+        matmul (``compile`` then tunes it). fp8wo works the same way but was not measured, so it is not claimed."""
+        return self.kind == "int8wo" and ctx.is_cuda
+
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         # tinygemm and the CPU int4 kernel take bf16; the other weight-only kernels run in the model's dtype.
         if self.kind == "int4wo" or ctx.is_cuda:
@@ -152,6 +158,7 @@ class TorchaoQuant(TechniqueBase):
             "group_size": self.group_size if self.kind == "int4wo" else None,
             "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
             "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
+            INDUCTOR_MATMUL_KEY: self.matmul_generated_by_inductor(ctx),
         }
         return model
 

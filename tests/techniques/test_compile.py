@@ -197,3 +197,42 @@ def test_compiled_decode_passes_the_cache_under_the_name_forward_takes(family: s
         _hf_greedy(model, prompt, 4)
     state = compiled_state(model)
     assert state is not None and state.calls["compiled_generate"] == 1
+
+
+def test_compile_tunes_the_matmuls_that_inductor_writes() -> None:
+    """int8wo on a GPU has no matmul kernel of its own: under compile inductor writes the dequantising matmul.
+    Untuned, that kernel decoded opt-6.7b at 44.4 ms/token on the H200; with coordinate-descent tuning at 3.73
+    (bf16: 4.46; docs/results.md section 5d). compile turns the tuning on by itself after such a step, and only
+    then; a setting in pyproject wins."""
+    from efficiency.techniques.compile import INDUCTOR_MATMUL_KEY
+    from efficiency.techniques.torchao_quant import TorchaoQuant
+
+    gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    cpu = Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    assert TorchaoQuant("int8wo").matmul_generated_by_inductor(gpu)
+    assert not TorchaoQuant("int8wo").matmul_generated_by_inductor(cpu)  # the CPU has _weight_int8pack_mm
+    assert not TorchaoQuant("int4wo").matmul_generated_by_inductor(gpu)  # tinygemm
+
+    def tuning(compile_step: Compile, earlier: dict[str, Any]) -> Any:
+        ctx = _ctx([*earlier, "compile"])
+        ctx.info.update(earlier)
+        state = compiled_state(compile_step.apply(tiny_model("gpt2"), ctx))
+        assert state is not None and state.step_options is not None
+        return state.step_options["coordinate_descent_tuning"], ctx.info["compile"]["coordinate_descent_tuning"]
+
+    on, why = tuning(Compile(), {"int8wo": {INDUCTOR_MATMUL_KEY: True}})
+    assert on is True and why.startswith("automatic: on")
+    off, why = tuning(Compile(), {"int4wo": {INDUCTOR_MATMUL_KEY: False}, "dtype": "bf16"})
+    assert off is False and why.startswith("automatic: off")
+    assert tuning(Compile(coordinate_descent_tuning=False), {"int8wo": {INDUCTOR_MATMUL_KEY: True}}) == (False, "set")
+
+
+def test_int8wo_on_the_cpu_reports_its_own_kernel_not_a_generated_one(one_thread: Any) -> None:
+    """On the CPU int8wo runs torch's int8 kernel: its report says compile need not tune anything."""
+    from efficiency.techniques.compile import INDUCTOR_MATMUL_KEY
+
+    pytest.importorskip("torchao")
+    ctx = _ctx(["int8wo"])
+    ctx.steps_done = 0
+    parse("int8wo").steps[0].apply(tiny_model("opt"), ctx)
+    assert ctx.info["int8wo"][INDUCTOR_MATMUL_KEY] is False
