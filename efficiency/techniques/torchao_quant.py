@@ -29,7 +29,7 @@ from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
-from efficiency.techniques.compile import INDUCTOR_MATMUL_KEY
+from efficiency.techniques.compile import INDUCTOR_OPTIONS_KEY
 
 KERNELS_CUDA = {
     "int8wo": "int8 weight-only: weight dequantised inside the matmul (inductor-fused under compile; eager: "
@@ -74,7 +74,36 @@ def conv1d_to_linear(model: nn.Module) -> int:
     return swap_modules(model, make, lambda m, n: is_conv1d(m))
 
 
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the int4wo-gNN names the registry takes
+
+
+def refuse_misfit_groups(name: str, model: nn.Module, targets: list[str], group_size: int) -> None:
+    """UnsupportedTechnique when a target layer's inputs are not a multiple of ``group_size`` (torchao would
+    leave it unquantised without saying so: GPT-2 XL's 1600-wide layers under group 128), naming the group
+    sizes that fit every layer."""
+    layers: dict[str, Any] = {n: model.get_submodule(n) for n in targets}
+    widths = {n: int(layer.in_features) for n, layer in layers.items()}
+    misfit = [n for n, width in widths.items() if width % group_size]
+    if not misfit:
+        return
+    fits = [g for g in INT4_GROUP_SIZES if all(width % g == 0 for width in widths.values())]
+    hint = f"int4wo-g{max(fits)} fits every layer" if fits else "no int4wo group size fits every layer"
+    raise UnsupportedTechnique(f"{name}: {len(misfit)} of {len(targets)} linear layers ({misfit[0]}: "
+                               f"{widths[misfit[0]]} inputs) are not a multiple of the group size {group_size}; "
+                               f"{hint}")
+
+
+def unquantised(model: nn.Module, targets: list[str]) -> list[str]:
+    """The target layers whose weight is still a plain tensor after ``quantize_``."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return [n for n in targets if not isinstance(model.get_submodule(n).weight, TorchAOBaseTensor)]
+
+
 def _config(kind: str, group_size: int, hqq: bool) -> Any:
+    """torchao's config for ``kind``; ``set_inductor_config=False`` everywhere: torchao would otherwise change
+    inductor's process-wide settings (and, in 0.17, the fp32 matmul precision) for every later case of the session.
+    The settings its kernels need reach ``compile`` through the report (``TorchaoQuant.inductor_options``)."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
@@ -84,18 +113,19 @@ def _config(kind: str, group_size: int, hqq: bool) -> Any:
     )
 
     if kind == "int8wo":
-        return Int8WeightOnlyConfig()
+        return Int8WeightOnlyConfig(set_inductor_config=False)
     if kind == "int4wo":
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                    int4_choose_qparams_algorithm="hqq" if hqq else "tinygemm")
+                                    int4_choose_qparams_algorithm="hqq" if hqq else "tinygemm",
+                                    set_inductor_config=False)
     if kind == "fp8wo":
-        return Float8WeightOnlyConfig()
+        return Float8WeightOnlyConfig(set_inductor_config=False)
     if kind == "fp8dq":
         from torchao.quantization import PerRow
 
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     if kind == "int8dq":
-        return Int8DynamicActivationInt8WeightConfig()
+        return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
     raise ValueError(kind)
 
 
@@ -125,10 +155,20 @@ class TorchaoQuant(TechniqueBase):
             if self.kind == "int4wo" and cap < (8, 0):
                 raise UnsupportedTechnique(f"{self.name}: tinygemm needs compute capability >= 8.0 (bf16)")
 
-    def matmul_generated_by_inductor(self, ctx: Context) -> bool:
-        """int8 weight-only on a GPU has no kernel of its own: under ``compile`` inductor writes the dequantising
-        matmul (``compile`` then tunes it). fp8wo works the same way but was not measured, so it is not claimed."""
-        return self.kind == "int8wo" and ctx.is_cuda
+    def inductor_options(self, ctx: Context) -> dict[str, Any]:
+        """The inductor settings a later ``compile`` step needs for this technique's kernels: torchao recommends
+        them, and by default sets them process-wide (and, in 0.17, TF32 for every fp32 matmul of the process);
+        the suite asks for them in the report instead (``INDUCTOR_OPTIONS_KEY``), so no case changes the next.
+        int8wo and fp8wo on a GPU have no matmul kernel of their own: inductor writes the dequantising matmul, which
+        needs coordinate-descent tuning (int8wo, opt-6.7b decode on the H200: 44.4 ms/token untuned, 3.73 tuned;
+        fp8wo by the same mechanism, not measured). int8dq's int8 matmul is fused with its scaling."""
+        if not ctx.is_cuda:
+            return {}
+        if self.kind in ("int8wo", "fp8wo"):
+            return {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}
+        if self.kind == "int8dq":
+            return {"force_fuse_int_mm_with_mul": True}
+        return {}
 
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         # tinygemm and the CPU int4 kernel take bf16; the other weight-only kernels run in the model's dtype.
@@ -144,9 +184,16 @@ class TorchaoQuant(TechniqueBase):
         targets = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and default_filter(m, n)]
         if not targets:
             raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
+        if self.kind == "int4wo":
+            refuse_misfit_groups(self.name, model, targets, self.group_size)
         chosen = set(targets)
         quantize_(model, _config(self.kind, self.group_size, self.hqq),
                   filter_fn=lambda m, fqn: fqn in chosen)
+        left = unquantised(model, targets)
+        if left:  # torchao skips a layer it cannot quantise with a log line, not an error
+            raise UnsupportedTechnique(f"{self.name}: torchao left {len(left)} of {len(targets)} linear layers "
+                                       f"unquantised ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); "
+                                       "measuring the case would describe a model that is not the technique's")
         weight = model.get_submodule(targets[0]).weight
         kernels = KERNELS_CUDA if ctx.is_cuda else KERNELS_CPU
         ctx.info[self.name] = {
@@ -158,7 +205,7 @@ class TorchaoQuant(TechniqueBase):
             "group_size": self.group_size if self.kind == "int4wo" else None,
             "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
             "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
-            INDUCTOR_MATMUL_KEY: self.matmul_generated_by_inductor(ctx),
+            INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
         }
         return model
 

@@ -93,3 +93,27 @@ def test_gemlite_autotune_options_are_validated_and_handed_to_gemlite() -> None:
     configure_autotune(FakeGemlite, step.gemv_autotune, step.cuda_graph_autotune)
     assert calls == [({"GEMM": "fast", "GEMM_SPLITK": "fast", "GEMV": "max", "GEMV_REVSPLITK": "max",
                        "GEMV_SPLITK": "max"}, True)]
+
+
+def test_int4wo_refuses_layers_its_group_does_not_divide() -> None:
+    """torchao leaves a layer whose inputs its int4 group does not divide unquantised, with an info log line only:
+    gpt2-xl's 1600-wide layers under int4wo's group 128 ran three of four layers per block in bf16 while the report
+    said int4. The case is now refused with the reason and the group that fits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=96, n_layer=1, n_head=2)).eval()
+    with pytest.raises(UnsupportedTechnique, match=r"not a multiple of the group size 128; int4wo-g32 fits"):
+        parse("int4wo").steps[0].apply(model, _ctx())
+
+
+def test_layers_torchao_left_unquantised_are_found() -> None:
+    """The check behind every torchao technique's report: a layer whose weight is still a plain tensor."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from efficiency.techniques.torchao_quant import unquantised
+
+    model = tiny_model("opt")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: fqn == names[0])
+    assert unquantised(model, names) == names[1:]
