@@ -249,3 +249,17 @@ def test_torchao_leaves_the_process_wide_settings_alone(one_thread: Any) -> None
     after = (inductor_config.coordinate_descent_tuning, inductor_config.force_fuse_int_mm_with_mul,
              torch.get_float32_matmul_precision())
     assert after == before
+
+
+@pytest.mark.parametrize("kind", ["int8wo", "int4wo", "fp8wo", "fp8dq", "int8dq"])
+def test_the_inductor_settings_a_quantiser_asks_for_exist_in_this_torch(kind: str) -> None:
+    """The GPU path cannot run in CI, but its settings' names can be checked: torch.compile refuses an option
+    inductor does not know when it is built, which on a GPU would fail every compiled case of that technique."""
+    from efficiency.techniques.compile import inductor_options
+    from efficiency.techniques.torchao_quant import TorchaoQuant
+
+    gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    asked = TorchaoQuant(kind).inductor_options(gpu)
+    torch.compile(lambda x: x + 1, options={**asked, **inductor_options(True, True, False, False)})
+    with pytest.raises(RuntimeError, match="option"):  # the check this test relies on
+        torch.compile(lambda x: x + 1, options={"no_such_inductor_option": True})
