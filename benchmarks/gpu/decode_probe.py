@@ -6,11 +6,11 @@ techniques default to, and the suite's own grid (`benchmarks/gpu/run.sh deploy`)
 `python benchmarks/gpu/decode_probe.py OUTDIR --model opt-6.7b --variants "bf16+compile,int4wo+compile@cdt"`
 
 A variant is a pipeline of the suite, optionally followed by ``@`` and flags joined by ``.``: compile settings
-``cdt`` (inductor's coordinate-descent tuning; without it, compile's automatic choice), ``ma`` (max-autotune),
-``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM head not compiled in
-passes without cache); gemlite settings ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg``
-(candidates timed in CUDA graphs); and ``prof`` (a kernel table from torch.profiler after the timed rounds, outside
-them), e.g. ``bf16+compile@cdt.ma.prof``.
+``cdt`` / ``nocdt`` (inductor's coordinate-descent tuning on / off; without either, compile's automatic choice),
+``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM
+head not compiled in passes without cache); gemlite settings ``glmax`` (its full autotuning grid for the GEMV
+kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from torch.profiler after the
+timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
 
 - ``--what decode``: batch-1 greedy decode of ``--new`` tokens after a ``--prompt``-token prompt; per token =
@@ -71,7 +71,8 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     steps = pipeline_name.split("+")
     options: dict[str, dict[str, Any]] = {}
     if "compile" in steps:
-        options["compile"] = {"coordinate_descent_tuning": True if "cdt" in flags else None,
+        tuning = True if "cdt" in flags else False if "nocdt" in flags else None
+        options["compile"] = {"coordinate_descent_tuning": tuning,
                               "max_autotune": "ma" in flags, "freezing": "fz" in flags,
                               "fuse_projections": "nofuse" not in flags, "compile_head": "nohead" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):

@@ -13,6 +13,8 @@ What a deployment runs instead of eager Hugging Face passes:
   compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one
   block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks). The LM head is a region
   of its own, so that inductor pads a vocabulary whose size breaks the tensor cores' alignment.
+  An earlier step can ask for these passes to stay eager (``EAGER_PASSES_KEY`` in its report entry, with the
+  reason, which the report repeats): int8wo on a GPU, whose matmul inductor lowers to a far slower kernel.
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
   the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
 
@@ -64,6 +66,18 @@ def inductor_options_asked(info: dict[str, Any]) -> dict[str, Any]:
     return asked
 
 
+EAGER_PASSES_KEY = "eager_passes_asked"  # in a step's report entry: why passes without cache must stay eager
+
+
+def eager_passes_asked(info: dict[str, Any]) -> str | None:
+    """Why a step applied before ``compile`` asks that passes without cache (perplexity, prefill) run eagerly
+    (``EAGER_PASSES_KEY`` in its report entry), None when none asks: a quantiser whose matmul inductor lowers to a
+    slower kernel than its eager path."""
+    reasons = [entry[EAGER_PASSES_KEY] for entry in info.values()
+               if isinstance(entry, dict) and entry.get(EAGER_PASSES_KEY)]
+    return "; ".join(reasons) or None
+
+
 def cudagraph_skips() -> int:
     """How many compiled graphs inductor ran without CUDA graphs so far in this process (it logs the reason
     under ``TORCH_LOGS=perf_hints``): a compiled decode that should be one graph replay per token is not."""
@@ -80,7 +94,8 @@ class CompiledExecution:
     """The state behind a compiled model: the compiled callables and the static caches."""
 
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
-                 forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool) -> None:
+                 forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool,
+                 compile_passes: bool = True) -> None:
         self.model = model
         self.orig_forward = model.forward
         self.orig_generate = model.generate
@@ -91,7 +106,9 @@ class CompiledExecution:
         # The LM head is a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
         # (GPT-2's 50,257-token vocabulary ran in align-1 CUTLASS kernels, 13% of gpt2-xl's pass on the H200).
         container, self.blocks = repeated_blocks(model)
-        self.head_name = output_head_name(model) if compile_head else None
+        if not compile_passes:
+            self.blocks = []
+        self.head_name = output_head_name(model) if compile_head and compile_passes else None
         self.head = getattr(model, self.head_name) if self.head_name else None
         places: list[tuple[Any, str, Any]] = [(container, str(i), b) for i, b in enumerate(self.blocks)]
         if self.head_name:
@@ -230,8 +247,9 @@ class Compile(TechniqueBase):
     # report: torchao int8wo / fp8wo on a GPU, whose dequantising matmuls inductor writes). Measured: bf16 decode
     # gains nothing from it (H100, docs/results.md section 5b; 26 s more compilation); opt-6.7b int8wo decode
     # takes 44.4 ms/token without it and 3.73 with it (H200, section 5d). Max-autotune (Triton GEMM templates
-    # against cuBLAS): off; on the H200 its compilation did not end within 66-141 s for opt-6.7b decode or a
-    # perplexity pass (5d).
+    # against cuBLAS): off, measured on the H200 (section 5e): opt-6.7b batch-1 decode 5.144 ms/token against 4.456
+    # without it (its Triton templates replaced cuBLAS's GEMVs); for a perplexity pass its compilation did not end
+    # within 98-141 s (5d), so not known there.
     coordinate_descent_tuning: bool | None = None
     max_autotune: bool = False
     # Freezing (weights as graph constants): off, measured on the H200 (docs/results.md section 5c): it did not
@@ -274,8 +292,9 @@ class Compile(TechniqueBase):
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
+        eager_why = eager_passes_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
-                                  self.compile_head)
+                                  self.compile_head, compile_passes=eager_why is None)
         # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
         # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
@@ -286,9 +305,10 @@ class Compile(TechniqueBase):
             "torch": torch.__version__,
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
                       f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
-            "forward": f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
-                       f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
-                       "(perplexity, prefill)",
+            "forward": (f"eager, asked for by an earlier step: {eager_why}" if eager_why else
+                        f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
+                        f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
+                        "(perplexity, prefill)"),
             "cuda_graphs": cuda_graphs,
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
             "inductor": forward_options,

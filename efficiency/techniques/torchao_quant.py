@@ -29,11 +29,11 @@ from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
-from efficiency.techniques.compile import INDUCTOR_OPTIONS_KEY
+from efficiency.techniques.compile import EAGER_PASSES_KEY, INDUCTOR_OPTIONS_KEY
 
 KERNELS_CUDA = {
-    "int8wo": "int8 weight-only: weight dequantised inside the matmul (inductor-fused under compile; eager: "
-              "dequantise + bf16 GEMM)",
+    "int8wo": "int8 weight-only: eager, dequantise + bf16 GEMM; under compile the decode step runs inductor's "
+              "fused dequantising matmul (Triton) and passes without cache stay eager",
     "int4wo": "tinygemm torch.ops.aten._weight_int4pack_mm (int4 tile-packed, asymmetric, grouped)",
     "fp8wo": "fp8 e4m3 weight-only: weight dequantised inside the matmul (inductor-fused under compile)",
     "fp8dq": "torch._scaled_mm (cuBLASLt fp8 e4m3 GEMM, per-row scales, dynamic activation quantisation)",
@@ -160,8 +160,9 @@ class TorchaoQuant(TechniqueBase):
         them, and by default sets them process-wide (and, in 0.17, TF32 for every fp32 matmul of the process);
         the suite asks for them in the report instead (``INDUCTOR_OPTIONS_KEY``), so no case changes the next.
         int8wo and fp8wo on a GPU have no matmul kernel of their own: inductor writes the dequantising matmul, which
-        needs coordinate-descent tuning (int8wo, opt-6.7b decode on the H200: 44.4 ms/token untuned, 3.73 tuned;
-        fp8wo by the same mechanism, not measured). int8dq's int8 matmul is fused with its scaling."""
+        needs coordinate-descent tuning (int8wo, opt-6.7b decode on the H200: 44.4 ms/token untuned, 3.73 tuned
+        with torchao's process-wide settings, 4.73 [4.36, 5.56] with these; fp8wo by the same mechanism, not
+        measured). int8dq's int8 matmul is fused with its scaling."""
         if not ctx.is_cuda:
             return {}
         if self.kind in ("int8wo", "fp8wo"):
@@ -169,6 +170,16 @@ class TorchaoQuant(TechniqueBase):
         if self.kind == "int8dq":
             return {"force_fuse_int_mm_with_mul": True}
         return {}
+
+    def eager_passes(self, ctx: Context) -> str | None:
+        """Why a later ``compile`` must leave passes without cache (perplexity, prefill) eager, None when it need
+        not. int8wo on a GPU: inductor rewrites its dequantising matmul (bf16 activations, int8 weight, bf16
+        scales) to ``aten._weight_int8pack_mm``, whose CUDA kernel is a plain fp32 loop: opt-1.3b's perplexity
+        pass took 18.8 s compiled against 0.072 s eager (H200, docs/results.md section 5e)."""
+        if ctx.is_cuda and self.kind == "int8wo":
+            return ("int8wo: inductor lowers its matmul to aten._weight_int8pack_mm, whose CUDA kernel ran the "
+                    "perplexity pass 259x slower than eager (H200)")
+        return None
 
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         # tinygemm and the CPU int4 kernel take bf16; the other weight-only kernels run in the model's dtype.
@@ -206,6 +217,7 @@ class TorchaoQuant(TechniqueBase):
             "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
             "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
             INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
+            EAGER_PASSES_KEY: self.eager_passes(ctx),
         }
         return model
 

@@ -96,6 +96,32 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
     assert state.head_name == "lm_head" and model.lm_head is state.head
 
 
+def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
+    """int8wo on a GPU: inductor lowers its dequantising matmul to aten._weight_int8pack_mm, whose CUDA kernel ran
+    opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section 5e), and the
+    suite's grid sat in that pass for over seven minutes. int8wo asks compile (in its report entry) to leave passes
+    without cache eager; decode stays compiled. The CPU has a fast _weight_int8pack_mm: no ask there."""
+    from efficiency.techniques.compile import EAGER_PASSES_KEY
+    from efficiency.techniques.torchao_quant import TorchaoQuant
+
+    gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    cpu = Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    why = TorchaoQuant("int8wo").eager_passes(gpu)
+    assert why and "_weight_int8pack_mm" in why
+    assert TorchaoQuant("int8wo").eager_passes(cpu) is None
+    assert all(TorchaoQuant(k).eager_passes(gpu) is None for k in ("int4wo", "fp8wo", "fp8dq", "int8dq"))
+
+    ids = torch.randint(0, 128, (200,))
+    ctx = _ctx(["int8wo", "compile"])
+    ctx.info["int8wo"] = {EAGER_PASSES_KEY: why}
+    model = Compile(backend="eager").apply(tiny_model("opt"), ctx)
+    PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
+    state = compiled_state(model)
+    assert state is not None and state.calls["compiled_forward"] == 0 and state.blocks == []
+    assert state.head_name is None
+    assert ctx.info["compile"]["forward"].startswith("eager, asked for by an earlier step: int8wo")
+
+
 def _block_names(model: Any) -> list[str]:
     return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()
             and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.ModuleList)]
