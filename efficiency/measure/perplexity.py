@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -188,8 +188,12 @@ class PerplexityEvaluator:
         return model(batch, use_cache=False).logits[:, -keep:]
 
     @torch.inference_mode()
-    def run(self, model: Any, device: str | torch.device) -> PerplexityResult:
+    def run(self, model: Any, device: str | torch.device,
+            progress: Callable[[int], None] | None = None) -> PerplexityResult:
+        """One pass over every window; ``progress(windows done)`` after each batch (its forward enqueued: on a GPU
+        the host runs ahead of the device by at most the launch queue)."""
         batch_size = self.resolve_batch_size(model, device)
+        done = 0
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         nll_of = nll_function(device)
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -201,6 +205,9 @@ class PerplexityEvaluator:
             logits = self._forward_logits(model, batch, scored + 1)[:, :-1]  # (B, scored, V)
             labels = batch[:, length - scored :]  # (B, scored)
             nll_sum += nll_of(logits, labels).double()  # the slice is a view: no copy of the logits
+            done += len(group)
+            if progress is not None:
+                progress(done)
         total = float(nll_sum.item())
         n = self.n_scored_tokens
         return PerplexityResult(

@@ -3,6 +3,7 @@ and ``ppl_pass`` (the paper's runtime: the same pass repeated in timed rounds in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,6 +22,14 @@ def _evaluator(ctx: PhaseContext) -> Any:
     return ctx.shared["evaluator"]
 
 
+def _progress(ctx: PhaseContext, what: str, windows: int) -> Callable[[int], None]:
+    """Throttled progress lines of a pass through the case's log (a pass over the whole test split, or one that
+    compiles, can take minutes)."""
+    from efficiency.techniques.progress import Progress
+
+    return Progress(ctx.log, f"{ctx.case_id}: {what}", windows, "windows").update
+
+
 @dataclass
 class QualityPhase:
     """Perplexity over the evaluation text, once. Its window gives the first pass's time (with one-time costs
@@ -36,10 +45,11 @@ class QualityPhase:
         ctx.log(f"{ctx.case_id}: perplexity pass over {len(ctx.tokens)} tokens ({len(ev.plan)} windows of "
                 f"{ctx.context})")
         if compiled_state(model) is not None:  # compile every input shape of the pass here, not in the window
-            ev.run(model, ctx.device)
+            ev.run(model, ctx.device, _progress(ctx, "compiling and warming up the perplexity pass", len(ev.plan)))
 
     def run(self, model: Any, ctx: PhaseContext) -> Any:
-        return _evaluator(ctx).run(model, ctx.device)
+        ev = _evaluator(ctx)
+        return ev.run(model, ctx.device, _progress(ctx, "perplexity pass", len(ev.plan)))
 
     def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
         ppl = record.result

@@ -158,3 +158,22 @@ def test_registry_paths_exist_in_a_measured_case(one_thread: None) -> None:
             assert isinstance(cur, dict) and key in cur, f"{m.name}: {'.'.join(m.path)} missing"
             cur = cur[key]
     assert case["phases"]["decode"]["window"]["energy"]["cpu"]["energy_j"] > 0
+
+
+def test_the_quality_pass_shows_its_progress(one_thread: None) -> None:
+    """A pass over the whole test split, or one that compiles, takes minutes: the case's log shows how far it is
+    (the first and the last batch always, throttled in between), and the evaluator reports every batch."""
+    from efficiency.phases.perplexity import _evaluator
+
+    lines: list[str] = []
+    ctx = context()
+    ctx.log = lines.append
+    model = tiny_model("gpt2")
+    run_phase(QualityPhase(), model, ctx)
+    windows = len(_evaluator(ctx).plan)
+    progress = [line for line in lines if "perplexity pass:" in line]
+    assert progress[0].startswith("tiny-fp32: perplexity pass: 2/") and "windows" in progress[0]
+    assert progress[-1].startswith(f"tiny-fp32: perplexity pass: {windows}/{windows} windows (100%)")
+    seen: list[int] = []
+    _evaluator(ctx).run(model, "cpu", seen.append)
+    assert seen == sorted(seen) and seen[-1] == windows and seen[0] == 2  # batch 2 windows

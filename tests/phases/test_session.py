@@ -41,10 +41,10 @@ def test_a_nan_perplexity_makes_the_case_invalid_and_keeps_the_report_valid(tiny
     s.run_case("t", "fp32")
     real_run = perplexity.PerplexityEvaluator.run
 
-    def broken(self: Any, model: Any, device: Any) -> Any:
+    def broken(self: Any, model: Any, device: Any, progress: Any = None) -> Any:
         from dataclasses import replace
 
-        return replace(real_run(self, model, device), perplexity=float("nan"))
+        return replace(real_run(self, model, device, progress), perplexity=float("nan"))
 
     monkeypatch.setattr(perplexity.PerplexityEvaluator, "run", broken)
     with pytest.raises(pytest.fail.Exception, match="perplexity is not finite"):
