@@ -52,30 +52,27 @@ def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_aut
             "max_autotune": max_autotune, "freezing": freezing}
 
 
-INDUCTOR_OPTIONS_KEY = "inductor_options_asked"  # in a step's report entry: the inductor settings it needs
+# What a step applied before ``compile`` asks of it, in the step's report entry (so that the report shows it):
+INDUCTOR_OPTIONS_KEY = "inductor_options_asked"  # the inductor settings its kernels need
+EAGER_PASSES_KEY = "eager_passes_asked"  # why passes without cache (perplexity, prefill) must stay eager
+
+
+def _asked(info: dict[str, Any], key: str) -> list[Any]:
+    """What the earlier steps' report entries hold under ``key``, in order, where they hold anything."""
+    return [entry[key] for entry in info.values() if isinstance(entry, dict) and entry.get(key)]
 
 
 def inductor_options_asked(info: dict[str, Any]) -> dict[str, Any]:
-    """The inductor settings that the steps applied before ``compile`` ask for (``INDUCTOR_OPTIONS_KEY`` in their
-    report entries, merged in order). A quantiser asks instead of setting inductor's process-wide config, so that
-    one case's settings never leak into the next case of the session."""
-    asked: dict[str, Any] = {}
-    for entry in info.values():
-        if isinstance(entry, dict):
-            asked.update(entry.get(INDUCTOR_OPTIONS_KEY) or {})
-    return asked
-
-
-EAGER_PASSES_KEY = "eager_passes_asked"  # in a step's report entry: why passes without cache must stay eager
+    """The inductor settings that the steps applied before ``compile`` ask for, merged in order. A quantiser asks
+    instead of setting inductor's process-wide config, so that one case's settings never leak into the next case
+    of the session."""
+    return {k: v for options in _asked(info, INDUCTOR_OPTIONS_KEY) for k, v in options.items()}
 
 
 def eager_passes_asked(info: dict[str, Any]) -> str | None:
-    """Why a step applied before ``compile`` asks that passes without cache (perplexity, prefill) run eagerly
-    (``EAGER_PASSES_KEY`` in its report entry), None when none asks: a quantiser whose matmul inductor lowers to a
-    slower kernel than its eager path."""
-    reasons = [entry[EAGER_PASSES_KEY] for entry in info.values()
-               if isinstance(entry, dict) and entry.get(EAGER_PASSES_KEY)]
-    return "; ".join(reasons) or None
+    """Why the steps applied before ``compile`` ask that passes without cache run eagerly, None when none asks: a
+    quantiser whose matmul inductor lowers to a slower kernel than its eager path."""
+    return "; ".join(_asked(info, EAGER_PASSES_KEY)) or None
 
 
 def cudagraph_skips() -> int:
@@ -105,9 +102,8 @@ class CompiledExecution:
         # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
         # The LM head is a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
         # (GPT-2's 50,257-token vocabulary ran in align-1 CUTLASS kernels, 13% of gpt2-xl's pass on the H200).
-        container, self.blocks = repeated_blocks(model)
-        if not compile_passes:
-            self.blocks = []
+        container, blocks = repeated_blocks(model)
+        self.blocks = blocks if compile_passes else []
         self.head_name = output_head_name(model) if compile_head and compile_passes else None
         self.head = getattr(model, self.head_name) if self.head_name else None
         places: list[tuple[Any, str, Any]] = [(container, str(i), b) for i, b in enumerate(self.blocks)]
@@ -311,7 +307,7 @@ class Compile(TechniqueBase):
                         "(perplexity, prefill)"),
             "cuda_graphs": cuda_graphs,
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
-            "inductor": forward_options,
+            "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else
                                                            "off, no earlier step asked for it")),
