@@ -7,11 +7,23 @@ mode=$1; out=$2; mkdir -p "$out"
 : "${EFFICIENCY_DATA_DIR:?set EFFICIENCY_DATA_DIR}"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# A TERM or INT sent to this script (`timeout`, a CI cancel) reaches the running pytest, which then marks its report
+# 'interrupted' and writes it; without this the shell died alone and the report stayed 'running'.
+suite_pid=
+stop() {
+  trap - TERM INT
+  if [ -n "$suite_pid" ]; then kill -TERM "$suite_pid" 2>/dev/null; wait "$suite_pid"; fi
+  exit 143
+}
+trap stop TERM INT
 run() {  # run NAME pytest-args...
   local name=$1; shift
   $py -m pytest benchmarks/test_grid.py -p efficiency.plugin -p no:cacheprovider -q -rs --eff-device cuda \
-    --eff-data-dir "$EFFICIENCY_DATA_DIR" --eff-report "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" | \
-    grep -v "^Loading\|^Writing\|it/s\]$"
+    --eff-data-dir "$EFFICIENCY_DATA_DIR" --eff-report "$out/$name.json" "$@" \
+    > >(tee "$out/$name.log" | grep -v "^Loading\|^Writing\|it/s\]$") 2>&1 &
+  suite_pid=$!
+  wait "$suite_pid"
+  suite_pid=
 }
 archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
 # deploy: compiled bf16 against compiled low-bit kernels, batch-1 decode of 64 tokens after a 128-token prompt;
