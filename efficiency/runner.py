@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from efficiency.data import Corpus, load_calibration_text, load_corpus, tokenize
 from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve
 from efficiency.results import CaseResult
-from efficiency.techniques.base import Context, Pipeline, parse
+from efficiency.techniques.base import Context, Pipeline, matmul_dtype, parse
+from efficiency.techniques.compile import release_compiled_state
 
 
 class CaseOutOfMemory(Exception):
@@ -118,6 +120,8 @@ class Runner:
             oom = {"error": str(err).splitlines()[0][:300], **_device_memory(cfg.device)}
         finally:
             del model, loaded
+            if "compile" in pipeline.name.split("+"):
+                release_compiled_state()
             gc.collect()
             if cfg.device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -163,6 +167,7 @@ class Runner:
             is_baseline=pipeline.name == cfg.baseline,
             gpus=tuple(f"cuda:{i}" for i in gpus) if len(gpus) > 1 else (),
         )
+        pctx.shared["matmul_dtype"] = matmul_dtype(ctx.info)
         conditions = case_conditions(meter_set)
         sections: dict[str, dict[str, Any]] = {}
         phases = case_phases(cfg, loaded.source.random_weights)
@@ -178,7 +183,10 @@ class Runner:
                 if group is None or _is_oom(err):
                     raise
                 # e.g. generation unsupported by a transformed model: say so, keep the rest of the case
-                failed_groups[group] = f"{phase.name}: {type(err).__name__}: {err}"
+                failed_groups[group] = failure_reason(phase.name, err)
+                self.log(f"{case_id}: {group} not measured: {failed_groups[group]}; the rest of the case goes on")
+                for line in traceback.format_exception(err)[-_TRACEBACK_LINES:]:
+                    self.log(f"{case_id}:   {line.rstrip()}")
         conditions["after"] = case_conditions(meter_set, sample_load=False)
         conditions["warnings"] += [w for w in conditions["after"]["warnings"] if w not in conditions["warnings"]]
         for group, reason in failed_groups.items():
@@ -220,6 +228,20 @@ def case_conditions(meter_set: Any, sample_load: bool = True) -> dict[str, Any]:
 
 
 _GROUP_KEYS = {"latency": ("prefill_s", "first_token_s", "decode_s_per_token", "decode_j_per_token")}
+
+
+_TRACEBACK_LINES = 12  # lines of a failed phase group's traceback shown in the log (its innermost frames)
+
+
+def failure_reason(phase_name: str, err: BaseException) -> str:
+    """A report's reason for a phase group that failed: the phase, the error and where it was raised (its innermost
+    frame), so that an error without a message (a bare ``assert`` deep in a library) still says what failed."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" (raised at {'/'.join(Path(last.filename).parts[-2:])}:{last.lineno} in {last.name})"
+    return f"{phase_name}: {type(err).__name__}: {str(err) or '(no message)'}{where}"
 
 
 def _is_oom(err: BaseException) -> bool:

@@ -3,7 +3,7 @@ and ``ppl_pass`` (the paper's runtime: the same pass repeated in timed rounds in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +62,12 @@ class QualityPhase:
             },
             "memory": record.window.peak.to_dict(),
         }
+
+
+def mfu_dtype(shared: Mapping[str, Any]) -> Any:
+    """The dtype whose dense peak a pass's MFU is taken against: the one the quantised matmuls run in where a step
+    declares it (int8dq: int8, fp8dq: float8; ``MATMUL_DTYPE_KEY``), the model's compute dtype otherwise."""
+    return shared.get("matmul_dtype") or shared.get("compute_dtype")
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ class TimedPassPhase:
         first = ctx.records.get("quality")
         from efficiency.measure.roofline import device_name, mfu
 
-        m = mfu(tp.flops, median_s, ctx.shared.get("compute_dtype"), device_name(ctx.device))
+        m = mfu(tp.flops, median_s, mfu_dtype(ctx.shared), device_name(ctx.device))
         return {
             "runtime": {
                 "batch_size": tp.batch_size,

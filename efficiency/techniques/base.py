@@ -34,6 +34,16 @@ ENTRY_POINT_GROUP = "pytest_efficiency.techniques"
 # The old name: still importable from here (and raised as TechniqueUnavailable).
 UnsupportedTechnique = TechniqueUnavailable
 
+# In a step's report entry: the dtype its matmuls run in where it is not the model's compute dtype (the int8 / fp8
+# GEMMs of dynamic activation quantisation); the perplexity pass's MFU is taken against that dtype's dense peak.
+MATMUL_DTYPE_KEY = "matmul_dtype"
+
+
+def matmul_dtype(info: Mapping[str, Any]) -> str | None:
+    """The matmul dtype the pipeline's last step to declare one declares (:data:`MATMUL_DTYPE_KEY`), else None."""
+    declared = [e[MATMUL_DTYPE_KEY] for e in info.values() if isinstance(e, dict) and e.get(MATMUL_DTYPE_KEY)]
+    return declared[-1] if declared else None
+
 
 class UnknownTechnique(ConfigError):
     """A technique name matches no registered pattern, or is malformed: a usage error."""

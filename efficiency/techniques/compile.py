@@ -55,6 +55,7 @@ def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_aut
 # What a step applied before ``compile`` asks of it, in the step's report entry (so that the report shows it):
 INDUCTOR_OPTIONS_KEY = "inductor_options_asked"  # the inductor settings its kernels need
 EAGER_PASSES_KEY = "eager_passes_asked"  # why passes without cache (perplexity, prefill) must stay eager
+MIN_DECODE_BATCH_KEY = "compiled_decode_min_batch"  # [smallest batch, why]: the compiled decode step fails below it
 
 
 def _asked(info: dict[str, Any], key: str) -> list[Any]:
@@ -75,6 +76,28 @@ def eager_passes_asked(info: dict[str, Any]) -> str | None:
     return "; ".join(_asked(info, EAGER_PASSES_KEY)) or None
 
 
+def min_decode_batch_asked(info: dict[str, Any]) -> tuple[int, str] | None:
+    """The smallest batch the compiled decode step can run at, by what the earlier steps ask
+    (``MIN_DECODE_BATCH_KEY``), with their reasons; None: any batch."""
+    asks = _asked(info, MIN_DECODE_BATCH_KEY)
+    if not asks:
+        return None
+    return max(int(batch) for batch, _ in asks), "; ".join(why for _, why in asks)
+
+
+class CompiledDecodeRefused(UnsupportedTechnique):
+    """The compiled decode step cannot run at this batch (an earlier step said so, before anything compiles)."""
+
+
+def release_compiled_state() -> None:
+    """Forget the compiled graphs and CUDA-graph trees of a case that ends, as a fresh process would start: a
+    CUDA-graph recording that failed (int8dq's decode step on the H200: ``torch._int_mm`` refuses one row) left the
+    process-wide trees broken, and every later compiled case of the session failed with a bare AssertionError."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 def cudagraph_skips() -> int:
     """How many compiled graphs inductor ran without CUDA graphs so far in this process (it logs the reason
     under ``TORCH_LOGS=perf_hints``): a compiled decode that should be one graph replay per token is not."""
@@ -92,8 +115,9 @@ class CompiledExecution:
 
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
                  forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool,
-                 compile_passes: bool = True) -> None:
+                 compile_passes: bool = True, min_decode_batch: tuple[int, str] | None = None) -> None:
         self.model = model
+        self.min_decode_batch = min_decode_batch
         self.orig_forward = model.forward
         self.orig_generate = model.generate
         self.cache_bucket = cache_bucket
@@ -185,10 +209,13 @@ class CompiledExecution:
         if not self.handles(input_ids, attention_mask, kwargs):
             self.calls["hf_generate"] += 1
             return self.orig_generate(input_ids, attention_mask=attention_mask, **kwargs)
-        self.calls["compiled_generate"] += 1
         n: int = kwargs["max_new_tokens"]
         streamer = kwargs.get("streamer")  # Hugging Face's protocol: put(prompt), put(each new token), end()
         batch, prompt_len = input_ids.shape
+        if self.min_decode_batch and batch < self.min_decode_batch[0]:
+            raise CompiledDecodeRefused(f"compiled decode at batch {batch}: needs a batch of at least "
+                                        f"{self.min_decode_batch[0]}: {self.min_decode_batch[1]}")
+        self.calls["compiled_generate"] += 1
         cache, mask, positions = self.cache_for(batch, prompt_len + n)
         cache.reset()
         with torch.inference_mode():
@@ -289,8 +316,9 @@ class Compile(TechniqueBase):
             decode_options = forward_options = None
             cuda_graphs = False
         eager_why = eager_passes_asked(ctx.info)
+        min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
-                                  self.compile_head, compile_passes=eager_why is None)
+                                  self.compile_head, compile_passes=eager_why is None, min_decode_batch=min_batch)
         # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
         # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
@@ -305,6 +333,8 @@ class Compile(TechniqueBase):
                         f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
                         f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
                         "(perplexity, prefill)"),
+            "decode_min_batch": (f"{min_batch[0]}, asked for by an earlier step: {min_batch[1]}" if min_batch
+                                 else None),
             "cuda_graphs": cuda_graphs,
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
+from efficiency.techniques.base import MATMUL_DTYPE_KEY, Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
-from efficiency.techniques.compile import EAGER_PASSES_KEY, INDUCTOR_OPTIONS_KEY
+from efficiency.techniques.compile import EAGER_PASSES_KEY, INDUCTOR_OPTIONS_KEY, MIN_DECODE_BATCH_KEY
 
 KERNELS_CUDA = {
     "int8wo": "int8 weight-only: eager, dequantise + bf16 GEMM; under compile the decode step runs inductor's "
@@ -181,6 +181,22 @@ class TorchaoQuant(TechniqueBase):
                     "perplexity pass 259x slower than eager (H200)")
         return None
 
+    def min_decode_batch(self, ctx: Context) -> list[Any] | None:
+        """[smallest batch, why] at which a later ``compile``'s decode step can run, None: any. int8dq on a GPU:
+        inductor calls ``torch._int_mm`` (cuBLAS) directly in the decode step, and cuBLAS takes more than 16 rows;
+        batch-1 decode failed inside its CUDA-graph recording (opt-125m and opt-6.7b, H200, section 5f)."""
+        if ctx.is_cuda and self.kind == "int8dq":
+            return [17, "int8dq: torch._int_mm takes more than 16 rows on CUDA (one row per sequence in decode); "
+                        "eager int8dq decode falls back to a float32 matmul (594 ms/token on opt-125m, H200)"]
+        return None
+
+    def matmul_dtype(self, ctx: Context) -> str | None:
+        """The dtype of the quantised linear layers' matmuls where it is not the compute dtype: int8dq's int8 and
+        fp8dq's fp8 GEMMs (weight-only kinds dequantise to the compute dtype and multiply in it)."""
+        if not ctx.is_cuda:
+            return None
+        return {"int8dq": "int8", "fp8dq": "float8"}.get(self.kind)
+
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         # tinygemm and the CPU int4 kernel take bf16; the other weight-only kernels run in the model's dtype.
         if self.kind == "int4wo" or ctx.is_cuda:
@@ -218,6 +234,8 @@ class TorchaoQuant(TechniqueBase):
             "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
             INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
             EAGER_PASSES_KEY: self.eager_passes(ctx),
+            MIN_DECODE_BATCH_KEY: self.min_decode_batch(ctx),
+            MATMUL_DTYPE_KEY: self.matmul_dtype(ctx),
         }
         return model
 

@@ -109,3 +109,28 @@ def test_a_run_stopped_early_is_incomplete_never_complete(tiny_root: Path, one_t
     s2.run_case("t", "fp32")
     s2.finish(0)
     assert s2.report["status"] == "incomplete"  # a collected case never ran
+
+
+def test_a_failed_phase_group_says_where_its_error_was_raised(tiny_root: Path, monkeypatch: Any,
+                                                              one_thread: None) -> None:
+    """The opt-6.7b grid on the H200 reported fp8dq's and fp8wo's latency as 'prefill: AssertionError: ', a bare
+    assert deep in a library, which said nothing about what failed. The reason now names the innermost frame, the
+    log carries the traceback, and the rest of the case is measured."""
+    from efficiency.phases import latency
+
+    def bare_assert(self: Any, model: Any, ctx: Any) -> None:
+        raise AssertionError  # what a bare assert raises outside pytest's rewritten test modules
+
+    monkeypatch.setattr(latency.PrefillPhase, "setup", bare_assert)
+    s = session(tiny_root, techniques="fp32")
+    lines: list[str] = []
+    s.runner.log = lines.append
+    s.run_case("t", "fp32")
+    case = s.report["cases"][-1]
+    assert case["status"] == "measured" and case["perplexity"]["value"] is not None
+    reason = case["latency"]["reason"]
+    assert reason.startswith("prefill: AssertionError: (no message) (raised at ")
+    assert "test_session.py:" in reason and "in bare_assert" in reason
+    assert case["latency"]["decode_s_per_token"] is None
+    assert any("latency not measured" in ln for ln in lines)
+    assert any("raise AssertionError" in ln for ln in lines)  # the traceback is in the log
