@@ -38,6 +38,7 @@ def table(report: dict[str, Any]) -> list[str]:
     cases = report["cases"]
     base = next((c for c in cases if c.get("is_baseline") and c.get("status") == "measured"), None)
     base_tok = (base or {}).get("latency", {}).get("decode_s_per_token")
+    notes: list[str] = []
     for c in cases:
         if c.get("status") != "measured":
             lines.append(f"| {c['id']} | {c.get('status')}: {str(c.get('reason', ''))[:160]} |||||||||||")
@@ -45,6 +46,10 @@ def table(report: dict[str, Any]) -> list[str]:
         lat, rt = c.get("latency") or {}, c.get("runtime") or {}
         tok = lat.get("decode_s_per_token")
         setup = sum((p.get("setup_s") or 0) for p in (c.get("phases") or {}).values())
+        if tok is None and lat.get("reason"):  # decode not measured: the reason goes under the table
+            notes.append(f"- {c['id']}: decode not measured: {lat['reason']}")
+        mfu_dtype = rt.get("mfu_compute_dtype")
+        mfu_of = f" ({mfu_dtype})" if rt.get("mfu_pct") is not None and mfu_dtype not in ("bfloat16", "float16") else ""
         lines.append(
             f"| {c['id']} | {f(tok * 1e3 if tok else None)} | "
             f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
@@ -52,8 +57,8 @@ def table(report: dict[str, Any]) -> list[str]:
             f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
             f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
-            f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')} | {setup:.0f} | {kernel(c)} |")
-    return lines
+            f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')}{mfu_of} | {setup:.0f} | {kernel(c)} |")
+    return lines + ([""] + notes if notes else [])
 
 
 def main(paths: list[str]) -> None:
