@@ -90,9 +90,10 @@ class CompiledDecodeRefused(UnsupportedTechnique):
 
 
 def release_compiled_state() -> None:
-    """Forget the compiled graphs and CUDA-graph trees of a case that ends, as a fresh process would start: a
-    CUDA-graph recording that failed (int8dq's decode step on the H200: ``torch._int_mm`` refuses one row) left the
-    process-wide trees broken, and every later compiled case of the session failed with a bare AssertionError."""
+    """Forget the compiled graphs and CUDA-graph trees of a case that ends, as a fresh process would start. They are
+    process-wide: after a CUDA-graph recording failed (int8dq's decode step on the H200: ``torch._int_mm`` refuses
+    one row), the two compiled cases that followed failed with a bare AssertionError, which the same techniques did
+    not do in a run without that failure (docs/results.md section 5f; the reset is not yet checked on a GPU)."""
     import torch._dynamo
 
     torch._dynamo.reset()

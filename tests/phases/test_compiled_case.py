@@ -43,8 +43,8 @@ def test_a_compiled_case_runs_every_phase_and_keeps_the_baselines_perplexity(lla
     s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
     s.run_case("t", "fp32")
     s.run_case("t", "fp32+compile")
-    # The compiled graphs and CUDA-graph trees go with the case: a CUDA-graph recording that failed (int8dq's decode,
-    # H200) had left them broken, and every later compiled case of the session failed with a bare AssertionError.
+    # The compiled graphs and CUDA-graph trees go with the case: after a CUDA-graph recording failed (int8dq's decode,
+    # H200), the compiled cases that followed failed with a bare AssertionError (docs/results.md section 5f).
     from torch._dynamo import convert_frame
 
     assert convert_frame.FRAME_COUNTER == 0
