@@ -22,7 +22,7 @@ from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve
 from efficiency.results import CaseResult
 from efficiency.techniques.base import Context, Pipeline, matmul_dtype, parse
-from efficiency.techniques.compile import release_compiled_state
+from efficiency.techniques.compile import compiled_state, release_compiled_state
 
 
 class CaseOutOfMemory(Exception):
@@ -119,8 +119,9 @@ class Runner:
         except torch.OutOfMemoryError as err:
             oom = {"error": str(err).splitlines()[0][:300], **_device_memory(cfg.device)}
         finally:
+            compiled = compiled_state(model) is not None
             del model, loaded
-            if "compile" in pipeline.name.split("+"):
+            if compiled:
                 release_compiled_state()
             gc.collect()
             if cfg.device.startswith("cuda"):

@@ -39,9 +39,15 @@ UnsupportedTechnique = TechniqueUnavailable
 MATMUL_DTYPE_KEY = "matmul_dtype"
 
 
+def declared_by_steps(info: Mapping[str, Any], key: str) -> list[Any]:
+    """What the steps' report entries in ``info`` (``Context.info``) hold under ``key``, in pipeline order, where they
+    hold anything: how a step tells later steps and the phases what it needs (``compile``'s asks, the matmul dtype)."""
+    return [entry[key] for entry in info.values() if isinstance(entry, dict) and entry.get(key)]
+
+
 def matmul_dtype(info: Mapping[str, Any]) -> str | None:
     """The matmul dtype the pipeline's last step to declare one declares (:data:`MATMUL_DTYPE_KEY`), else None."""
-    declared = [e[MATMUL_DTYPE_KEY] for e in info.values() if isinstance(e, dict) and e.get(MATMUL_DTYPE_KEY)]
+    declared = declared_by_steps(info, MATMUL_DTYPE_KEY)
     return declared[-1] if declared else None
 
 

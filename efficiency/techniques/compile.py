@@ -38,7 +38,7 @@ import torch
 
 from efficiency.config import ConfigError
 from efficiency.models import cache_argument, max_positions
-from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
+from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, declared_by_steps, register
 
 CACHE_BUCKET_TOKENS = 256
 
@@ -58,28 +58,23 @@ EAGER_PASSES_KEY = "eager_passes_asked"  # why passes without cache (perplexity,
 MIN_DECODE_BATCH_KEY = "compiled_decode_min_batch"  # [smallest batch, why]: the compiled decode step fails below it
 
 
-def _asked(info: dict[str, Any], key: str) -> list[Any]:
-    """What the earlier steps' report entries hold under ``key``, in order, where they hold anything."""
-    return [entry[key] for entry in info.values() if isinstance(entry, dict) and entry.get(key)]
-
-
 def inductor_options_asked(info: dict[str, Any]) -> dict[str, Any]:
     """The inductor settings that the steps applied before ``compile`` ask for, merged in order. A quantiser asks
     instead of setting inductor's process-wide config, so that one case's settings never leak into the next case
     of the session."""
-    return {k: v for options in _asked(info, INDUCTOR_OPTIONS_KEY) for k, v in options.items()}
+    return {k: v for options in declared_by_steps(info, INDUCTOR_OPTIONS_KEY) for k, v in options.items()}
 
 
 def eager_passes_asked(info: dict[str, Any]) -> str | None:
     """Why the steps applied before ``compile`` ask that passes without cache run eagerly, None when none asks: a
     quantiser whose matmul inductor lowers to a slower kernel than its eager path."""
-    return "; ".join(_asked(info, EAGER_PASSES_KEY)) or None
+    return "; ".join(declared_by_steps(info, EAGER_PASSES_KEY)) or None
 
 
 def min_decode_batch_asked(info: dict[str, Any]) -> tuple[int, str] | None:
     """The smallest batch the compiled decode step can run at, by what the earlier steps ask
     (``MIN_DECODE_BATCH_KEY``), with their reasons; None: any batch."""
-    asks = _asked(info, MIN_DECODE_BATCH_KEY)
+    asks = declared_by_steps(info, MIN_DECODE_BATCH_KEY)
     if not asks:
         return None
     return max(int(batch) for batch, _ in asks), "; ".join(why for _, why in asks)

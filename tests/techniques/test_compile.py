@@ -148,31 +148,6 @@ def test_a_step_that_asks_for_a_minimum_decode_batch_gets_a_clear_refusal_before
     assert ctx.info["compile"]["decode_min_batch"].startswith("17, asked for by an earlier step: int8dq")
 
 
-def test_the_mfu_of_dynamically_quantised_matmuls_is_against_their_dtypes_peak() -> None:
-    """int8dq and fp8dq multiply in int8 / fp8, whose dense peak is twice bf16's on an H100 or H200: their MFU
-    was reported against the bf16 peak (int8dq on opt-6.7b: 71%, above bf16's own 63%; section 5f)."""
-    from efficiency.techniques.base import MATMUL_DTYPE_KEY, matmul_dtype
-    from efficiency.techniques.torchao_quant import TorchaoQuant
-
-    gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
-    cpu = Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
-    assert TorchaoQuant("int8dq").matmul_dtype(gpu) == "int8"
-    assert TorchaoQuant("fp8dq").matmul_dtype(gpu) == "float8"
-    assert TorchaoQuant("int8dq").matmul_dtype(cpu) is None
-    assert all(TorchaoQuant(k).matmul_dtype(gpu) is None for k in ("int8wo", "int4wo", "fp8wo"))
-    assert matmul_dtype({"fused_projections": {}, "int8dq": {MATMUL_DTYPE_KEY: "int8"}, "compile": {}}) == "int8"
-    assert matmul_dtype({"bf16": {"dtype": "bf16"}}) is None
-
-    from efficiency.measure.roofline import mfu
-    from efficiency.phases.perplexity import mfu_dtype
-
-    shared = {"compute_dtype": torch.bfloat16, "matmul_dtype": "int8"}
-    m = mfu(704.2e12 * 0.2918, 0.2918, mfu_dtype(shared), "NVIDIA H200")  # int8dq's opt-6.7b pass (section 5f)
-    assert m["compute_dtype"] == "int8" and m["peak_flops_per_s"] == 1979e12
-    assert abs(m["mfu"] - 704.2 / 1979) < 1e-9  # 35.6%, not 71.2% of the bf16 peak
-    assert mfu_dtype({"compute_dtype": torch.bfloat16, "matmul_dtype": None}) is torch.bfloat16
-
-
 def _block_names(model: Any) -> list[str]:
     return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()
             and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.ModuleList)]
