@@ -2,7 +2,9 @@
 
 Per model: batch-1 decode (ms and J per generated token, speed-up over the compiled bf16 baseline, achieved weight
 bandwidth and its fraction of the device's peak), the perplexity pass (median s, MFU), the untimed setup (compile
-and warm-up) and the kernel each technique ran.
+and warm-up) and the kernel each technique ran. With a serving sweep (`DEPLOY_BATCH_SIZES`), a second table: per
+batch size, output tokens per second, time per output token and joules per output token, with the speed-up over
+the baseline at the same batch size.
 """
 
 from __future__ import annotations
@@ -58,7 +60,29 @@ def table(report: dict[str, Any]) -> list[str]:
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
             f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
             f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')}{mfu_of} | {setup:.0f} | {kernel(c)} |")
-    return lines + ([""] + notes if notes else [])
+    return lines + ([""] + notes if notes else []) + serving_table(cases, base)
+
+
+def serving_table(cases: list[dict[str, Any]], base: dict[str, Any] | None) -> list[str]:
+    """Rows of every measured case's serving sweep; [] when no case ran one."""
+    def batches(case: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+        return {int(r["batch_size"]): r for r in ((case or {}).get("serving") or {}).get("batches") or []}
+
+    base_rows = batches(base)
+    rows: list[str] = []
+    for c in cases:
+        for b, r in sorted(batches(c).items()):
+            tps, ref = r.get("tokens_per_s"), (base_rows.get(b) or {}).get("tokens_per_s")
+            tpot, j = r.get("time_per_output_token_s"), r.get("j_per_token")
+            speed_up = tps / ref if tps and ref else None
+            rows.append(f"| {c['id']} | {b} | {f(tps, '{:.0f}')} | {f(speed_up, '{:.2f}x')} | "
+                        f"{f(tpot * 1e3 if tpot else None)} | {f(j * 1e3 if j else None)} | {r.get('rounds')} |")
+    if not rows:
+        return []
+    return ["", "Serving sweep (greedy generate of equal-length prompts, no padding; speed-up: tokens/s over the "
+            "baseline's at the same batch size):", "",
+            "| case | batch | output tokens/s | speed-up | ms per output token | mJ/output token | rounds |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def main(paths: list[str]) -> None:

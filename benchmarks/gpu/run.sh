@@ -29,12 +29,14 @@ archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
 # deploy: compiled bf16 against compiled low-bit kernels, batch-1 decode of 64 tokens after a 128-token prompt;
 # perplexity pass over 65536 tokens = 128 windows of 1024 (stride 512), windows per forward chosen automatically.
 # int8dq: its pass is the one low-bit pass faster than bf16 measured (1.13x, opt-6.7b, docs/results.md 5f); its decode
-# at batch 1 is refused with the reason (cuBLAS's int8 GEMM takes more than 16 rows).
+# at batch 1 is refused with the reason (cuBLAS's int8 GEMM takes more than 16 rows); DEPLOY_BATCH_SIZES=32 adds a
+# serving sweep at those batch sizes, where it decodes.
 deploy_techniques=${DEPLOY_TECHNIQUES:-bf16+compile,gemlite-int4+compile,int4wo+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile,int8dq+compile}
 deploy() {  # deploy NAME MODEL
   run "$1" $archs --eff-models "$2" --eff-techniques "$deploy_techniques" --eff-baseline bf16+compile \
     --eff-max-tokens "${DEPLOY_MAX_TOKENS:-65536}" --eff-decode-tokens 64 --eff-prefill-tokens 128 \
-    --eff-min-window "${DEPLOY_MIN_WINDOW:-3}" --eff-threshold 100000 --eff-history off
+    --eff-min-window "${DEPLOY_MIN_WINDOW:-3}" --eff-threshold 100000 --eff-history off \
+    ${DEPLOY_BATCH_SIZES:+--eff-batch-sizes "$DEPLOY_BATCH_SIZES"}
 }
 case $mode in
   deploy)    [ "${DEPLOY_PPL_SPEED:-1}" = 1 ] && $py benchmarks/gpu/ppl_speed.py "$out/ppl_speed.json" --model opt-125m 2>&1 | \
