@@ -20,9 +20,13 @@ def test_rounds_are_honoured_with_benchmark_disabled(pytester: pytest.Pytester, 
     assert "runtime_only" in bnb4["scores"]
 
 
-def test_pytest_benchmark_table_is_narrow_for_the_grid(pytester: pytest.Pytester, tiny_dir: Path) -> None:  # noqa: F811
+def test_pytest_benchmark_table_is_narrow_for_the_grid(pytester: pytest.Pytester, tiny_dir: Path,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """pytest-benchmark's dozen-column table repeated the runtimes the suite's own table shows; the grid keeps
-    min, median, max and rounds (the narrowing looked for the wrong plugin object and never applied)."""
+    min, median, max and rounds (the narrowing looked for the wrong plugin object and never applied). The inner
+    run is not an xdist worker even when this test runs in one (`-n 2`): pytest-benchmark reads the inherited
+    PYTEST_XDIST_WORKER and turns itself off, and there was no table to look at."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", benchmark=True)
     result.assert_outcomes(passed=1)
     header = next(line for line in result.stdout.lines if line.startswith("Name (time in"))
