@@ -22,7 +22,7 @@ from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve
 from efficiency.results import CaseResult
 from efficiency.techniques.base import Context, Pipeline, matmul_dtype, parse
-from efficiency.techniques.compile import compiled_state, release_compiled_state
+from efficiency.techniques.compile import compiled_case_settings, compiled_state, release_compiled_state
 
 
 class CaseOutOfMemory(Exception):
@@ -110,12 +110,13 @@ class Runner:
         loaded: LoadedModel | None = None
         oom: dict[str, Any] | None = None
         try:
-            loaded = self.load_named(model_name, dtype)
-            ctx = self._context(model_name, loaded.tokenizer, dtype)
-            t0 = time.perf_counter()
-            model = pipeline.apply(loaded.model, ctx)
-            apply_s = time.perf_counter() - t0
-            return self._measure_loaded(model, loaded, pipeline, ctx, apply_s, benchmark)
+            with compiled_case_settings():
+                loaded = self.load_named(model_name, dtype)
+                ctx = self._context(model_name, loaded.tokenizer, dtype)
+                t0 = time.perf_counter()
+                model = pipeline.apply(loaded.model, ctx)
+                apply_s = time.perf_counter() - t0
+                return self._measure_loaded(model, loaded, pipeline, ctx, apply_s, benchmark)
         except torch.OutOfMemoryError as err:
             oom = {"error": str(err).splitlines()[0][:300], **_device_memory(cfg.device)}
         finally:

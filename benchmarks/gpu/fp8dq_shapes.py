@@ -33,15 +33,18 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import quantize_
+
+    from efficiency.techniques.torchao_quant import TorchaoQuant
+
+    fp8dq = TorchaoQuant("fp8dq").config()  # the suite's own
 
     for rows in (int(r) for r in a.rows.split(",")):
         for k, n, bias in (parse_shape(s) for s in a.shapes.split(",")):
             for mode in a.modes.split(","):
                 torch._dynamo.reset()
                 lin = torch.nn.Linear(k, n, bias=bias, device="cuda", dtype=torch.bfloat16)
-                quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
-                                                                         set_inductor_config=False))
+                quantize_(lin, fp8dq)
                 fn = lin if mode == "eager" else torch.compile(lin, mode="reduce-overhead", fullgraph=True)
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
                 try:

@@ -31,6 +31,7 @@ import functools
 import inspect
 import re
 import shutil
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,40 +85,34 @@ class CompiledDecodeRefused(UnsupportedTechnique):
     """The compiled decode step cannot run at this batch (an earlier step said so, before anything compiles)."""
 
 
-# Static shapes one compiled function may take within a case (perplexity batches, prefill, first token, each serving
-# batch size); each is compiled in untimed setup. Past it the case fails: dynamo's default is to warn in the log and
-# run the function eagerly, which measured eager code under a "+compile" label (docs/results.md section 5g).
+# Static shapes one compiled function may take within a case (perplexity batches, prefill, first token, the decode
+# step at each serving batch size); each is compiled in untimed setup. Past it the case fails: dynamo's default is
+# to warn in the log and run the function eagerly, which measured eager code under a "+compile" label
+# (docs/results.md section 5g).
 RECOMPILE_LIMIT = 32
-_dynamo_settings_before: dict[str, Any] = {}  # what hold_compiled_shapes changed, restored by release_compiled_state
 
 
-def hold_compiled_shapes() -> None:
-    """For the case being compiled: up to ``RECOMPILE_LIMIT`` shapes per compiled function, and past it an error
-    (the phase fails with dynamo's reason) rather than a silent eager fallback. Process-wide dynamo settings,
-    restored when the case ends (``release_compiled_state``)."""
+def compiled_case_settings() -> AbstractContextManager[Any]:
+    """Dynamo's settings for one case, given back when it ends: up to ``RECOMPILE_LIMIT`` shapes per compiled
+    function, and past it an error (the phase fails with dynamo's reason) rather than a silent eager fallback. The
+    runner enters it around every case; they matter only where something compiles."""
     import torch._dynamo.config as dynamo_config
 
-    changes = {"recompile_limit": RECOMPILE_LIMIT}
+    settings: dict[str, Any] = {"recompile_limit": RECOMPILE_LIMIT}
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
-        changes["fail_on_recompile_limit_hit"] = True
-    for key, value in changes.items():
-        _dynamo_settings_before.setdefault(key, getattr(dynamo_config, key))
-        setattr(dynamo_config, key, value)
+        settings["fail_on_recompile_limit_hit"] = True
+    return dynamo_config.patch(**settings)
 
 
 def release_compiled_state() -> None:
-    """Forget the compiled graphs and CUDA-graph trees of a case that ends, as a fresh process would start, and give
-    dynamo back the settings the case changed. The graphs are process-wide: without this, each compiled case added
-    its shapes to dynamo's cache of the decoder block's forward, and from the third compiled case of a session on,
-    dynamo passed its recompile limit and ran the blocks eagerly (opt-6.7b fp8dq's perplexity pass on the H200:
-    0.438 s in a session without the reset, 0.212 s with it; docs/results.md section 5g)."""
+    """Forget the compiled graphs and CUDA-graph trees of a case that ends, as a fresh process would start. They are
+    process-wide: without this, each compiled case added its shapes to dynamo's cache of the decoder block's
+    forward, and from the third compiled case of a session on, dynamo passed its recompile limit and ran the blocks
+    eagerly (opt-6.7b fp8dq's perplexity pass on the H200: 0.438 s in a session without the reset, 0.212 s with
+    it; docs/results.md section 5g)."""
     import torch._dynamo
-    import torch._dynamo.config as dynamo_config
 
     torch._dynamo.reset()
-    for key, value in _dynamo_settings_before.items():
-        setattr(dynamo_config, key, value)
-    _dynamo_settings_before.clear()
 
 
 def cudagraph_skips() -> int:
@@ -346,7 +341,6 @@ class Compile(TechniqueBase):
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
         model.generate = functools.wraps(state.orig_generate)(lambda *a, **kw: state.generate(*a, **kw))
         model._efficiency_compiled = state
-        hold_compiled_shapes()
         ctx.info[self.name] = {
             "backend": self.backend,
             "torch": torch.__version__,

@@ -100,35 +100,6 @@ def unquantised(model: nn.Module, targets: list[str]) -> list[str]:
     return [n for n in targets if not isinstance(model.get_submodule(n).weight, TorchAOBaseTensor)]
 
 
-def _config(kind: str, group_size: int, hqq: bool) -> Any:
-    """torchao's config for ``kind``; ``set_inductor_config=False`` everywhere: torchao would otherwise change
-    inductor's process-wide settings (and, in 0.17, the fp32 matmul precision) for every later case of the session.
-    The settings its kernels need reach ``compile`` through the report (``TorchaoQuant.inductor_options``)."""
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8DynamicActivationInt8WeightConfig,
-        Int8WeightOnlyConfig,
-    )
-
-    if kind == "int8wo":
-        return Int8WeightOnlyConfig(set_inductor_config=False)
-    if kind == "int4wo":
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                    int4_choose_qparams_algorithm="hqq" if hqq else "tinygemm",
-                                    set_inductor_config=False)
-    if kind == "fp8wo":
-        return Float8WeightOnlyConfig(set_inductor_config=False)
-    if kind == "fp8dq":
-        from torchao.quantization import PerRow
-
-        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-    if kind == "int8dq":
-        return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
-    raise ValueError(kind)
-
-
 @dataclass(frozen=True)
 class TorchaoQuant(TechniqueBase):
     kind: str  # int8wo | int4wo | fp8wo | fp8dq | int8dq
@@ -140,6 +111,34 @@ class TorchaoQuant(TechniqueBase):
     def name(self) -> str:
         group = f"-g{self.group_size}" if self.kind == "int4wo" and self.group_size != 128 else ""
         return self.kind + group + ("-hqq" if self.hqq else "")
+
+    def config(self) -> Any:
+        """torchao's config for ``kind``; ``set_inductor_config=False`` everywhere: torchao would otherwise change
+        inductor's process-wide settings (and, in 0.17, the fp32 matmul precision) for every later case of the session.
+        The settings its kernels need reach ``compile`` through the report (``TorchaoQuant.inductor_options``)."""
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
+
+        if self.kind == "int8wo":
+            return Int8WeightOnlyConfig(set_inductor_config=False)
+        if self.kind == "int4wo":
+            return Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="tile_packed_to_4d",
+                                        int4_choose_qparams_algorithm="hqq" if self.hqq else "tinygemm",
+                                        set_inductor_config=False)
+        if self.kind == "fp8wo":
+            return Float8WeightOnlyConfig(set_inductor_config=False)
+        if self.kind == "fp8dq":
+            from torchao.quantization import PerRow
+
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        if self.kind == "int8dq":
+            return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+        raise ValueError(self.kind)
 
     def check(self, ctx: Context) -> None:
         require_torchao()
@@ -214,7 +213,7 @@ class TorchaoQuant(TechniqueBase):
         if self.kind == "int4wo":
             refuse_misfit_groups(self.name, model, targets, self.group_size)
         chosen = set(targets)
-        quantize_(model, _config(self.kind, self.group_size, self.hqq),
+        quantize_(model, self.config(),
                   filter_fn=lambda m, fqn: fqn in chosen)
         left = unquantised(model, targets)
         if left:  # torchao skips a layer it cannot quantise with a log line, not an error
