@@ -10,7 +10,8 @@ that runs and the tensor subclass torchao put in place of the weight (``ctx.info
   (tile-packed), CUDA only (torchao removed its CPU packing).
 - ``fp8wo``: fp8 e4m3 weights per channel, bf16 activations, dequantised inside the matmul.
 - ``fp8dq``: fp8 weights and dynamically quantised fp8 activations, per row: ``torch._scaled_mm``; CUDA with
-  compute capability >= 8.9 only.
+  compute capability >= 8.9 only. The layers' biases are added after the GEMM (:func:`move_bias_after_matmul`),
+  not in its epilogue, where cuBLASLt has no algorithm for wide inputs at few rows (batch-1 decode).
 - ``int8dq``: int8 weights per channel, int8 activations per token (dynamic): ``torch._int_mm``.
 
 The int4 packing: without fbgemm-gpu-genai (its ``plain``/``preshuffled`` formats), tinygemm is torchao's int4
@@ -72,6 +73,33 @@ def conv1d_to_linear(model: nn.Module) -> int:
         return lin
 
     return swap_modules(model, make, lambda m, n: is_conv1d(m))
+
+
+OUTPUT_BIAS = "bias_after_matmul"  # where move_bias_after_matmul keeps a layer's bias
+FP8DQ_BIAS_REASON = ("cuBLASLt has no algorithm for torch._scaled_mm's per-row fp8 GEMM with a bias epilogue when "
+                     "the input is wide and the rows few: opt-6.7b's fc2 (16384 -> 4096) failed at 1, 16 and 17 "
+                     "rows with CUBLAS_STATUS_NOT_SUPPORTED, and ran without the bias (H200, docs/results.md 5g)")
+
+
+def _add_output_bias(layer: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output + getattr(layer, OUTPUT_BIAS)
+
+
+def move_bias_after_matmul(model: nn.Module, names: list[str]) -> int:
+    """Take the bias of the named linear layers out of their matmul: the layer keeps it as the parameter
+    ``OUTPUT_BIAS`` and a forward hook adds it to the output (which inductor fuses with what follows). Same
+    function, same parameters; returns how many layers had a bias."""
+    moved = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        bias = getattr(layer, "bias", None)
+        if bias is None:
+            continue
+        layer.bias = None  # type: ignore[assignment]
+        layer.register_parameter(OUTPUT_BIAS, bias)
+        layer.register_forward_hook(_add_output_bias)
+        moved += 1
+    return moved
 
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the int4wo-gNN names the registry takes
@@ -212,6 +240,7 @@ class TorchaoQuant(TechniqueBase):
             raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
         if self.kind == "int4wo":
             refuse_misfit_groups(self.name, model, targets, self.group_size)
+        biases_moved = move_bias_after_matmul(model, targets) if self.kind == "fp8dq" else 0
         chosen = set(targets)
         quantize_(model, self.config(),
                   filter_fn=lambda m, fqn: fqn in chosen)
@@ -230,6 +259,8 @@ class TorchaoQuant(TechniqueBase):
             "conv1d_converted": converted,
             "group_size": self.group_size if self.kind == "int4wo" else None,
             "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
+            "bias": (f"added after the GEMM in {biases_moved} layers: {FP8DQ_BIAS_REASON}" if biases_moved
+                     else None),
             "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
             INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
             EAGER_PASSES_KEY: self.eager_passes(ctx),

@@ -142,3 +142,51 @@ def test_the_mfu_of_dynamically_quantised_matmuls_is_against_their_dtypes_peak()
     assert m["compute_dtype"] == "int8" and m["peak_flops_per_s"] == 1979e12
     assert abs(m["mfu"] - 704.2 / 1979) < 1e-9  # 35.6%, not 71.2% of the bf16 peak
     assert mfu_dtype({"compute_dtype": torch.bfloat16, "matmul_dtype": None}) is torch.bfloat16
+
+
+def test_a_bias_moved_after_the_matmul_gives_the_same_function_and_parameters() -> None:
+    """fp8dq keeps the layers' biases out of its fp8 GEMM (cuBLASLt refuses the bias epilogue at few rows, section
+    5g): the moved bias must give the same outputs, eagerly and compiled whole, and leave the parameters alone."""
+    from efficiency.techniques.torchao_quant import OUTPUT_BIAS, move_bias_after_matmul
+
+    model = tiny_model("opt")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    fc1_before = model.model.decoder.layers[0].fc1
+    weight, bias = fc1_before.weight.detach().clone(), fc1_before.bias.detach().clone()
+    with torch.no_grad():
+        ref = model(ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    assert move_bias_after_matmul(model, targets) == 12  # OPT's q, k, v, out, fc1, fc2 in 2 layers all have one
+    fc1 = model.model.decoder.layers[0].fc1
+    assert fc1.bias is None and getattr(fc1, OUTPUT_BIAS).shape == (64,)
+    assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        torch._dynamo.reset()
+        compiled = torch.compile(fc1, fullgraph=True)  # the hook is traced into the graph, not dropped
+        torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_fp8dq_runs_a_wide_layer_with_a_bias_at_one_row_eagerly_and_compiled() -> None:
+    """opt-6.7b's fc2 shape (16384 -> 4096, with a bias) at one row: with the bias in torchao's fp8 GEMM cuBLASLt
+    raised CUBLAS_STATUS_NOT_SUPPORTED on the H200 (section 5g), so fp8dq had no batch-1 decode."""
+    layer = torch.nn.Sequential(torch.nn.Linear(16384, 4096, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(1, 16384, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = layer(x).float()
+    ctx = Context(device="cuda", tokenizer=None, model_name="fc2", cache_dir=Path("."))
+    pipe = parse("fp8dq")
+    pipe.check(ctx)
+    model = pipe.apply(layer, ctx)
+    assert "after the GEMM in 1 layers" in ctx.info["fp8dq"]["bias"]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        for run in (model, compiled):
+            for _ in range(3):
+                got = run(x).float()
+            torch.cuda.synchronize()
+            assert ((got - ref).norm() / ref.norm()).item() < 0.1  # fp8 e4m3 weights and activations
