@@ -2,9 +2,15 @@
 ``first_token`` (``generate`` of 1 token: prefill plus the first sampled token) and ``decode`` (``generate`` of
 exactly N tokens, min_new_tokens = max_new_tokens, greedy).
 
-Decode per token is a difference, so that the prompt's prefill cancels out:
-``decode_s_per_token = (median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
-``decode_j_per_token = (E(generate N) per round - E(generate 1) per round) / (N - 1)``.
+Decode per token, compiled (``+compile``, efficiency.techniques.compile): the prompt is run into its static cache
+once, in the phase's setup, and each timed round is the N - 1 compiled one-token steps after it, so
+``decode_s_per_token = median t(N - 1 steps) / (N - 1)`` and ``decode_j_per_token = E per round / (N - 1)``, with
+no prefill in the window. Eager (Hugging Face's ``generate``) it is a difference, so that the prefill cancels out:
+``(median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
+``(E(generate N) per round - E(generate 1) per round) / (N - 1)``. The difference is only as good as the two
+medians: a compiled case whose eager prefill went through torchao's tensor subclasses (fp8wo, fp8dq) took 0.15 to
+0.5 s per prompt from round to round, and the difference gave opt-6.7b's fp8wo decode 7.57 ms/token where its
+steps take about 3.2 (H200, docs/results.md section 5h).
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from efficiency.phases.base import PhaseContext, PhaseRecord, Rounds
 
 METHOD = ("median of rounds after 1 warm-up; perf_counter with device sync at both edges; greedy decode; "
           "each phase in its own energy window")
+DECODE_METHOD = {
+    "steps": "compiled decode: each round is the N - 1 one-token steps after a prompt prefilled once in setup "
+             "(no prefill in the window); per token = median round / (N - 1)",
+    "difference": "generate: per token = (median t(generate N) - median t(generate 1)) / (N - 1), the prefill "
+                  "cancelling out; energy likewise from the two windows",
+}
 
 
 def _prompt(ctx: PhaseContext) -> tuple[Any, Any]:
@@ -100,26 +112,39 @@ class DecodePhase:
         from efficiency.techniques.compile import compiled_state
 
         ctx.shared.setdefault("weights_read", weights_read_per_token(model))
-        ctx.shared["compiled"] = compiled_state(model)
+        compiled = ctx.shared["compiled"] = compiled_state(model)
         # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
         # never inside the window.
         ctx.sync()
         _generate(model, ctx, ctx.workload.decode_tokens)()
         ctx.sync()
+        prompt, mask = _prompt(ctx)
+        n = ctx.workload.decode_tokens
+        ctx.shared.pop("prefilled", None)
+        if compiled is not None and compiled.handles(prompt, mask, {"max_new_tokens": n, "min_new_tokens": n}):
+            ctx.shared["prefilled"] = compiled.prefill(prompt, n)
+            ctx.sync()
+
+    def _steps(self, model: Any, ctx: PhaseContext) -> Callable[[], Any]:
+        compiled, prefilled, steps = ctx.shared["compiled"], ctx.shared["prefilled"], ctx.workload.decode_tokens - 1
+        return lambda: compiled.decode(prefilled, steps)
 
     def run(self, model: Any, ctx: PhaseContext) -> Rounds:
+        if ctx.shared.get("prefilled") is not None:
+            return ctx.repeat(self._steps(model, ctx), ctx.workload.min_rounds)
         return ctx.repeat(_generate(model, ctx, ctx.workload.decode_tokens), ctx.workload.min_rounds)
 
     def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
         n = ctx.workload.decode_tokens
         pre, one = ctx.records["prefill"].result, ctx.records["first_token"].result
         many: Rounds = record.result
-        per_token = (many.median_s - one.median_s) / (n - 1)
+        steps_only = ctx.shared.get("prefilled") is not None
+        per_token = many.median_s / (n - 1) if steps_only else (many.median_s - one.median_s) / (n - 1)
         reason = None
         if per_token <= 0:  # timing noise larger than the decode work: say so instead of reporting 0
             reason = f"generate({n}) was not slower than generate(1) (noise); use more --eff-decode-tokens"
         e_many = _energy_per_round_j(record, ctx.primary)
-        e_one = _energy_per_round_j(ctx.records["first_token"], ctx.primary)
+        e_one = 0.0 if steps_only else _energy_per_round_j(ctx.records["first_token"], ctx.primary)
         j_per_token: float | None = None
         energy_reason = None
         if e_many is None or e_one is None:
@@ -151,6 +176,7 @@ class DecodePhase:
             "decode_s_all": list(many.times_s),
             "reason": reason,
             "method": METHOD,
+            "decode_method": DECODE_METHOD["steps" if steps_only else "difference"],
             "cuda_graph_skips": skips,  # compiled graphs that ran without CUDA graphs (None: not asked for)
             **roof,
         }}

@@ -7,8 +7,9 @@ What a deployment runs instead of eager Hugging Face passes:
   on a GPU (``options={"triton.cudagraphs": True}``, what ``mode="reduce-overhead"`` sets). The loop replaces
   ``model.generate`` only for the calls the latency and serving phases make (greedy, no padding,
   ``min_new_tokens == max_new_tokens``, optionally a streamer, fed as ``generate`` feeds it); any other call goes
-  to Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache. The tokens
-  equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
+  to Hugging Face's ``generate`` unchanged. The prompt's prefill runs eagerly into the static cache
+  (:meth:`CompiledExecution.prefill`), then the steps (:meth:`CompiledExecution.decode`, which the decode phase
+  times alone). The tokens equal Hugging Face's greedy ``generate`` (tests/techniques/test_compile.py).
 - **forward without cache** (the perplexity pass, prefill latency): regional compilation, each decoder block
   compiled (``dynamic=False``); the blocks share one compiled graph per input shape, so compiling costs one
   block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks). The LM head is a region
@@ -123,6 +124,17 @@ def cudagraph_skips() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
+@dataclass(frozen=True)
+class PrefilledPrompt:
+    """A prompt run into its static cache (:meth:`CompiledExecution.prefill`), ready to decode from."""
+
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    length: int  # prompt tokens
+    first_token: torch.Tensor  # (batch, 1)
+
+
 def _has_bnb(model: Any) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
@@ -222,34 +234,48 @@ class CompiledExecution:
             return False
         return attention_mask is None or bool(attention_mask.bool().all())  # no padding
 
+    def prefill(self, input_ids: torch.Tensor, new_tokens: int) -> PrefilledPrompt:
+        """Run the prompt into a reset static cache sized for ``new_tokens`` more, eagerly; its first token."""
+        batch, prompt_len = input_ids.shape
+        if self.min_decode_batch and batch < self.min_decode_batch[0]:
+            raise CompiledDecodeRefused(f"compiled decode at batch {batch}: needs a batch of at least "
+                                        f"{self.min_decode_batch[0]}: {self.min_decode_batch[1]}")
+        cache, mask, positions = self.cache_for(batch, prompt_len + new_tokens)
+        with torch.inference_mode():
+            cache.reset()
+            out = self.orig_forward(**self._kwargs(input_ids, positions[:, :prompt_len], cache, mask))
+            first = out.logits[:, -1].argmax(-1, keepdim=True)
+        return PrefilledPrompt(cache, mask, positions, prompt_len, first)
+
+    def decode(self, prompt: PrefilledPrompt, steps: int, streamer: Any = None) -> list[torch.Tensor]:
+        """``steps`` compiled one-token steps after ``prompt``'s first token: [first token, then one per step].
+        Each call starts again from the prompt's cache (the steps overwrite the same positions, and the causal
+        mask hides the later ones), so the latency phase can time decode without the prefill."""
+        tok = prompt.first_token
+        tokens = [tok]
+        with torch.inference_mode():
+            for i in range(steps):
+                if streamer is not None:  # as in generate: the host receives each token (a sync per token)
+                    streamer.put(tok.squeeze(-1).cpu())
+                at = prompt.length + i
+                tok = self.step(tok, prompt.positions[:, at:at + 1], prompt.cache, prompt.mask).clone()
+                tokens.append(tok)  # .clone(): CUDA-graph outputs are reused by the next replay
+        return tokens
+
     def generate(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
         if not self.handles(input_ids, attention_mask, kwargs):
             self.calls["hf_generate"] += 1
             return self.orig_generate(input_ids, attention_mask=attention_mask, **kwargs)
         n: int = kwargs["max_new_tokens"]
         streamer = kwargs.get("streamer")  # Hugging Face's protocol: put(prompt), put(each new token), end()
-        batch, prompt_len = input_ids.shape
-        if self.min_decode_batch and batch < self.min_decode_batch[0]:
-            raise CompiledDecodeRefused(f"compiled decode at batch {batch}: needs a batch of at least "
-                                        f"{self.min_decode_batch[0]}: {self.min_decode_batch[1]}")
+        prompt = self.prefill(input_ids, n)
         self.calls["compiled_generate"] += 1
-        cache, mask, positions = self.cache_for(batch, prompt_len + n)
-        cache.reset()
-        with torch.inference_mode():
-            if streamer is not None:
-                streamer.put(input_ids.cpu())
-            out = self.orig_forward(**self._kwargs(input_ids, positions[:, :prompt_len], cache, mask))
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens = [tok]
-            for i in range(n - 1):
-                if streamer is not None:  # as in generate: the host receives each token (a sync per token)
-                    streamer.put(tok.squeeze(-1).cpu())
-                pos = positions[:, prompt_len + i : prompt_len + i + 1]
-                tok = self.step(tok, pos, cache, mask).clone()  # CUDA-graph outputs are reused by the next replay
-                tokens.append(tok)
-            if streamer is not None:
-                streamer.put(tok.squeeze(-1).cpu())
-                streamer.end()
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        tokens = self.decode(prompt, n - 1, streamer)
+        if streamer is not None:
+            streamer.put(tokens[-1].squeeze(-1).cpu())
+            streamer.end()
         return torch.cat([input_ids, *tokens], dim=1)
 
 
