@@ -133,6 +133,15 @@ class PrefilledPrompt:
     positions: torch.Tensor
     length: int  # prompt tokens
     first_token: torch.Tensor  # (batch, 1)
+    counters: list[torch.Tensor]  # the cache's own write positions after the prompt (see cache_counters)
+
+
+def cache_counters(cache: Any) -> list[torch.Tensor]:
+    """The tensors in which a static cache counts the tokens written (transformers 5's ``StaticLayer``
+    ``cumulative_length``, which decides where the next token's keys go, whatever the cache position passed); empty
+    for a cache that writes at the cache position alone."""
+    layers = getattr(cache, "layers", None) or []
+    return [t for t in (getattr(layer, "cumulative_length", None) for layer in layers) if isinstance(t, torch.Tensor)]
 
 
 def _has_bnb(model: Any) -> bool:
@@ -245,15 +254,19 @@ class CompiledExecution:
             cache.reset()
             out = self.orig_forward(**self._kwargs(input_ids, positions[:, :prompt_len], cache, mask))
             first = out.logits[:, -1].argmax(-1, keepdim=True)
-        return PrefilledPrompt(cache, mask, positions, prompt_len, first)
+            counters = [t.clone() for t in cache_counters(cache)]
+        return PrefilledPrompt(cache, mask, positions, prompt_len, first, counters)
 
     def decode(self, prompt: PrefilledPrompt, steps: int, streamer: Any = None) -> list[torch.Tensor]:
         """``steps`` compiled one-token steps after ``prompt``'s first token: [first token, then one per step].
-        Each call starts again from the prompt's cache (the steps overwrite the same positions, and the causal
-        mask hides the later ones), so the latency phase can time decode without the prefill."""
+        Each call starts again from the prompt's cache (its write counters set back in place, the steps overwrite
+        the same positions, and the causal mask hides the later ones), so the latency phase can time decode without
+        the prefill."""
         tok = prompt.first_token
         tokens = [tok]
         with torch.inference_mode():
+            if prompt.counters:  # in place: the compiled step holds these tensors' addresses
+                torch._foreach_copy_(cache_counters(prompt.cache), prompt.counters)
             for i in range(steps):
                 if streamer is not None:  # as in generate: the host receives each token (a sync per token)
                     streamer.put(tok.squeeze(-1).cpu())

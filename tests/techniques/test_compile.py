@@ -47,6 +47,26 @@ def test_compiled_decode_equals_hf_greedy(family: str, one_thread: Any) -> None:
     assert len(state.caches) == 1  # 9 + 1, 9 + 2 and 9 + 12 tokens share the 32-token bucket
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_decoding_again_from_one_prefilled_prompt_gives_the_greedy_tokens_each_time(family: str,
+                                                                                     one_thread: Any) -> None:
+    """The decode phase prefills the prompt once and times rounds of steps from it; each round must start again from
+    the prompt (transformers' StaticCache counts the tokens it has written: unrewound, the third round of 12 tokens
+    from a 9-token prompt wrote past this 32-token cache, and on the H200 a device-side assert stopped the case)."""
+    torch._dynamo.reset()
+    model = tiny_model(family)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 128, (1, 9))
+    expected = _hf_greedy(model, prompt, 12)
+    model = Compile(backend="eager", cache_bucket=32).apply(model, _ctx(["compile"]))
+    state = compiled_state(model)
+    assert state is not None
+    prefilled = state.prefill(prompt, 12)
+    for _ in range(4):
+        got = torch.cat([prompt, *state.decode(prefilled, 11)], dim=1)
+        assert torch.equal(got, expected), family
+
+
 def test_step_is_one_graph_without_recompiles(one_thread: Any) -> None:
     """fullgraph=True raises on any graph break; the compile counter shows one compilation for all steps."""
     from torch._dynamo.utils import counters
