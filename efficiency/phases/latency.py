@@ -9,8 +9,8 @@ no prefill in the window. Eager (Hugging Face's ``generate``) it is a difference
 ``(median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
 ``(E(generate N) per round - E(generate 1) per round) / (N - 1)``. The difference is only as good as the two
 medians: a compiled case whose eager prefill went through torchao's tensor subclasses (fp8wo, fp8dq) took 0.15 to
-0.5 s per prompt from round to round, and the difference gave opt-6.7b's fp8wo decode 7.57 ms/token where its
-steps take about 3.2 (H200, docs/results.md section 5h).
+0.5 s per prompt from round to round, and the difference gave opt-6.7b's fp8dq decode 10.1 ms/token where its
+steps, timed alone, took 5.6 (H200, docs/results.md section 5h).
 """
 
 from __future__ import annotations

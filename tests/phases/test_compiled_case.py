@@ -153,8 +153,8 @@ def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill
         llama_root: Path, one_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled case's decode per token was (median t(generate N) - median t(generate 1)) / (N - 1): each round
     ran the prompt's eager prefill, and where that prefill varied from round to round (torchao's fp8 tensor
-    subclasses: 0.15 to 0.5 s on opt-6.7b, H200) the difference of two medians gave fp8wo 7.57 ms/token where its
-    steps take about 3.2 (docs/results.md section 5h). Now the prompt is prefilled once in setup and the rounds
+    subclasses: 0.15 to 0.5 s on opt-6.7b, H200) the difference of two medians gave fp8dq 10.1 ms/token where its
+    steps, timed alone, took 5.6 (docs/results.md section 5h). Now the prompt is prefilled once in setup and the rounds
     are the compiled steps alone; an eager case keeps the difference, and each report says which."""
     import statistics
 
