@@ -8,9 +8,9 @@ once, in the phase's setup, and each timed round is the N - 1 compiled one-token
 no prefill in the window. Eager (Hugging Face's ``generate``) it is a difference, so that the prefill cancels out:
 ``(median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
 ``(E(generate N) per round - E(generate 1) per round) / (N - 1)``. The difference is only as good as the two
-medians: a compiled case whose eager prefill went through torchao's tensor subclasses (fp8wo, fp8dq) took 0.15 to
-0.5 s per prompt from round to round, and the difference gave opt-6.7b's fp8dq decode 10.1 ms/token where its
-steps, timed alone, took 5.6 (H200, docs/results.md section 5h).
+medians, and a compiled case's eager prefill through torchao's tensor subclasses varies from round to round: on
+opt-6.7b (H200) fp8dq's generate(1) took 0.15-0.20 s and its generate(64) 0.46-0.82 s, and the difference gave
+10.1 ms/token; the next run, timing its steps alone, measured 5.6 (docs/results.md section 5h).
 """
 
 from __future__ import annotations
@@ -40,16 +40,21 @@ def _prompt(ctx: PhaseContext) -> tuple[Any, Any]:
     return ctx.shared["prompt"]
 
 
+def _generate_kwargs(ctx: PhaseContext, n: int) -> dict[str, Any]:
+    """``generate``'s arguments for exactly ``n`` greedy tokens (what a compiled model's own loop handles)."""
+    return {"do_sample": False, "min_new_tokens": n, "max_new_tokens": n,
+            "pad_token_id": getattr(ctx.tokenizer, "pad_token_id", None)}
+
+
 def _generate(model: Any, ctx: PhaseContext, n: int) -> Callable[[], Any]:
     prompt, mask = _prompt(ctx)
-    pad = getattr(ctx.tokenizer, "pad_token_id", None)
+    kwargs = _generate_kwargs(ctx, n)
 
     def go() -> Any:
         import torch
 
         with torch.inference_mode():
-            return model.generate(prompt, attention_mask=mask, do_sample=False, min_new_tokens=n,
-                                  max_new_tokens=n, pad_token_id=pad)
+            return model.generate(prompt, attention_mask=mask, **kwargs)
 
     return go
 
@@ -113,32 +118,29 @@ class DecodePhase:
 
         ctx.shared.setdefault("weights_read", weights_read_per_token(model))
         compiled = ctx.shared["compiled"] = compiled_state(model)
-        # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
-        # never inside the window.
-        ctx.sync()
-        _generate(model, ctx, ctx.workload.decode_tokens)()
-        ctx.sync()
-        prompt, mask = _prompt(ctx)
         n = ctx.workload.decode_tokens
-        ctx.shared.pop("prefilled", None)
-        if compiled is not None and compiled.handles(prompt, mask, {"max_new_tokens": n, "min_new_tokens": n}):
-            ctx.shared["prefilled"] = compiled.prefill(prompt, n)
-            ctx.sync()
-
-    def _steps(self, model: Any, ctx: PhaseContext) -> Callable[[], Any]:
-        compiled, prefilled, steps = ctx.shared["compiled"], ctx.shared["prefilled"], ctx.workload.decode_tokens - 1
-        return lambda: compiled.decode(prefilled, steps)
+        prompt, mask = _prompt(ctx)
+        # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
+        # never inside the window; its prompt is prefilled here once, and the rounds are its steps alone.
+        ctx.sync()
+        if compiled is not None and compiled.handles(prompt, mask, _generate_kwargs(ctx, n)):
+            prefilled, executor = compiled.prefill(prompt, n), compiled
+            executor.decode(prefilled, n - 1)
+            ctx.shared["decode_round"] = lambda: executor.decode(prefilled, n - 1)
+        else:
+            ctx.shared["decode_round"] = None
+            _generate(model, ctx, n)()
+        ctx.sync()
 
     def run(self, model: Any, ctx: PhaseContext) -> Rounds:
-        if ctx.shared.get("prefilled") is not None:
-            return ctx.repeat(self._steps(model, ctx), ctx.workload.min_rounds)
-        return ctx.repeat(_generate(model, ctx, ctx.workload.decode_tokens), ctx.workload.min_rounds)
+        steps_alone = ctx.shared["decode_round"]
+        return ctx.repeat(steps_alone or _generate(model, ctx, ctx.workload.decode_tokens), ctx.workload.min_rounds)
 
     def section(self, record: PhaseRecord, ctx: PhaseContext) -> dict[str, Any]:
         n = ctx.workload.decode_tokens
         pre, one = ctx.records["prefill"].result, ctx.records["first_token"].result
         many: Rounds = record.result
-        steps_only = ctx.shared.get("prefilled") is not None
+        steps_only = ctx.shared["decode_round"] is not None
         per_token = many.median_s / (n - 1) if steps_only else (many.median_s - one.median_s) / (n - 1)
         reason = None
         if per_token <= 0:  # timing noise larger than the decode work: say so instead of reporting 0
@@ -151,8 +153,10 @@ class DecodePhase:
             sample = record.window.sample(ctx.primary)
             energy_reason = getattr(sample, "reason", None) or "energy not measured"
         elif e_many - e_one <= 0:
-            energy_reason = (f"E(generate {n}) per round was not above E(generate 1) per round (meter resolution "
-                             "or noise); use a longer --eff-min-window or more --eff-decode-tokens")
+            what = (f"E per round of {n - 1} steps was not above 0" if steps_only
+                    else f"E(generate {n}) per round was not above E(generate 1) per round")
+            energy_reason = (f"{what} (meter resolution or noise); use a longer --eff-min-window or more "
+                             "--eff-decode-tokens")
         else:
             j_per_token = (e_many - e_one) / (n - 1)
         prompt, _ = _prompt(ctx)

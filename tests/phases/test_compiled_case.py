@@ -30,17 +30,24 @@ def llama_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_a_compiled_case_runs_every_phase_and_keeps_the_baselines_perplexity(llama_root: Path,
-                                                                                one_thread: Any) -> None:
+def _session(root: Path, techniques: str, baseline: str, folders: str = "", cache_bucket: int = 32,
+             **opts: Any) -> Any:
+    """A CPU session over the tiny Llama under ``root``: 200 tokens, context 32, 2 rounds, 3 new tokens after an
+    8-token prompt, compile with the eager backend; ``opts`` add to or replace those settings."""
     from efficiency.session import EfficiencySession
     from efficiency.settings import build_config
 
-    opts = {"models": "t", "techniques": "fp32+compile", "baseline": "fp32", "model_dir": str(llama_root / "m"),
-            "dataset": str(llama_root / "text.txt"), "device": "cpu", "max_tokens": "200", "context": 32,
-            "stride": 32, "rounds": 2, "decode_tokens": 3, "prefill_tokens": 8,
-            "cache_dir": str(llama_root / "cache"), "reports_dir": str(llama_root / "reports")}
-    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": 32}}}
-    s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
+    settings = {"models": "t", "techniques": techniques, "baseline": baseline, "model_dir": str(root / "m"),
+                "dataset": str(root / "text.txt"), "device": "cpu", "max_tokens": "200", "context": 32,
+                "stride": 32, "rounds": 2, "decode_tokens": 3, "prefill_tokens": 8,
+                "cache_dir": str(root / f"cache{folders}"), "reports_dir": str(root / f"reports{folders}"), **opts}
+    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": cache_bucket}}}
+    return EfficiencySession(build_config(settings, table, root), root, quiet=True)
+
+
+def test_a_compiled_case_runs_every_phase_and_keeps_the_baselines_perplexity(llama_root: Path,
+                                                                                one_thread: Any) -> None:
+    s = _session(llama_root, "fp32+compile", "fp32")
     s.run_case("t", "fp32")
     s.run_case("t", "fp32+compile")
     # The compiled graphs and CUDA-graph trees go with the case: after a CUDA-graph recording failed (int8dq's decode,
@@ -70,18 +77,11 @@ def test_compiled_cases_one_after_another_each_run_compiled(llama_root: Path, on
     is how fp8dq's perplexity pass measured 0.438 s in call E and 0.212 s in call J (docs/results.md section 5g).
     With dynamo's own limit of 8 shapes, and the suite's failure past it, three cases in a row each run compiled
     only because each starts from a reset."""
-    from efficiency.session import EfficiencySession
-    from efficiency.settings import build_config
     from efficiency.techniques import compile as compile_step
 
     monkeypatch.setattr(compile_step, "RECOMPILE_LIMIT", 8)
     techniques = ("fp32+compile", "bf16+compile", "fp16+compile")
-    opts = {"models": "t", "techniques": ",".join(techniques), "baseline": "fp32+compile",
-            "model_dir": str(llama_root / "m"), "dataset": str(llama_root / "text.txt"), "device": "cpu",
-            "max_tokens": "200", "context": 32, "stride": 32, "rounds": 2, "decode_tokens": 3, "prefill_tokens": 8,
-            "cache_dir": str(llama_root / "cache3"), "reports_dir": str(llama_root / "reports3"), "kld_tokens": 0}
-    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": 32}}}
-    s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
+    s = _session(llama_root, ",".join(techniques), "fp32+compile", "3", kld_tokens=0)
     for technique in techniques:
         s.run_case("t", technique)
     statuses = {c["id"]: (c["status"], c.get("reason"), (c.get("latency") or {}).get("reason"))
@@ -97,19 +97,11 @@ def test_a_compiled_case_past_the_shape_limit_fails_instead_of_running_eagerly(l
     are given back when the case ends."""
     import torch._dynamo.config as dynamo_config
 
-    from efficiency.session import EfficiencySession
-    from efficiency.settings import build_config
     from efficiency.techniques import compile as compile_step
 
     monkeypatch.setattr(compile_step, "RECOMPILE_LIMIT", 1)
     limit_before = dynamo_config.recompile_limit
-    opts = {"models": "t", "techniques": "fp32+compile", "baseline": "fp32+compile",
-            "model_dir": str(llama_root / "m"), "dataset": str(llama_root / "text.txt"), "device": "cpu",
-            "max_tokens": "200", "context": 32, "stride": 32, "batch_size": 4, "rounds": 2, "decode_tokens": 3,
-            "prefill_tokens": 8, "cache_dir": str(llama_root / "cache4"), "reports_dir": str(llama_root / "reports4"),
-            "kld_tokens": 0}
-    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": 32}}}
-    s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
+    s = _session(llama_root, "fp32+compile", "fp32+compile", "4", batch_size=4, kld_tokens=0)
     with pytest.raises(pytest.fail.Exception, match="RecompileLimit"):  # the case fails, saying why
         s.run_case("t", "fp32+compile")
     assert s.report["cases"][0]["status"] != "measured"
@@ -121,22 +113,14 @@ def test_a_serving_sweep_of_twelve_batch_sizes_runs_compiled_where_dynamos_defau
         llama_root: Path, one_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The decode step compiles once per batch size, so a sweep of twelve passes dynamo's default limit of 8 at its
     ninth batch size, and runs whole under the suite's RECOMPILE_LIMIT."""
-    from efficiency.session import EfficiencySession
-    from efficiency.settings import build_config
     from efficiency.techniques import compile as compile_step
 
     sizes, suite_limit = list(range(1, 13)), compile_step.RECOMPILE_LIMIT
 
     def serving(limit: int, name: str) -> dict[str, Any]:
         monkeypatch.setattr(compile_step, "RECOMPILE_LIMIT", limit)
-        opts = {"models": "t", "techniques": "fp32+compile", "baseline": "fp32+compile",
-                "model_dir": str(llama_root / "m"), "dataset": str(llama_root / "text.txt"), "device": "cpu",
-                "max_tokens": "200", "context": 32, "stride": 32, "rounds": 2, "decode_tokens": 3,
-                "prefill_tokens": 8, "cache_dir": str(llama_root / f"cache-{name}"),
-                "reports_dir": str(llama_root / f"reports-{name}"), "kld_tokens": 0,
-                "batch_sizes": ",".join(map(str, sizes)), "input_tokens": 8, "output_tokens": 3}
-        table = {"technique": {"compile": {"backend": "eager", "cache_bucket": 32}}}
-        s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
+        s = _session(llama_root, "fp32+compile", "fp32+compile", f"-{name}", kld_tokens=0,
+                     batch_sizes=",".join(map(str, sizes)), input_tokens=8, output_tokens=3)
         s.run_case("t", "fp32+compile")
         s.finish(0)
         section: dict[str, Any] = s.report["cases"][0].get("serving") or {}
@@ -152,15 +136,14 @@ def test_a_serving_sweep_of_twelve_batch_sizes_runs_compiled_where_dynamos_defau
 def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill(
         llama_root: Path, one_thread: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compiled case's decode per token was (median t(generate N) - median t(generate 1)) / (N - 1): each round
-    ran the prompt's eager prefill, and where that prefill varied from round to round (torchao's fp8 tensor
-    subclasses: 0.15 to 0.5 s on opt-6.7b, H200) the difference of two medians gave fp8dq 10.1 ms/token where its
-    steps, timed alone, took 5.6 (docs/results.md section 5h). Now the prompt is prefilled once in setup and the rounds
-    are the compiled steps alone; an eager case keeps the difference, and each report says which."""
+    ran the prompt's eager prefill, which varies from round to round through torchao's fp8 tensor subclasses
+    (opt-6.7b fp8dq on the H200: generate(1) 0.15-0.20 s, generate(64) 0.46-0.82 s), and the difference of two medians
+    gave 10.1 ms/token where the next run, timing the steps alone, measured 5.6 (docs/results.md section 5h). Now
+    the prompt is prefilled once in setup and the rounds are the compiled steps alone; an eager case keeps the
+    difference, and each report says which."""
     import statistics
 
     from efficiency.phases.latency import DECODE_METHOD, DecodePhase
-    from efficiency.session import EfficiencySession
-    from efficiency.settings import build_config
     from efficiency.techniques.compile import CompiledExecution
 
     timing = {"on": False}
@@ -181,14 +164,9 @@ def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill
 
     monkeypatch.setattr(CompiledExecution, "prefill", prefill)
     monkeypatch.setattr(DecodePhase, "run", run)
-    opts = {"models": "t", "techniques": "fp32+compile", "baseline": "fp32", "model_dir": str(llama_root / "m"),
-            "dataset": str(llama_root / "text.txt"), "device": "cpu", "max_tokens": "200", "context": 32,
-            "stride": 32, "rounds": 3, "decode_tokens": 5, "prefill_tokens": 8,
-            "cache_dir": str(llama_root / "cache"), "reports_dir": str(llama_root / "reports")}
     # a 16-token cache holds the 8-token prompt and 5 new tokens once: the rounds must each start again from the
     # prompt (transformers' StaticCache counts the tokens written, so a round that did not rewind it wrote past the end)
-    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": 16}}}
-    s = EfficiencySession(build_config(opts, table, llama_root), llama_root, quiet=True)
+    s = _session(llama_root, "fp32+compile", "fp32", cache_bucket=16, rounds=3, decode_tokens=5)
     s.run_case("t", "fp32")
     s.run_case("t", "fp32+compile")
     base, case = s.report["cases"]
