@@ -8,9 +8,10 @@ techniques default to, and the suite's own grid (`benchmarks/gpu/run.sh deploy`)
 A variant is a pipeline of the suite, optionally followed by ``@`` and flags joined by ``.``: compile settings
 ``cdt`` / ``nocdt`` (inductor's coordinate-descent tuning on / off; without either, compile's automatic choice),
 ``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM
-head not compiled in passes without cache); gemlite settings ``glmax`` (its full autotuning grid for the GEMV
-kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from torch.profiler after the
-timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
+head not compiled in passes without cache), ``nounwrap`` (torchao's weights left as tensor subclasses); gemlite
+settings ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA
+graphs); and ``prof`` (a kernel table from torch.profiler after the timed rounds, outside them),
+e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
 
 - ``--what decode``: batch-1 greedy decode of ``--new`` tokens after a ``--prompt``-token prompt, as the suite's
@@ -76,7 +77,8 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
         tuning = True if "cdt" in flags else False if "nocdt" in flags else None
         options["compile"] = {"coordinate_descent_tuning": tuning,
                               "max_autotune": "ma" in flags, "freezing": "fz" in flags,
-                              "fuse_projections": "nofuse" not in flags, "compile_head": "nohead" not in flags}
+                              "fuse_projections": "nofuse" not in flags, "compile_head": "nohead" not in flags,
+                              "unwrap_subclasses": "nounwrap" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)
@@ -158,9 +160,19 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
         state = compiled_state(model)
         if state is not None:  # the steps alone, from one prefill (efficiency.phases.latency.DecodePhase)
             prefilled = state.prefill(prompt, a.new)
-            spread = [t / (a.new - 1) for t in _timed(lambda: state.decode(prefilled, a.new - 1), a.rounds)]
+            host_s: list[float] = []
+
+            def steps() -> None:  # the host's part: until the last step is issued (as the decode phase reports)
+                t0 = time.perf_counter()
+                state.decode(prefilled, a.new - 1)
+                host_s.append(time.perf_counter() - t0)
+
+            rounds_s = _timed(steps, a.rounds)
+            spread = [t / (a.new - 1) for t in rounds_s]
             per_token = statistics.median(spread)
             row["method"] = "compiled steps after one prefill"
+            row["host_ms_per_token"] = statistics.median(host_s) / (a.new - 1) * 1e3
+            row["host_share"] = statistics.median(h / t for h, t in zip(host_s, rounds_s, strict=True))
         else:
             per_token = difference
             spread = [(m - statistics.median(one_s)) / (a.new - 1) for m in many_s]
@@ -263,7 +275,8 @@ def main() -> None:
             print(f"{r['variant']:34s} ERROR {str(r['error'])[-300:]}")
         elif a.what == "decode":
             print(f"{r['variant']:34s} {r['ms_per_token']:7.3f} ms/token [{r['ms_per_token_min']:.3f}, "
-                  f"{r['ms_per_token_max']:.3f}]  {r['roofline_pct']}% of {r['device_peak']} peak BW  floor "
+                  f"{r['ms_per_token_max']:.3f}]  host {r.get('host_ms_per_token')} ms/token  "
+                  f"{r['roofline_pct']}% of {r['device_peak']} peak BW  floor "
                   f"{r['floor_ms']} ms  warm-up {r['warm_up_s']:.0f} s  skips {r['cuda_graph_skips']}")
         else:
             print(f"{r['variant']:34s} {r['pass_s']:7.4f} s  batch {r['batch']}  MFU {r['mfu_pct']}% "

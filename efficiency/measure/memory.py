@@ -27,6 +27,31 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
     return found
 
 
+def parameters_as_used(model: torch.nn.Module) -> list[Any]:
+    """Each weight of ``model`` once, as its layers use it. A parametrized weight (``torch.nn.utils.parametrize``:
+    ``compile`` passes torchao's quantised weights to the compiled graphs as their plain inner tensors,
+    efficiency.techniques.compile.unwrap_weight_subclasses) is the tensor its module computes from its originals
+    (torchao's tensor again), not the originals, so that sizes and weight bytes are counted as before the unwrap.
+    Tied weights appear once; the order is not meaningful."""
+    from torch.nn.utils import parametrize
+
+    used: list[Any] = []
+    originals: set[int] = set()
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        parametrizations: Any = module.parametrizations  # a ModuleDict: weight name -> its ParametrizationList
+        for name, parametrization in parametrizations.items():
+            originals.update(id(p) for p in parametrization.parameters())
+            used.append(getattr(module, name))
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in originals and id(p) not in seen:
+            seen.add(id(p))
+            used.append(p)
+    return used
+
+
 SEMI_STRUCTURED_PARTS = ("packed", "meta", "packed_t", "meta_t", "compressed_swizzled_bitmask")
 
 
@@ -68,11 +93,7 @@ def model_size(model: torch.nn.Module) -> SizeResult:
     params = 0
     nbytes = 0
     nonzero = 0
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) in seen:  # tied weights (embedding = LM head) are stored once
-            continue
-        seen.add(id(p))
+    for p in parameters_as_used(model):  # tied weights (embedding = LM head) once
         params += _logical_numel(p)
         if _is_wrapper_subclass(p):  # torchao's quantised tensors: their inner tensors as stored
             from efficiency.measure.roofline import stored_bytes

@@ -205,8 +205,12 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
     """(bytes, parameters) of the weights one token's forward pass reads: every parameter once (tied weights
     once), except embedding tables that are only gathered (input tokens, positions) and not used as the LM
     head; plus matrix buffers (packed weights that some kernels keep as buffers). Quantised tensors count as
-    stored. ``parameters`` counts logical weights (the FLOPs side)."""
+    stored, and weights that ``compile`` unwrapped as they were before (memory.parameters_as_used). ``parameters``
+    counts logical weights (the FLOPs side)."""
     from torch import nn
+    from torch.nn.utils import parametrize
+
+    from efficiency.measure.memory import parameters_as_used
 
     head_weight = _head_weight(model)
     gathered: set[int] = set()
@@ -215,8 +219,8 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
             gathered.add(id(mod.weight))
     seen: set[int] = set()
     nbytes = params = 0
-    for p in model.parameters():
-        if id(p) in seen or id(p) in gathered:
+    for p in parameters_as_used(model):
+        if id(p) in gathered:
             continue
         seen.add(id(p))
         nbytes += stored_bytes(p)
@@ -228,6 +232,7 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
     for mod in model.modules():  # their logical weights: a linear layer without a weight parameter
         w = getattr(mod, "weight", None)
         n_in, n_out = getattr(mod, "in_features", None), getattr(mod, "out_features", None)
-        if not isinstance(w, nn.Parameter) and isinstance(n_in, int) and isinstance(n_out, int):
+        if not isinstance(w, nn.Parameter) and not parametrize.is_parametrized(mod, "weight") \
+                and isinstance(n_in, int) and isinstance(n_out, int):
             params += n_in * n_out
     return nbytes, params

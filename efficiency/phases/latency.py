@@ -5,8 +5,10 @@ exactly N tokens, min_new_tokens = max_new_tokens, greedy).
 Decode per token, compiled (``+compile``, efficiency.techniques.compile): the prompt is run into its static cache
 once, in the phase's setup, and each timed round is the N - 1 compiled one-token steps after it, so
 ``decode_s_per_token = median t(N - 1 steps) / (N - 1)`` and ``decode_j_per_token = E per round / (N - 1)``, with
-no prefill in the window. Eager (Hugging Face's ``generate``) it is a difference, so that the prefill cancels out:
-``(median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
+no prefill in the window; the host's part of each round (until the last step is issued, before the wait for the
+device) is reported beside it (``decode_host_s_per_token``, ``decode_host_share``), and a round the host paced is
+said to be (:data:`HOST_BOUND_SHARE`). Eager (Hugging Face's ``generate``) it is a difference, so that the prefill
+cancels out: ``(median t(generate N) - median t(generate 1)) / (N - 1)`` and, from the two windows,
 ``(E(generate N) per round - E(generate 1) per round) / (N - 1)``. The difference is only as good as the two
 medians, and a compiled case's eager prefill through torchao's tensor subclasses varies from round to round: on
 opt-6.7b (H200) fp8dq's generate(1) took 0.15-0.20 s and its generate(64) 0.46-0.82 s, and the difference gave
@@ -15,6 +17,8 @@ opt-6.7b (H200) fp8dq's generate(1) took 0.15-0.20 s and its generate(64) 0.46-0
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,6 +33,11 @@ DECODE_METHOD = {
     "difference": "generate: per token = (median t(generate N) - median t(generate 1)) / (N - 1), the prefill "
                   "cancelling out; energy likewise from the two windows",
 }
+
+# A compiled decode round's host time (issuing the steps, before the final wait for the device) as a share of the
+# round, from which on a GPU the round is said to be paced by the host (Python, dynamo's guards, graph replays):
+# the kernels then wait for their launches, and the figure measures the host, not the kernels or the weights.
+HOST_BOUND_SHARE = 0.9
 
 
 def _prompt(ctx: PhaseContext) -> tuple[Any, Any]:
@@ -126,7 +135,14 @@ class DecodePhase:
         if compiled is not None and compiled.handles(prompt, mask, _generate_kwargs(ctx, n)):
             prefilled, executor = compiled.prefill(prompt, n), compiled
             executor.decode(prefilled, n - 1)
-            ctx.shared["decode_round"] = lambda: executor.decode(prefilled, n - 1)
+            host_s: list[float] = []
+
+            def steps_alone() -> None:  # the host's part of a round: until the last step is issued
+                t0 = time.perf_counter()
+                executor.decode(prefilled, n - 1)
+                host_s.append(time.perf_counter() - t0)
+
+            ctx.shared["decode_round"], ctx.shared["decode_host_s"] = steps_alone, host_s
         else:
             ctx.shared["decode_round"] = None
             _generate(model, ctx, n)()
@@ -163,6 +179,9 @@ class DecodePhase:
         roof = _roofline(ctx, per_token if per_token > 0 else None)
         compiled = ctx.shared.get("compiled")
         skips = compiled.cudagraph_skips() if compiled is not None else None
+        host = _host_pace(ctx, many, n) if steps_only else {
+            "decode_host_s_per_token": None, "decode_host_share": None,
+            "decode_host_note": "not measured: generate waits for each token on the host (stopping criteria)"}
         return {"latency": {
             "prefill_s": pre.median_s,
             "first_token_s": one.median_s,
@@ -182,8 +201,28 @@ class DecodePhase:
             "method": METHOD,
             "decode_method": DECODE_METHOD["steps" if steps_only else "difference"],
             "cuda_graph_skips": skips,  # compiled graphs that ran without CUDA graphs (None: not asked for)
+            **host,
             **roof,
         }}
+
+
+def _host_pace(ctx: PhaseContext, rounds: Rounds, n: int) -> dict[str, Any]:
+    """How long the host took to issue a compiled round's N - 1 steps (median, per token), its share of the round
+    (median over rounds), and a note when the host set the pace: on a GPU at HOST_BOUND_SHARE or more; on the CPU
+    the host runs the kernels, so the share is 1 by construction."""
+    host_s: list[float] = ctx.shared["decode_host_s"]
+    if len(host_s) != len(rounds.times_s) or not host_s:
+        return {"decode_host_s_per_token": None, "decode_host_share": None,
+                "decode_host_note": "not measured: the host times do not match the rounds"}
+    share = statistics.median(h / t for h, t in zip(host_s, rounds.times_s, strict=True) if t > 0)
+    note = None
+    if not str(ctx.device).startswith("cuda"):
+        note = "on the CPU the host runs the kernels: the share is 1 by construction"
+    elif share >= HOST_BOUND_SHARE:
+        note = (f"paced by the host: it issued the steps in {share:.0%} of each round (median), so the device "
+                "waited for launches and the figure measures Python and launch overhead, not the kernels")
+    return {"decode_host_s_per_token": statistics.median(host_s) / (n - 1), "decode_host_share": share,
+            "decode_host_note": note}
 
 
 def _roofline(ctx: PhaseContext, s_per_token: float | None) -> dict[str, Any]:

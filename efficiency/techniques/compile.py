@@ -16,6 +16,9 @@ What a deployment runs instead of eager Hugging Face passes:
   of its own, so that inductor pads a vocabulary whose size breaks the tensor cores' alignment.
   An earlier step can ask for these passes to stay eager (``EAGER_PASSES_KEY`` in its report entry, with the
   reason, which the report repeats): int8wo on a GPU, whose matmul inductor lowers to a far slower kernel.
+- **plain weights** (``unwrap_subclasses``, on): torchao's quantised weights (tensor subclasses) reach the compiled
+  graphs as their plain inner tensors (:func:`unwrap_weight_subclasses`); otherwise each compiled call flattens
+  every subclass weight in Python, and a decode step takes them all.
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
   the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
 
@@ -142,6 +145,28 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
     for a cache that writes at the cache position alone."""
     layers = getattr(cache, "layers", None) or []
     return [t for t in (getattr(layer, "cumulative_length", None) for layer in layers) if isinstance(t, torch.Tensor)]
+
+
+def unwrap_weight_subclasses(model: Any) -> int:
+    """Pass torchao's quantised weights (tensor subclasses) to the compiled graphs as their plain inner tensors:
+    ``torchao.utils.unwrap_tensor_subclass`` makes each such weight a parametrization that rebuilds torchao's tensor
+    from them, which dynamo traces into the graph, so the same kernels run on the same data. Why: a compiled
+    function flattens every tensor-subclass input and checks its metadata in Python at each call, and a decode step
+    takes every weight as an input. On the CPU (16-layer OPT, 256 wide, int8wo) a step took 14.9 ms with the
+    subclasses and 4.6 ms unwrapped. Returns how many weights were unwrapped (0: none to unwrap)."""
+    from torch.nn.utils import parametrize
+
+    def subclassed(m: Any) -> bool:
+        w = getattr(m, "weight", None)
+        return isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, torch.nn.Parameter) \
+            and hasattr(type(w), "__tensor_flatten__") and not parametrize.is_parametrized(m, "weight")
+
+    if not any(subclassed(m) for m in model.modules()):
+        return 0
+    from torchao.utils import unwrap_tensor_subclass
+
+    unwrap_tensor_subclass(model)
+    return sum(1 for m in model.modules() if parametrize.is_parametrized(m, "weight"))
 
 
 def _has_bnb(model: Any) -> bool:
@@ -341,6 +366,9 @@ class Compile(TechniqueBase):
     # Compile the LM head as a region of its own in passes without cache (inductor pads misaligned vocabularies):
     # on, measured on the H200 (section 5c): gpt2-xl's perplexity pass 0.907 -> 0.837 s.
     compile_head: bool = True
+    # Pass tensor-subclass weights (torchao's) to the compiled graphs as plain tensors (unwrap_weight_subclasses):
+    # on. Measured on the CPU (a step 3.3x faster, above); on the GPU in docs/results.md section 5i.
+    unwrap_subclasses: bool = True
     name: str = "compile"
     family = "execution"
 
@@ -371,6 +399,7 @@ class Compile(TechniqueBase):
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
+        unwrapped = unwrap_weight_subclasses(model) if self.unwrap_subclasses else 0
         eager_why = eager_passes_asked(ctx.info)
         min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
@@ -393,6 +422,9 @@ class Compile(TechniqueBase):
                                  else None),
             "cuda_graphs": cuda_graphs,
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
+            "unwrapped_weights": (f"{unwrapped} tensor-subclass weights passed to the compiled graphs as their plain "
+                                  "inner tensors (torchao.utils.unwrap_tensor_subclass)" if unwrapped else
+                                  None if self.unwrap_subclasses else "off (unwrap_subclasses = false)"),
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else

@@ -335,3 +335,39 @@ def test_the_inductor_settings_a_quantiser_asks_for_exist_in_this_torch(kind: st
     torch.compile(lambda x: x + 1, options={**asked, **inductor_options(True, True, False, False)})
     with pytest.raises(RuntimeError, match="option"):  # the check this test relies on
         torch.compile(lambda x: x + 1, options={"no_such_inductor_option": True})
+
+
+@pytest.mark.parametrize("unwrap", [True, False])
+def test_torchao_weights_unwrapped_for_the_compiled_graphs_decode_alike_and_count_as_before(
+        unwrap: bool, one_thread: Any) -> None:
+    """``compile`` passes torchao's quantised weights to the compiled graphs as their plain inner tensors (a compiled
+    call otherwise flattens every tensor-subclass input in Python, and a decode step takes all the weights). The
+    tokens must stay the quantised model's greedy ones, and the size, the weight bytes read per token and the logical
+    parameters (the FLOP count) must be those of the model before the unwrap: parametrized, the weights' parameters
+    are their inner tensors (int8 data and scales), which counted as they are would change every figure."""
+    pytest.importorskip("torchao")
+    from torch.nn.utils import parametrize
+
+    from efficiency.measure.memory import model_size
+    from efficiency.measure.roofline import weights_read_per_token
+
+    torch._dynamo.reset()
+    ctx = _ctx(["int8wo", "compile"])
+    ctx.steps_done = 0
+    model = parse("int8wo").steps[0].apply(tiny_model("opt"), ctx)
+    quantised = ctx.info["int8wo"]["quantised_layers"]
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 128, (1, 9))
+    expected = _hf_greedy(model, prompt, 12)
+    size, read = model_size(model), weights_read_per_token(model)
+    ctx.steps_done = 1
+    model = Compile(backend="eager", cache_bucket=32, unwrap_subclasses=unwrap).apply(model, ctx)
+    parametrized = sum(1 for m in model.modules() if parametrize.is_parametrized(m, "weight"))
+    assert parametrized == (quantised if unwrap else 0)
+    info = ctx.info["compile"]["unwrapped_weights"]
+    assert info.startswith(f"{quantised} tensor-subclass weights") if unwrap else info.startswith("off")
+    assert model_size(model) == size and weights_read_per_token(model) == read
+    state = compiled_state(model)
+    assert state is not None
+    prefilled = state.prefill(prompt, 12)
+    assert torch.equal(torch.cat([prompt, *state.decode(prefilled, 11)], dim=1), expected)
