@@ -18,7 +18,7 @@ What a deployment runs instead of eager Hugging Face passes:
   reason, which the report repeats): int8wo on a GPU, whose matmul inductor lowers to a far slower kernel.
 - **plain weights** (``unwrap_subclasses``, on): torchao's quantised weights (tensor subclasses) reach the compiled
   graphs as their plain inner tensors (:func:`unwrap_weight_subclasses`); otherwise each compiled call flattens
-  every subclass weight in Python, and a decode step takes them all.
+  every subclass weight in Python, a decode step takes them all, and the host, not the GPU, set its pace.
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
   the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
 
@@ -147,26 +147,68 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
     return [t for t in (getattr(layer, "cumulative_length", None) for layer in layers) if isinstance(t, torch.Tensor)]
 
 
-def unwrap_weight_subclasses(model: Any) -> int:
-    """Pass torchao's quantised weights (tensor subclasses) to the compiled graphs as their plain inner tensors:
-    ``torchao.utils.unwrap_tensor_subclass`` makes each such weight a parametrization that rebuilds torchao's tensor
-    from them, which dynamo traces into the graph, so the same kernels run on the same data. Why: a compiled
-    function flattens every tensor-subclass input and checks its metadata in Python at each call, and a decode step
-    takes every weight as an input. On the CPU (16-layer OPT, 256 wide, int8wo) a step took 14.9 ms with the
-    subclasses and 4.6 ms unwrapped. Returns how many weights were unwrapped (0: none to unwrap)."""
+def _subclass_weight(module: Any) -> bool:
+    """Whether ``module.weight`` is a tensor subclass that stores its data in inner tensors (torchao's)."""
     from torch.nn.utils import parametrize
 
-    def subclassed(m: Any) -> bool:
-        w = getattr(m, "weight", None)
-        return isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, torch.nn.Parameter) \
-            and hasattr(type(w), "__tensor_flatten__") and not parametrize.is_parametrized(m, "weight")
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, torch.nn.Parameter) \
+        and hasattr(type(w), "__tensor_flatten__") and not parametrize.is_parametrized(module, "weight")
 
-    if not any(subclassed(m) for m in model.modules()):
-        return 0
-    from torchao.utils import unwrap_tensor_subclass
 
-    unwrap_tensor_subclass(model)
-    return sum(1 for m in model.modules() if parametrize.is_parametrized(m, "weight"))
+def _rebuild_untraceable(weight: torch.Tensor) -> str | None:
+    """Why dynamo cannot trace the rebuild of ``weight``'s type from its inner tensors here, None when it can. On the
+    H200's torch 2.11 it cannot for torchao 0.17's Float8Tensor of fp8dq (``Unsupported: Failed to convert
+    args/kwargs to proxy``, its activation-quantisation settings object); a weight of such a type stays wrapped."""
+    from torch.nn.utils import parametrize
+    from torchao.utils import UnwrapTensorSubclass
+
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+    parametrize.register_parametrization(holder, "weight", UnwrapTensorSubclass())
+    try:
+        torch.compile(lambda: holder.weight, backend="eager", fullgraph=True)()
+    except Exception as err:  # dynamo's Unsupported, or whatever the rebuild raised under it
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return None
+
+
+def unwrap_weight_subclasses(model: Any) -> tuple[int, dict[str, str]]:
+    """Pass torchao's quantised weights (tensor subclasses) to the compiled graphs as their plain inner tensors, as
+    ``torchao.utils.unwrap_tensor_subclass`` does: each such weight becomes a parametrization
+    (``torchao.utils.UnwrapTensorSubclass``) that rebuilds torchao's tensor from them, which dynamo traces into the
+    graph, so the same kernels run on the same data. Why: a compiled call flattens every tensor-subclass input in
+    Python, and a decode step takes all the weights. On the H200 (opt-6.7b, int4wo, batch-1 decode, docs/results.md
+    section 5i) the host took 3.97 ms to issue each step with the subclasses (99% of the step: the GPU waited) and
+    1.69 ms unwrapped, and a step took 4.02 against 3.03 ms. Two things differ from torchao's function:
+
+    - a weight type whose rebuild dynamo cannot trace here stays wrapped (:func:`_rebuild_untraceable`), with why;
+    - the parametrized layers of one class share one parametrized class: ``parametrize`` makes a class per layer,
+      dynamo guards on the class, and each decoder block of a regionally compiled pass became a graph of its own,
+      until the case failed past the recompile limit (opt-1.3b int4wo, H200).
+
+    Returns (weights unwrapped, {weight type: why it stayed wrapped})."""
+    from torch.nn.utils import parametrize
+
+    layers = [m for m in model.modules() if _subclass_weight(m)]
+    if not layers:
+        return 0, {}
+    from torchao.utils import UnwrapTensorSubclass
+
+    untraceable: dict[type, str | None] = {}
+    shared_class: dict[tuple[Any, ...], type] = {}
+    unwrapped = 0
+    for layer in layers:
+        kind = type(layer.weight)
+        if kind not in untraceable:
+            untraceable[kind] = _rebuild_untraceable(layer.weight)
+        if untraceable[kind] is not None:
+            continue
+        parametrize.register_parametrization(layer, "weight", UnwrapTensorSubclass())
+        key = (type(layer).__bases__, tuple(layer.parametrizations.keys()))
+        layer.__class__ = shared_class.setdefault(key, type(layer))
+        unwrapped += 1
+    return unwrapped, {kind.__name__: why for kind, why in untraceable.items() if why is not None}
 
 
 def _has_bnb(model: Any) -> bool:
@@ -367,7 +409,7 @@ class Compile(TechniqueBase):
     # on, measured on the H200 (section 5c): gpt2-xl's perplexity pass 0.907 -> 0.837 s.
     compile_head: bool = True
     # Pass tensor-subclass weights (torchao's) to the compiled graphs as plain tensors (unwrap_weight_subclasses):
-    # on. Measured on the CPU (a step 3.3x faster, above); on the GPU in docs/results.md section 5i.
+    # on, measured on the H200 (docs/results.md section 5i): opt-6.7b int4wo decode 4.02 -> 3.03 ms/token.
     unwrap_subclasses: bool = True
     name: str = "compile"
     family = "execution"
@@ -399,7 +441,7 @@ class Compile(TechniqueBase):
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
-        unwrapped = unwrap_weight_subclasses(model) if self.unwrap_subclasses else 0
+        unwrapped, wrapped = unwrap_weight_subclasses(model) if self.unwrap_subclasses else (0, {})
         eager_why = eager_passes_asked(ctx.info)
         min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
@@ -423,8 +465,10 @@ class Compile(TechniqueBase):
             "cuda_graphs": cuda_graphs,
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
             "unwrapped_weights": (f"{unwrapped} tensor-subclass weights passed to the compiled graphs as their plain "
-                                  "inner tensors (torchao.utils.unwrap_tensor_subclass)" if unwrapped else
+                                  "inner tensors (torchao's UnwrapTensorSubclass)" if unwrapped else
                                   None if self.unwrap_subclasses else "off (unwrap_subclasses = false)"),
+            "wrapped_weights": ({kind: f"left as a tensor subclass: dynamo cannot trace its rebuild here ({why})"
+                                 for kind, why in wrapped.items()} or None),
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else

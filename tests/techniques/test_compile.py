@@ -371,3 +371,49 @@ def test_torchao_weights_unwrapped_for_the_compiled_graphs_decode_alike_and_coun
     assert state is not None
     prefilled = state.prefill(prompt, 12)
     assert torch.equal(torch.cat([prompt, *state.decode(prefilled, 11)], dim=1), expected)
+
+
+def test_unwrapped_decoder_blocks_share_one_compiled_graph_in_a_pass(one_thread: Any) -> None:
+    """``parametrize`` gives every parametrized layer a class of its own and dynamo guards on the class, so each
+    decoder block of a regionally compiled pass became a graph of its own; on the H200 opt-1.3b's int4wo case failed
+    past the recompile limit (FailOnRecompileLimitHit). The unwrapped layers of one class now share one class: a
+    pass compiles one block graph and the LM head's, however many blocks."""
+    pytest.importorskip("torchao")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    ctx = _ctx(["int8wo", "compile"])
+    ctx.steps_done = 0
+    model = parse("int8wo").steps[0].apply(tiny_model("opt"), ctx)
+    ctx.steps_done = 1
+    model = Compile(backend="eager").apply(model, ctx)
+    blocks = compiled_state(model).blocks  # type: ignore[union-attr]
+    assert len(blocks) >= 2 and ctx.info["compile"]["unwrapped_weights"] is not None
+    counters.clear()
+    with torch.inference_mode():
+        model(torch.randint(0, 128, (2, 16)), use_cache=False)
+    assert counters["stats"]["unique_graphs"] == 2  # one for every block, one for the LM head
+
+
+def test_a_weight_type_dynamo_cannot_rebuild_stays_wrapped_and_the_report_says_why(
+        monkeypatch: pytest.MonkeyPatch, one_thread: Any) -> None:
+    """On the H200's torch 2.11 dynamo could not trace the rebuild of torchao 0.17's fp8dq weights (Float8Tensor),
+    and every fp8dq decode failed once they were unwrapped. A type whose rebuild does not trace here stays a tensor
+    subclass, and the report names it with dynamo's reason; int8 weights trace on this CPU."""
+    pytest.importorskip("torchao")
+    import efficiency.techniques.compile as compile_module
+
+    torch._dynamo.reset()
+    ctx = _ctx(["int8wo", "compile"])
+    ctx.steps_done = 0
+    model = parse("int8wo").steps[0].apply(tiny_model("opt"), ctx)
+    weight = model.get_submodule("model.decoder.layers.0.fc1").weight
+    assert compile_module._rebuild_untraceable(weight) is None
+    kind = type(weight).__name__
+    monkeypatch.setattr(compile_module, "_rebuild_untraceable", lambda w: "Unsupported: as on the H200")
+    ctx.steps_done = 1
+    model = Compile(backend="eager").apply(model, ctx)
+    assert type(model.get_submodule("model.decoder.layers.0.fc1").weight).__name__ == kind
+    assert ctx.info["compile"]["unwrapped_weights"] is None
+    assert ctx.info["compile"]["wrapped_weights"] == {
+        kind: "left as a tensor subclass: dynamo cannot trace its rebuild here (Unsupported: as on the H200)"}
