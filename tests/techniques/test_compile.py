@@ -417,3 +417,35 @@ def test_a_weight_type_dynamo_cannot_rebuild_stays_wrapped_and_the_report_says_w
     assert ctx.info["compile"]["unwrapped_weights"] is None
     assert ctx.info["compile"]["wrapped_weights"] == {
         kind: "left as a tensor subclass: dynamo cannot trace its rebuild here (Unsupported: as on the H200)"}
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_decode_call_checks_dynamos_guards_on_its_first_step_only(
+        skip: bool, monkeypatch: pytest.MonkeyPatch, one_thread: Any) -> None:
+    """Evaluating dynamo's guards cost the host about 20 us per torchao weight a step, and gpt2-xl's int4wo decode on
+    the H200 was paced by the host (99% of each round). The later steps of a decode call pass the same tensors, so
+    they skip the evaluation (``skip_guard_eval_unsafe``); the tokens stay Hugging Face's greedy ones."""
+    torch._dynamo.reset()
+    model = tiny_model("opt")
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 128, (1, 9))
+    expected = _hf_greedy(model, prompt, 12)
+    ctx = _ctx(["compile"])
+    model = Compile(backend="eager", cache_bucket=32, skip_repeat_guards=skip).apply(model, ctx)
+    state = compiled_state(model)
+    assert state is not None
+    stances: list[dict[str, Any]] = []
+    real = torch.compiler.set_stance
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        stances.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", spy)
+    prefilled = state.prefill(prompt, 12)
+    for _ in range(2):
+        stances.clear()
+        assert torch.equal(torch.cat([prompt, *state.decode(prefilled, 11)], dim=1), expected)
+        assert stances == ([{"skip_guard_eval_unsafe": True}] * 10 if skip else [])
+    said = ctx.info["compile"]["decode_guards"]
+    assert said.startswith("evaluated on the first step" if skip else "evaluated on every")
