@@ -149,12 +149,20 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
 
 
 def _subclass_weight(module: Any) -> bool:
-    """Whether ``module.weight`` is a tensor subclass that stores its data in inner tensors (torchao's)."""
+    """Whether ``module.weight`` is one of torchao's tensor subclasses (``TorchAOBaseTensor``, data in inner
+    tensors), not yet unwrapped. Other subclasses (PyTorch's 2:4 sparse tensors) are left alone, as torchao's own
+    ``unwrap_tensor_subclass`` leaves them."""
     from torch.nn.utils import parametrize
 
     w = getattr(module, "weight", None)
-    return isinstance(w, torch.Tensor) and type(w) not in (torch.Tensor, torch.nn.Parameter) \
-        and hasattr(type(w), "__tensor_flatten__") and not parametrize.is_parametrized(module, "weight")
+    if not isinstance(w, torch.Tensor) or type(w) in (torch.Tensor, torch.nn.Parameter) \
+            or parametrize.is_parametrized(module, "weight"):
+        return False
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except Exception:  # no usable torchao: no torchao weights either
+        return False
+    return isinstance(w, TorchAOBaseTensor)
 
 
 def _rebuild_untraceable(weight: torch.Tensor) -> str | None:
@@ -165,9 +173,9 @@ def _rebuild_untraceable(weight: torch.Tensor) -> str | None:
     from torchao.utils import UnwrapTensorSubclass
 
     holder = torch.nn.Module()
-    holder.weight = torch.nn.Parameter(weight, requires_grad=False)
-    parametrize.register_parametrization(holder, "weight", UnwrapTensorSubclass())
     try:
+        holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+        parametrize.register_parametrization(holder, "weight", UnwrapTensorSubclass())
         torch.compile(lambda: holder.weight, backend="eager", fullgraph=True)()
     except Exception as err:  # dynamo's Unsupported, or whatever the rebuild raised under it
         return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
