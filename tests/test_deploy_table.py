@@ -52,3 +52,17 @@ def test_a_report_without_a_serving_sweep_has_no_serving_table() -> None:
     lines = _module().table(_report([_case("m-bf16+compile", True, None)]))
     assert not any("Serving sweep" in line for line in lines)
     assert lines[-1].startswith("| m-bf16+compile |")
+
+
+def test_a_decode_the_host_paced_gets_its_share_and_the_reports_note() -> None:
+    """The host's share of each compiled decode round is a column, and where the report says the host set the pace
+    its note goes under the table (opt-6.7b fp8dq on the H200: 99%, docs/results.md 5i)."""
+    base = _case("m-bf16+compile", True, None)
+    base["latency"].update(decode_host_share=0.19, decode_host_note=None)
+    paced = _case("m-fp8dq+compile", False, None)
+    note = "paced by the host: it issued the steps in 99% of each round (median), so the device waited"
+    paced["latency"].update(decode_s_per_token=0.005, decode_host_share=0.99, decode_host_note=note)
+    lines = _module().table(_report([base, paced]))
+    assert any(line.startswith("| m-bf16+compile | 4 | 1.00x | 19 |") for line in lines)
+    assert any(line.startswith("| m-fp8dq+compile | 5 | 0.80x | 99 |") for line in lines)
+    assert f"- m-fp8dq+compile: {note}" in lines and not any(line.startswith("- m-bf16") for line in lines)

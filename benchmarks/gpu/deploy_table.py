@@ -1,7 +1,8 @@
 """Tables for docs/results.md from `run.sh deploy` reports: `python benchmarks/gpu/deploy_table.py REPORT.json...`
 
-Per model: batch-1 decode (ms and J per generated token, speed-up over the compiled bf16 baseline, achieved weight
-bandwidth and its fraction of the device's peak), the perplexity pass (median s, MFU), the untimed setup (compile
+Per model: batch-1 decode (ms and J per generated token, speed-up over the compiled bf16 baseline, the host's share
+of each round with a note under the table where the host set the pace, achieved weight bandwidth and its fraction
+of the device's peak), the perplexity pass (median s, MFU), the untimed setup (compile
 and warm-up) and the kernel each technique ran. With a serving sweep (`DEPLOY_BATCH_SIZES`), a second table: per
 batch size, output tokens per second, time per output token and joules per output token, with the speed-up over
 the baseline at the same batch size.
@@ -34,27 +35,32 @@ def table(report: dict[str, Any]) -> list[str]:
     lines = [f"{', '.join(st['models'])} on {dev}, torch {env['packages'].get('torch')}, status {report['status']}, "
              f"commit {str(env.get('git', {}).get('commit', ''))[:12]}; prompt {wl['prefill_tokens']} tokens, "
              f"{wl['decode_tokens']} new tokens, batch 1; perplexity pass {wl['max_tokens']} tokens, context "
-             f"{wl['context']}, stride {wl['stride']}, batch {wl['batch_size']}", "",
-             "| case | decode ms/token | speed-up | decode mJ/token | weight GB/s | % of peak BW | floor ms | "
-             "pass s | MFU % | setup s | kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{wl['context']}, stride {wl['stride']}, batch {wl['batch_size']}"
+             + (f" ({env['git']['note']})" if env.get("git", {}).get("note") else ""), "",
+             "| case | decode ms/token | speed-up | host % | decode mJ/token | weight GB/s | % of peak BW | floor ms | "
+             "pass s | MFU % | setup s | kernel |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cases = report["cases"]
     base = next((c for c in cases if c.get("is_baseline") and c.get("status") == "measured"), None)
     base_tok = (base or {}).get("latency", {}).get("decode_s_per_token")
     notes: list[str] = []
     for c in cases:
         if c.get("status") != "measured":
-            lines.append(f"| {c['id']} | {c.get('status')}: {str(c.get('reason', ''))[:160]} |||||||||||")
+            lines.append(f"| {c['id']} | {c.get('status')}: {str(c.get('reason', ''))[:160]} ||||||||||||")
             continue
         lat, rt = c.get("latency") or {}, c.get("runtime") or {}
         tok = lat.get("decode_s_per_token")
         setup = sum((p.get("setup_s") or 0) for p in (c.get("phases") or {}).values())
         if tok is None and lat.get("reason"):  # decode not measured: the reason goes under the table
             notes.append(f"- {c['id']}: decode not measured: {lat['reason']}")
+        share = lat.get("decode_host_share")
+        if share is not None and lat.get("decode_host_note") and str(lat["decode_host_note"]).startswith("paced"):
+            notes.append(f"- {c['id']}: {lat['decode_host_note']}")
         mfu_dtype = rt.get("mfu_compute_dtype")
         mfu_of = f" ({mfu_dtype})" if rt.get("mfu_pct") is not None and mfu_dtype not in ("bfloat16", "float16") else ""
         lines.append(
             f"| {c['id']} | {f(tok * 1e3 if tok else None)} | "
             f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
+            f"{f(share * 100 if share is not None else None, '{:.0f}')} | "
             f"{f(lat['decode_j_per_token'] * 1e3 if lat.get('decode_j_per_token') else None)} | "
             f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
