@@ -160,20 +160,16 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
         difference = (statistics.median(many_s) - statistics.median(one_s)) / (a.new - 1)
         state = compiled_state(model)
         if state is not None:  # the steps alone, from one prefill (efficiency.phases.latency.DecodePhase)
-            prefilled = state.prefill(prompt, a.new)
+            from efficiency.phases.latency import decode_round, host_pace
+
             host_s: list[float] = []
-
-            def steps() -> None:  # the host's part: until the last step is issued (as the decode phase reports)
-                t0 = time.perf_counter()
-                state.decode(prefilled, a.new - 1)
-                host_s.append(time.perf_counter() - t0)
-
-            rounds_s = _timed(steps, a.rounds)
+            rounds_s = _timed(decode_round(state, state.prefill(prompt, a.new), a.new - 1, host_s), a.rounds)
             spread = [t / (a.new - 1) for t in rounds_s]
             per_token = statistics.median(spread)
+            pace = host_pace(host_s, rounds_s, a.new - 1, dev)
             row["method"] = "compiled steps after one prefill"
-            row["host_ms_per_token"] = statistics.median(host_s) / (a.new - 1) * 1e3
-            row["host_share"] = statistics.median(h / t for h, t in zip(host_s, rounds_s, strict=True))
+            row["host_ms_per_token"] = pace["decode_host_s_per_token"] * 1e3
+            row["host_share"] = pace["decode_host_share"]
         else:
             per_token = difference
             spread = [(m - statistics.median(one_s)) / (a.new - 1) for m in many_s]

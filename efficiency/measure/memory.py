@@ -44,11 +44,7 @@ def parameters_as_used(model: torch.nn.Module) -> list[Any]:
         for name, parametrization in parametrizations.items():
             originals.update(id(p) for p in parametrization.parameters())
             used.append(getattr(module, name))
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) not in originals and id(p) not in seen:
-            seen.add(id(p))
-            used.append(p)
+    used += [p for p in model.parameters() if id(p) not in originals]  # parameters() lists a tied weight once
     return used
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -133,16 +133,11 @@ class DecodePhase:
         # never inside the window; its prompt is prefilled here once, and the rounds are its steps alone.
         ctx.sync()
         if compiled is not None and compiled.handles(prompt, mask, _generate_kwargs(ctx, n)):
-            prefilled, executor = compiled.prefill(prompt, n), compiled
-            executor.decode(prefilled, n - 1)
+            prefilled = compiled.prefill(prompt, n)
+            compiled.decode(prefilled, n - 1)
             host_s: list[float] = []
-
-            def steps_alone() -> None:  # the host's part of a round: until the last step is issued
-                t0 = time.perf_counter()
-                executor.decode(prefilled, n - 1)
-                host_s.append(time.perf_counter() - t0)
-
-            ctx.shared["decode_round"], ctx.shared["decode_host_s"] = steps_alone, host_s
+            ctx.shared["decode_round"] = decode_round(compiled, prefilled, n - 1, host_s)
+            ctx.shared["decode_host_s"] = host_s
         else:
             ctx.shared["decode_round"] = None
             _generate(model, ctx, n)()
@@ -179,7 +174,7 @@ class DecodePhase:
         roof = _roofline(ctx, per_token if per_token > 0 else None)
         compiled = ctx.shared.get("compiled")
         skips = compiled.cudagraph_skips() if compiled is not None else None
-        host = _host_pace(ctx, many, n) if steps_only else {
+        host = host_pace(ctx.shared["decode_host_s"], many.times_s, n - 1, ctx.device) if steps_only else {
             "decode_host_s_per_token": None, "decode_host_share": None,
             "decode_host_note": "not measured: generate waits for each token on the host (stopping criteria)"}
         return {"latency": {
@@ -206,22 +201,30 @@ class DecodePhase:
         }}
 
 
-def _host_pace(ctx: PhaseContext, rounds: Rounds, n: int) -> dict[str, Any]:
-    """How long the host took to issue a compiled round's N - 1 steps (median, per token), its share of the round
-    (median over rounds), and a note when the host set the pace: on a GPU at HOST_BOUND_SHARE or more; on the CPU
-    the host runs the kernels, so the share is 1 by construction."""
-    host_s: list[float] = ctx.shared["decode_host_s"]
-    if len(host_s) != len(rounds.times_s) or not host_s:
-        return {"decode_host_s_per_token": None, "decode_host_share": None,
-                "decode_host_note": "not measured: the host times do not match the rounds"}
-    share = statistics.median(h / t for h, t in zip(host_s, rounds.times_s, strict=True) if t > 0)
+def decode_round(executor: Any, prompt: Any, steps: int, host_s: list[float]) -> Callable[[], None]:
+    """One timed round of a compiled decode: ``steps`` steps from ``prompt`` (``CompiledExecution.decode``), each
+    call appending the host's part to ``host_s``: the time until the last step is issued, before any wait for the
+    device (the caller synchronises around the round)."""
+    def round_() -> None:
+        t0 = time.perf_counter()
+        executor.decode(prompt, steps)
+        host_s.append(time.perf_counter() - t0)
+
+    return round_
+
+
+def host_pace(host_s: Sequence[float], rounds_s: Sequence[float], steps: int, device: str) -> dict[str, Any]:
+    """How long the host took to issue a compiled round's ``steps`` (median, per step), its share of the round
+    (median over rounds, one host time per round), and a note when the host set the pace: on a GPU at
+    HOST_BOUND_SHARE or more; on the CPU the host runs the kernels, so the share is 1 by construction."""
+    share = statistics.median(h / t for h, t in zip(host_s, rounds_s, strict=True))
     note = None
-    if not str(ctx.device).startswith("cuda"):
+    if not str(device).startswith("cuda"):
         note = "on the CPU the host runs the kernels: the share is 1 by construction"
     elif share >= HOST_BOUND_SHARE:
         note = (f"paced by the host: it issued the steps in {share:.0%} of each round (median), so the device "
                 "waited for launches and the figure measures Python and launch overhead, not the kernels")
-    return {"decode_host_s_per_token": statistics.median(host_s) / (n - 1), "decode_host_share": share,
+    return {"decode_host_s_per_token": statistics.median(host_s) / steps, "decode_host_share": share,
             "decode_host_note": note}
 
 

@@ -149,20 +149,13 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
 
 
 def _subclass_weight(module: Any) -> bool:
-    """Whether ``module.weight`` is one of torchao's tensor subclasses (``TorchAOBaseTensor``, data in inner
-    tensors), not yet unwrapped. Other subclasses (PyTorch's 2:4 sparse tensors) are left alone, as torchao's own
-    ``unwrap_tensor_subclass`` leaves them."""
+    """Whether ``module.weight`` is one of torchao's tensor subclasses, not yet unwrapped. Other subclasses
+    (PyTorch's 2:4 sparse tensors) are left alone, as torchao's own ``unwrap_tensor_subclass`` leaves them."""
     from torch.nn.utils import parametrize
 
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or type(w) in (torch.Tensor, torch.nn.Parameter) \
-            or parametrize.is_parametrized(module, "weight"):
-        return False
-    try:
-        from torchao.utils import TorchAOBaseTensor
-    except Exception:  # no usable torchao: no torchao weights either
-        return False
-    return isinstance(w, TorchAOBaseTensor)
+    from efficiency.techniques.torchao_quant import is_torchao_tensor
+
+    return is_torchao_tensor(getattr(module, "weight", None)) and not parametrize.is_parametrized(module, "weight")
 
 
 def _rebuild_untraceable(weight: torch.Tensor) -> str | None:
@@ -342,27 +335,27 @@ class CompiledExecution:
         the prefill."""
         tok = prompt.first_token
         tokens = [tok]
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as later_steps:
             if prompt.counters:  # in place: the compiled step holds these tensors' addresses
                 torch._foreach_copy_(cache_counters(prompt.cache), prompt.counters)
             for i in range(steps):
+                if i == 1 and self.skip_repeat_guards:
+                    later_steps.enter_context(self._guards_checked_once())
                 if streamer is not None:  # as in generate: the host receives each token (a sync per token)
                     streamer.put(tok.squeeze(-1).cpu())
                 at = prompt.length + i
-                with self._guards(checked=i == 0):
-                    tok = self.step(tok, prompt.positions[:, at:at + 1], prompt.cache, prompt.mask).clone()
+                tok = self.step(tok, prompt.positions[:, at:at + 1], prompt.cache, prompt.mask).clone()
                 tokens.append(tok)  # .clone(): CUDA-graph outputs are reused by the next replay
         return tokens
 
-    def _guards(self, checked: bool) -> AbstractContextManager[Any]:
-        """Dynamo's guards for one decode step: evaluated on the first step of each ``decode`` call, skipped on the
-        later ones when ``skip_repeat_guards`` (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which
-        still tells apart the graphs compiled for other batch sizes). Safe here: the later steps of a call pass the
-        same cache, mask and position tensors and a token of the same shape, in the same grad mode, so guards that
-        held on the first step hold on them; evaluating them costs the host about 20 us per torchao weight a step
-        (CPU profile, 16-layer int8wo OPT: 1.4 ms of guard evaluation a step, 0.19 ms skipped)."""
-        if checked or not self.skip_repeat_guards:
-            return contextlib.nullcontext()
+    @staticmethod
+    def _guards_checked_once() -> AbstractContextManager[Any]:
+        """Entered for the steps after the first of a ``decode`` call when ``skip_repeat_guards``: dynamo skips its
+        guard evaluation (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, which still tells apart the
+        graphs compiled for other batch sizes). Safe here: those steps pass the same cache, mask and position
+        tensors as the first, which checked the guards, and a token of the same shape, in the same grad mode. Why:
+        on the H200 gpt2-xl's int4wo decode was paced by the host, 3.59 ms of host work a token with the guards
+        checked on every step and 0.83 ms without (docs/results.md section 5i)."""
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def generate(self, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
@@ -434,8 +427,8 @@ class Compile(TechniqueBase):
     # Pass tensor-subclass weights (torchao's) to the compiled graphs as plain tensors (unwrap_weight_subclasses):
     # on, measured on the H200 (docs/results.md section 5i): opt-6.7b int4wo decode 4.02 -> 3.03 ms/token.
     unwrap_subclasses: bool = True
-    # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards): on, measured
-    # on the H200 in docs/results.md section 5i.
+    # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards_checked_once):
+    # on, measured on the H200 (docs/results.md section 5i): gpt2-xl int4wo-g64 decode 3.63 -> 2.52 ms/token.
     skip_repeat_guards: bool = True
     name: str = "compile"
     family = "execution"

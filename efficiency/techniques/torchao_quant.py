@@ -121,11 +121,18 @@ def refuse_misfit_groups(name: str, model: nn.Module, targets: list[str], group_
                                f"{hint}")
 
 
+def is_torchao_tensor(t: Any) -> bool:
+    """Whether ``t`` is one of torchao's quantised tensors (``TorchAOBaseTensor``); False without a usable torchao."""
+    try:
+        from torchao.utils import TorchAOBaseTensor
+    except Exception:  # ImportError, or a native library built for another torch: no torchao tensors either
+        return False
+    return isinstance(t, TorchAOBaseTensor)
+
+
 def unquantised(model: nn.Module, targets: list[str]) -> list[str]:
     """The target layers whose weight is still a plain tensor after ``quantize_``."""
-    from torchao.utils import TorchAOBaseTensor
-
-    return [n for n in targets if not isinstance(model.get_submodule(n).weight, TorchAOBaseTensor)]
+    return [n for n in targets if not is_torchao_tensor(model.get_submodule(n).weight)]
 
 
 @dataclass(frozen=True)

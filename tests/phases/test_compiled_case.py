@@ -189,13 +189,9 @@ def test_a_gpu_decode_round_that_the_host_paced_is_said_to_be(host_s: tuple[floa
     """On a GPU the host issues a compiled round's steps ahead of the device unless its own work (Python, dynamo's
     guards, graph replays) takes longer than the kernels; then the figure measures the host. By hand: rounds of
     1 s each, host 0.9 / 0.95 / 1.0 s -> median share 0.95, over 4 tokens -> 0.2375 s per token."""
-    from types import SimpleNamespace
+    from efficiency.phases.latency import host_pace
 
-    from efficiency.phases.base import Rounds
-    from efficiency.phases.latency import _host_pace
-
-    ctx = SimpleNamespace(device="cuda:0", shared={"decode_host_s": list(host_s)})
-    pace = _host_pace(ctx, Rounds((1.0, 1.0, 1.0), False, None), 5)  # type: ignore[arg-type]
+    pace = host_pace(host_s, (1.0, 1.0, 1.0), 4, "cuda:0")
     assert pace["decode_host_share"] == pytest.approx(statistics.median(host_s))
     assert pace["decode_host_s_per_token"] == pytest.approx(statistics.median(host_s) / 4)
     assert pace["decode_host_note"] == note if note is None else pace["decode_host_note"].startswith(note)
