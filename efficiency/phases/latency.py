@@ -125,7 +125,8 @@ class DecodePhase:
         from efficiency.measure.roofline import weights_read_per_token
         from efficiency.techniques.compile import compiled_state
 
-        ctx.shared.setdefault("weights_read", weights_read_per_token(model))
+        if "weights_read" not in ctx.shared:  # once per case (setdefault would count them again)
+            ctx.shared["weights_read"] = weights_read_per_token(model)
         compiled = ctx.shared["compiled"] = compiled_state(model)
         n = ctx.workload.decode_tokens
         prompt, mask = _prompt(ctx)

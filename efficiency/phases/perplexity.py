@@ -130,7 +130,8 @@ class TimedPassPhase:
 
         from efficiency.measure.roofline import weights_read_per_token
 
-        ctx.shared.setdefault("weights_read", weights_read_per_token(model))
+        if "weights_read" not in ctx.shared:  # once per case (setdefault would count them again)
+            ctx.shared["weights_read"] = weights_read_per_token(model)
         ctx.shared["compute_dtype"] = getattr(model, "dtype", None)
         ev = _evaluator(ctx)
         first = ctx.records.get("quality")

@@ -195,3 +195,24 @@ def test_a_gpu_decode_round_that_the_host_paced_is_said_to_be(host_s: tuple[floa
     assert pace["decode_host_share"] == pytest.approx(statistics.median(host_s))
     assert pace["decode_host_s_per_token"] == pytest.approx(statistics.median(host_s) / 4)
     assert pace["decode_host_note"] == note if note is None else pace["decode_host_note"].startswith(note)
+
+
+def test_the_weights_a_token_reads_are_counted_once_per_case(llama_root: Path, one_thread: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The perplexity and decode phases share the count of weight bytes a token reads; ``setdefault`` evaluated its
+    argument anyway, so the decode phase counted them again (through every unwrapped weight's rebuild since
+    ``compile`` unwraps torchao's weights)."""
+    import efficiency.measure.roofline as roofline
+
+    calls: list[int] = []
+    real = roofline.weights_read_per_token
+
+    def counting(model: Any) -> tuple[int, int]:
+        calls.append(1)
+        return real(model)
+
+    monkeypatch.setattr(roofline, "weights_read_per_token", counting)
+    s = _session(llama_root, "fp32", "fp32")
+    s.run_case("t", "fp32")
+    assert s.report["cases"][0]["status"] == "measured" and len(calls) == 1
+    s.finish(0)
