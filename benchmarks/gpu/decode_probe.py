@@ -8,7 +8,8 @@ techniques default to, and the suite's own grid (`benchmarks/gpu/run.sh deploy`)
 A variant is a pipeline of the suite, optionally followed by ``@`` and flags joined by ``.``: compile settings
 ``cdt`` / ``nocdt`` (inductor's coordinate-descent tuning on / off; without either, compile's automatic choice),
 ``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM
-head not compiled in passes without cache), ``nounwrap`` (torchao's weights left as tensor subclasses),
+head not compiled in passes without cache), ``noepi`` (bias and activation not fused into the matmul's epilogue,
+techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclasses),
 ``guards`` (dynamo's guards evaluated on every decode step); gemlite settings ``glmax`` (its full autotuning grid
 for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from
 torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
@@ -79,6 +80,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "max_autotune": "ma" in flags, "freezing": "fz" in flags,
                               "fuse_projections": "nofuse" not in flags, "compile_head": "nohead" not in flags,
                               "unwrap_subclasses": "nounwrap" not in flags,
+                              "fuse_bias_activation": "noepi" not in flags,
                               "skip_repeat_guards": "guards" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}

@@ -19,6 +19,8 @@ What a deployment runs instead of eager Hugging Face passes:
 - **plain weights** (``unwrap_subclasses``, on): torchao's quantised weights (tensor subclasses) reach the compiled
   graphs as their plain inner tensors (:func:`unwrap_weight_subclasses`); otherwise each compiled call flattens
   every subclass weight in Python, a decode step takes them all, and the host, not the GPU, set its pace.
+- **bias and activation in the matmul's epilogue** (``fuse_bias_activation``, on): OPT's ``fc1`` + ReLU and
+  GPT-2's ``c_fc`` + tanh-GELU (on a GPU) become one ``torch._addmm_activation`` (techniques/epilogue.py).
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
   the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
 
@@ -45,6 +47,7 @@ import torch
 from efficiency.config import ConfigError
 from efficiency.models import cache_argument, max_positions
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, declared_by_steps, register
+from efficiency.techniques.epilogue import fuse_bias_activations
 
 CACHE_BUCKET_TOKENS = 256
 
@@ -424,6 +427,9 @@ class Compile(TechniqueBase):
     # Compile the LM head as a region of its own in passes without cache (inductor pads misaligned vocabularies):
     # on, measured on the H200 (section 5c): gpt2-xl's perplexity pass 0.907 -> 0.837 s.
     compile_head: bool = True
+    # Fuse a linear layer's bias and the activation after it into the matmul's epilogue (techniques/epilogue.py:
+    # OPT's fc1 + ReLU, GPT-2's c_fc + tanh-GELU on a GPU; plain weights only). Measured: docs/results.md 5j.
+    fuse_bias_activation: bool = True
     # Pass tensor-subclass weights (torchao's) to the compiled graphs as plain tensors (unwrap_weight_subclasses):
     # on, measured on the H200 (docs/results.md section 5i): opt-6.7b int4wo decode 4.02 -> 3.03 ms/token.
     unwrap_subclasses: bool = True
@@ -460,6 +466,7 @@ class Compile(TechniqueBase):
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
+        epilogues = fuse_bias_activations(model) if self.fuse_bias_activation else {}
         unwrapped, wrapped = unwrap_weight_subclasses(model) if self.unwrap_subclasses else (0, {})
         eager_why = eager_passes_asked(ctx.info)
         min_batch = min_decode_batch_asked(ctx.info)
@@ -487,6 +494,9 @@ class Compile(TechniqueBase):
                               "tensors; torch.compiler.set_stance(skip_guard_eval_unsafe=True))"
                               if self.skip_repeat_guards else "evaluated on every step"),
             "fuse_projections": self.fuse_projections,  # what was fused: the report's "fused_projections"
+            "bias_activation_epilogues": (epilogues or "none fused: no plain linear layer with a bias before a ReLU "
+                                          "(or a tanh-GELU on a GPU)") if self.fuse_bias_activation else
+                                         "off (fuse_bias_activation = false)",
             "unwrapped_weights": (f"{unwrapped} tensor-subclass weights passed to the compiled graphs as their plain "
                                   "inner tensors (torchao's UnwrapTensorSubclass)" if unwrapped else
                                   None if self.unwrap_subclasses else "off (unwrap_subclasses = false)"),
