@@ -32,6 +32,8 @@ archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
 # at batch 1 is refused with the reason (cuBLAS's int8 GEMM takes more than 16 rows); DEPLOY_BATCH_SIZES=32 adds a
 # serving sweep at those batch sizes, where it decodes.
 deploy_techniques=${DEPLOY_TECHNIQUES:-bf16+compile,gemlite-int4+compile,int4wo+compile,gemlite-fp8wo+compile,int8wo+compile,fp8dq+compile,int8dq+compile}
+smollm2_deploy=bf16+compile,int4wo-g64+compile,fp8wo+compile,int8wo+compile,int8dq+compile,fp8dq+compile,\
+gemlite-int4-g64+compile,gemlite-fp8wo+compile,bf16
 deploy() {  # deploy NAME MODEL
   run "$1" $archs --eff-models "$2" --eff-techniques "$deploy_techniques" --eff-baseline bf16+compile \
     --eff-max-tokens "${DEPLOY_MAX_TOKENS:-65536}" --eff-decode-tokens 64 --eff-prefill-tokens 128 \
@@ -52,6 +54,12 @@ case $mode in
   archs)     run archs $archs --eff-models opt-125m,opt-1.3b,opt-6.7b --eff-techniques fp16,bf16,bnb8,bnb4 \
                --eff-max-tokens 32768 ;;
   smollm2)   run smollm2 --eff-models smollm2-135m --eff-techniques fp32,fp16,bf16,bnb8,bnb4,bnb4-fp4 ;;
+  smollm2-deploy)  # the deployment techniques on the real SmolLM2 weights: perplexity (65536 tokens) next to speed.
+             # Its 576-wide layers take int4 groups of 64 (int4wo and gemlite-int4 at group 128 refuse them).
+             run smollm2-deploy --eff-models smollm2-135m --eff-techniques "${DEPLOY_TECHNIQUES:-$smollm2_deploy}" \
+               --eff-baseline bf16+compile --eff-max-tokens "${DEPLOY_MAX_TOKENS:-65536}" --eff-decode-tokens 64 \
+               --eff-prefill-tokens 128 --eff-min-window "${DEPLOY_MIN_WINDOW:-1}" --eff-threshold 100000 \
+               --eff-history off ;;
   pruning)   run pruning --eff-models smollm2-135m --eff-max-tokens 65536 --eff-threshold 100000 --eff-techniques \
                ah90,ah80,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4,ah90+bnb4,sparsegpt50+bnb4,minitron-w25,distil-d50 ;;
   pruning-archs) run pruning-archs $archs --eff-models opt-125m,opt-1.3b --eff-max-tokens 32768 --eff-techniques \
