@@ -235,6 +235,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    # Once: a second TERM (the group's and a script's trap passing it on, as `timeout` and benchmarks/gpu/run.sh do)
+    # must not interrupt the orderly end that writes the report; KILL still ends a run that hangs there.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
 
 

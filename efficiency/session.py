@@ -162,6 +162,10 @@ class EfficiencySession:
         return "complete"
 
     def finish(self, exitstatus: int, stopped_early: bool = False) -> None:
+        if not self.report and self.run_status(exitstatus) == "interrupted" and self.worker_output is None:
+            # interrupted before its first case ended: a report says so (settings, environment, no cases), not silence
+            self._ensure_report(idle_power={"power_w": None, "reason": "not measured: the run was interrupted "
+                                            "before its first case ended"})
         if not self.report:
             return
         if self.worker_output is not None:  # the controller writes the one report of the run
