@@ -80,7 +80,7 @@ def quality_table(cases: list[dict[str, Any]], base: dict[str, Any] | None) -> l
     rows = []
     for c in real:
         ppl = (c.get("perplexity") or {}).get("value")
-        kld = c.get("kld") if isinstance(c.get("kld"), dict) else {}
+        kld: dict[str, Any] = c["kld"] if isinstance(c.get("kld"), dict) else {}
         change = (ppl / base_ppl - 1) * 100 if ppl and base_ppl else None
         top1 = kld.get("top1_match")
         rows.append(f"| {c['id']} | {f(ppl, '{:.3f}')} | {f(change, '{:+.1f}%')} | {f(kld.get('mean'), '{:.4f}')} | "
