@@ -71,9 +71,9 @@ def test_a_decode_the_host_paced_gets_its_share_and_the_reports_note() -> None:
 def test_real_weights_get_perplexity_next_to_speed_and_random_weights_do_not() -> None:
     table = _module().table
     base = {**_case("smol-bf16+compile", True, None), "random_weights": False,
-            "perplexity": {"value": 20.0}, "kld": {"mean": 0.0, "top1_match": 1.0}}
+            "perplexity": {"value": 20.0}, "deltas": {"perplexity": 0.0}, "kld": {"mean": 0.0, "top1_match": 1.0}}
     low = {**_case("smol-int4wo-g64+compile", False, None), "random_weights": False,
-           "perplexity": {"value": 25.0}, "kld": {"mean": 0.25, "top1_match": 0.7}}
+           "perplexity": {"value": 25.0}, "deltas": {"perplexity": 25.0}, "kld": {"mean": 0.25, "top1_match": 0.7}}
     text = "\n".join(table(_report([base, low])))
     assert "| smol-int4wo-g64+compile | 25.000 | +25.0% | 0.2500 | 70.0% |" in text
     assert "| smol-bf16+compile | 20.000 | +0.0% | 0.0000 | 100.0% |" in text

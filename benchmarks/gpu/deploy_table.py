@@ -66,25 +66,23 @@ def table(report: dict[str, Any]) -> list[str]:
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
             f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
             f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')}{mfu_of} | {setup:.0f} | {kernel(c)} |")
-    return lines + ([""] + notes if notes else []) + quality_table(cases, base) + serving_table(cases, base)
+    return lines + ([""] + notes if notes else []) + quality_table(cases) + serving_table(cases, base)
 
 
-def quality_table(cases: list[dict[str, Any]], base: dict[str, Any] | None) -> list[str]:
+def quality_table(cases: list[dict[str, Any]]) -> list[str]:
     """Perplexity next to speed for a model with real weights (a random-weight model's perplexity means nothing): per
-    measured case, perplexity, its change against the baseline's, KL divergence from the baseline's next-token
-    distribution and top-1 agreement; [] when no case has real weights."""
+    measured case, perplexity, its change against the baseline's (the report's ``deltas``), KL divergence from the
+    baseline's next-token distribution and top-1 agreement; [] when no case has real weights."""
     real = [c for c in cases if c.get("status") == "measured" and c.get("random_weights") is False]
-    if not real:
-        return []
-    base_ppl = ((base or {}).get("perplexity") or {}).get("value")
     rows = []
     for c in real:
-        ppl = (c.get("perplexity") or {}).get("value")
         kld: dict[str, Any] = c["kld"] if isinstance(c.get("kld"), dict) else {}
-        change = (ppl / base_ppl - 1) * 100 if ppl and base_ppl else None
         top1 = kld.get("top1_match")
-        rows.append(f"| {c['id']} | {f(ppl, '{:.3f}')} | {f(change, '{:+.1f}%')} | {f(kld.get('mean'), '{:.4f}')} | "
+        rows.append(f"| {c['id']} | {f((c.get('perplexity') or {}).get('value'), '{:.3f}')} | "
+                    f"{f((c.get('deltas') or {}).get('perplexity'), '{:+.1f}%')} | {f(kld.get('mean'), '{:.4f}')} | "
                     f"{f(top1 * 100 if top1 is not None else None, '{:.1f}%')} |")
+    if not rows:
+        return []
     return ["", "Quality (real weights; against the baseline):", "",
             "| case | perplexity | change | KLD from the baseline (mean, nats) | top-1 agreement |",
             "|---|---|---|---|---|", *rows]

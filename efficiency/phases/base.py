@@ -99,6 +99,16 @@ class PhaseContext:
     max_rounds: int = MAX_ROUNDS
     _window_start: float | None = None
 
+    def weights_read(self, model: Any) -> tuple[int, int]:
+        """(bytes, logical parameters) of the weights one token reads (measure.roofline.weights_read_per_token),
+        counted once per case and shared by its phases: counting looks through every unwrapped weight's rebuild."""
+        if "weights_read" not in self.shared:
+            from efficiency.measure.roofline import weights_read_per_token
+
+            self.shared["weights_read"] = weights_read_per_token(model)
+        counted: tuple[int, int] = self.shared["weights_read"]
+        return counted
+
     @property
     def real_meters(self) -> list[str]:
         from efficiency.measure.energy import NullMeter

@@ -122,11 +122,9 @@ class DecodePhase:
     name: ClassVar[str] = "decode"
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
-        from efficiency.measure.roofline import weights_read_per_token
         from efficiency.techniques.compile import compiled_state
 
-        if "weights_read" not in ctx.shared:  # once per case (setdefault would count them again)
-            ctx.shared["weights_read"] = weights_read_per_token(model)
+        ctx.weights_read(model)
         compiled = ctx.shared["compiled"] = compiled_state(model)
         n = ctx.workload.decode_tokens
         prompt, mask = _prompt(ctx)

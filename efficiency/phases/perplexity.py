@@ -128,10 +128,7 @@ class TimedPassPhase:
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         import time
 
-        from efficiency.measure.roofline import weights_read_per_token
-
-        if "weights_read" not in ctx.shared:  # once per case (setdefault would count them again)
-            ctx.shared["weights_read"] = weights_read_per_token(model)
+        ctx.weights_read(model)
         ctx.shared["compute_dtype"] = getattr(model, "dtype", None)
         ev = _evaluator(ctx)
         first = ctx.records.get("quality")

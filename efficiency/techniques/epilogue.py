@@ -3,8 +3,8 @@ cuBLASLt applies bias + ReLU or bias + GELU to the GEMM's output tile before wri
 kernel and no extra pass over the hidden states).
 
 Why: in a compiled perplexity pass the activation is a kernel of its own over the MLP's widest tensor. Measured on
-the H200 (docs/results.md section 5c's kernel tables): opt-1.3b's ReLU took 24 ms of a 586 ms pass, gpt2-xl's
-tanh-GELU 55 ms of 904 ms.
+the H200 (docs/results.md section 5c's kernel tables, GPU time per pass): opt-1.3b's ReLU took 23.7 ms of 586 ms,
+gpt2-xl's tanh-GELU 54.6 ms of 884 ms.
 
 How, without touching the model's code: the linear layer becomes :class:`LinearWithActivation` (the layer stays
 its child, so its weights are counted and read once) calling ``torch._addmm_activation``, which inductor keeps as
@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from efficiency.techniques.bnb import is_conv1d
 
 # (linear layer, activation after it) as the models name them: OPT's decoder layer, GPT-2's MLP
 PAIRS: tuple[tuple[str, str], ...] = (("fc1", "activation_fn"), ("c_fc", "act"))
@@ -42,9 +44,7 @@ def _transposed(layer: nn.Module) -> bool | None:
     kind of layer."""
     if type(layer) is nn.Linear:
         return False
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return True
-    return None
+    return True if is_conv1d(layer) else None
 
 
 class LinearWithActivation(nn.Module):
