@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import resource
 import sys
@@ -173,6 +175,25 @@ class _RssSampler:
 
 CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus ru_maxrss when the block set a new "
               "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
+TRIMMED = "; before the block, the C allocator's free memory was returned to the OS (gc.collect, glibc malloc_trim)"
+NOT_TRIMMED = ("; the C allocator's free memory could not be returned to the OS before the block (no glibc "
+               "malloc_trim here): allocations it serves from memory freed earlier do not show, so the peak may "
+               "read low")
+
+
+def release_free_heap() -> bool:
+    """Collect garbage and return the C allocator's free memory to the OS (glibc ``malloc_trim(0)``), so that
+    what a block allocates raises the process's RSS. Without it, memory an earlier case freed stays resident in
+    the allocator's heap, the block's allocations reuse it, and an RSS delta reads them as nothing. False where
+    the C library has no ``malloc_trim`` (macOS, musl, Windows)."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def tracked_devices(device: str, gpus: Sequence[str] = ()) -> tuple[str, ...]:
@@ -193,7 +214,8 @@ def cuda_peaks(devices: Sequence[str], torch_mod: Any = torch) -> dict[str, int]
 def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
     """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) on each GPU of
     the case, and their sum. CPU: the peak RSS during the block as a delta over the level before it, so the
-    order of cases does not inflate it."""
+    order of cases does not inflate it, taken after :func:`release_free_heap`, so that memory earlier cases
+    freed does not hide it either."""
     result = PeakMemory()
     if device.startswith("cuda"):
         devices = tracked_devices(device, gpus)
@@ -209,6 +231,7 @@ def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
         result.method = "torch.cuda.max_memory_allocated over the perplexity pass" + (summed if devices[1:] else "")
         return
     try:
+        trimmed = release_free_heap()
         sampler = _RssSampler()
     except ImportError:
         yield result
@@ -220,4 +243,4 @@ def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
     result.before_bytes = sampler.before
     result.peak_rss_bytes = sampler.peak
     result.peak_bytes = max(0, sampler.peak - sampler.before)
-    result.method = CPU_METHOD
+    result.method = CPU_METHOD + (TRIMMED if trimmed else NOT_TRIMMED)

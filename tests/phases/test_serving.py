@@ -1,8 +1,9 @@
-"""The serving sweep: batched generation with exact output lengths, one window per batch size, throughput at
-batch 4 above batch 1, and the section's per-batch table."""
+"""The serving sweep: batched generation with exact output lengths, one window per batch size, each batch's row
+computed from its own rounds, and the section's per-batch table."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import pytest
@@ -47,7 +48,8 @@ def test_generation_has_exact_lengths_and_a_first_token_time(one_thread: None) -
     assert len(gen.first_token_s) == 1 and gen.first_token_s[0] > 0
 
 
-def test_batch_4_throughput_above_batch_1_and_the_table(one_thread: None) -> None:
+def test_serving_rows_come_from_their_own_rounds_and_the_table(one_thread: None) -> None:
+    # Which batch is faster is a benchmark's question (a timed assertion here could fail under CPU contention).
     model = tiny_model("llama")
     settings = ServingSettings(batch_sizes=(1, 4), input_tokens=16, output_tokens=8)
     ctx = phase_context(eval_tokens())
@@ -60,8 +62,11 @@ def test_batch_4_throughput_above_batch_1_and_the_table(one_thread: None) -> Non
     rows = sections["serving"]["batches"]
     assert [r["batch_size"] for r in rows] == [1, 4]
     b1, b4 = rows
-    assert b4["tokens_per_s"] > b1["tokens_per_s"]  # one decode step serves four rows
-    for r in rows:
+    for r in rows:  # by hand: batch x output tokens / median round; time per output token after the first
+        assert r["round_s"] == pytest.approx(statistics.median(r["rounds_s"]))
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 8 / r["round_s"])
+        first = statistics.median(r["first_token_s_all"])
+        assert r["time_per_output_token_s"] == pytest.approx((r["round_s"] - first) / 7)
         assert 0 < r["time_to_first_token_s"] < r["round_s"]
         assert r["time_per_output_token_s"] > 0
         assert r["j_per_token"] is None and r["energy_reason"]  # no meter on this machine: null, with why
