@@ -32,7 +32,7 @@ def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
 def parameters_as_used(model: torch.nn.Module) -> list[Any]:
     """Each weight of ``model`` once, as its layers use it. A parametrized weight (``torch.nn.utils.parametrize``:
     ``compile`` passes torchao's quantised weights to the compiled graphs as their plain inner tensors,
-    efficiency.techniques.compile.unwrap_weight_subclasses) is the tensor its module computes from its originals
+    efficiency.techniques.unwrap.unwrap_weight_subclasses) is the tensor its module computes from its originals
     (torchao's tensor again), not the originals, so that sizes and weight bytes are counted as before the unwrap.
     Tied weights appear once; the order is not meaningful."""
     from torch.nn.utils import parametrize

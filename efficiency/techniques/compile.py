@@ -17,8 +17,8 @@ What a deployment runs instead of eager Hugging Face passes:
   An earlier step can ask for these passes to stay eager (``EAGER_PASSES_KEY`` in its report entry, with the
   reason, which the report repeats): int8wo on a GPU, whose matmul inductor lowers to a far slower kernel.
 - **plain weights** (``unwrap_subclasses``, on): torchao's quantised weights (tensor subclasses) reach the compiled
-  graphs as their plain inner tensors (:func:`unwrap_weight_subclasses`); otherwise each compiled call flattens
-  every subclass weight in Python, a decode step takes them all, and the host, not the GPU, set its pace.
+  graphs as their plain inner tensors (techniques/unwrap.py); otherwise each compiled call flattens every subclass
+  weight in Python, a decode step takes them all, and the host, not the GPU, set its pace.
 - **bias and activation in the matmul's epilogue** (``fuse_bias_activation``, on): OPT's ``fc1`` + ReLU and
   GPT-2's ``c_fc`` + tanh-GELU (on a GPU) become one ``torch._addmm_activation`` (techniques/epilogue.py).
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
@@ -48,6 +48,7 @@ from efficiency.config import ConfigError
 from efficiency.models import cache_argument, max_positions
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, declared_by_steps, register
 from efficiency.techniques.epilogue import fuse_bias_activations
+from efficiency.techniques.unwrap import unwrap_weight_subclasses
 
 CACHE_BUCKET_TOKENS = 256
 
@@ -149,71 +150,6 @@ def cache_counters(cache: Any) -> list[torch.Tensor]:
     for a cache that writes at the cache position alone."""
     layers = getattr(cache, "layers", None) or []
     return [t for t in (getattr(layer, "cumulative_length", None) for layer in layers) if isinstance(t, torch.Tensor)]
-
-
-def _subclass_weight(module: Any) -> bool:
-    """Whether ``module.weight`` is one of torchao's tensor subclasses, not yet unwrapped. Other subclasses
-    (PyTorch's 2:4 sparse tensors) are left alone, as torchao's own ``unwrap_tensor_subclass`` leaves them."""
-    from torch.nn.utils import parametrize
-
-    from efficiency.techniques.torchao_quant import is_torchao_tensor
-
-    return is_torchao_tensor(getattr(module, "weight", None)) and not parametrize.is_parametrized(module, "weight")
-
-
-def _rebuild_untraceable(weight: torch.Tensor) -> str | None:
-    """Why dynamo cannot trace the rebuild of ``weight``'s type from its inner tensors here, None when it can. On the
-    H200's torch 2.11 it cannot for torchao 0.17's Float8Tensor of fp8dq (``Unsupported: Failed to convert
-    args/kwargs to proxy``, its activation-quantisation settings object); a weight of such a type stays wrapped."""
-    from torch.nn.utils import parametrize
-    from torchao.utils import UnwrapTensorSubclass
-
-    holder = torch.nn.Module()
-    try:
-        holder.weight = torch.nn.Parameter(weight, requires_grad=False)
-        parametrize.register_parametrization(holder, "weight", UnwrapTensorSubclass())
-        torch.compile(lambda: holder.weight, backend="eager", fullgraph=True)()
-    except Exception as err:  # dynamo's Unsupported, or whatever the rebuild raised under it
-        return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-    return None
-
-
-def unwrap_weight_subclasses(model: Any) -> tuple[int, dict[str, str]]:
-    """Pass torchao's quantised weights (tensor subclasses) to the compiled graphs as their plain inner tensors, as
-    ``torchao.utils.unwrap_tensor_subclass`` does: each such weight becomes a parametrization
-    (``torchao.utils.UnwrapTensorSubclass``) that rebuilds torchao's tensor from them, which dynamo traces into the
-    graph, so the same kernels run on the same data. Why: a compiled call flattens every tensor-subclass input in
-    Python, and a decode step takes all the weights. On the H200 (opt-6.7b, int4wo, batch-1 decode, docs/results.md
-    section 5i) the host took 3.97 ms to issue each step with the subclasses (99% of the step: the GPU waited) and
-    1.69 ms unwrapped, and a step took 4.02 against 3.03 ms. Two things differ from torchao's function:
-
-    - a weight type whose rebuild dynamo cannot trace here stays wrapped (:func:`_rebuild_untraceable`), with why;
-    - the parametrized layers of one class share one parametrized class: ``parametrize`` makes a class per layer,
-      dynamo guards on the class, and each decoder block of a regionally compiled pass became a graph of its own,
-      until the case failed past the recompile limit (opt-1.3b int4wo, H200).
-
-    Returns (weights unwrapped, {weight type: why it stayed wrapped})."""
-    from torch.nn.utils import parametrize
-
-    layers = [m for m in model.modules() if _subclass_weight(m)]
-    if not layers:
-        return 0, {}
-    from torchao.utils import UnwrapTensorSubclass
-
-    untraceable: dict[type, str | None] = {}
-    shared_class: dict[tuple[Any, ...], type] = {}
-    unwrapped = 0
-    for layer in layers:
-        kind = type(layer.weight)
-        if kind not in untraceable:
-            untraceable[kind] = _rebuild_untraceable(layer.weight)
-        if untraceable[kind] is not None:
-            continue
-        parametrize.register_parametrization(layer, "weight", UnwrapTensorSubclass())
-        key = (type(layer).__bases__, tuple(layer.parametrizations.keys()))
-        layer.__class__ = shared_class.setdefault(key, type(layer))
-        unwrapped += 1
-    return unwrapped, {kind.__name__: why for kind, why in untraceable.items() if why is not None}
 
 
 def _has_bnb(model: Any) -> bool:
@@ -467,7 +403,7 @@ class Compile(TechniqueBase):
             decode_options = forward_options = None
             cuda_graphs = False
         epilogues = fuse_bias_activations(model) if self.fuse_bias_activation else {}
-        unwrapped, wrapped = unwrap_weight_subclasses(model) if self.unwrap_subclasses else (0, {})
+        unwrapped, wrapped, constants = unwrap_weight_subclasses(model) if self.unwrap_subclasses else (0, {}, {})
         eager_why = eager_passes_asked(ctx.info)
         min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
@@ -502,6 +438,9 @@ class Compile(TechniqueBase):
                                   None if self.unwrap_subclasses else "off (unwrap_subclasses = false)"),
             "wrapped_weights": ({kind: f"left as a tensor subclass: dynamo cannot trace its rebuild here ({why})"
                                  for kind, why in wrapped.items()} or None),
+            "weights_with_constant_attributes": ({kind: f"{', '.join(names)} held as class constants, which dynamo "
+                                                  "cannot pass to the rebuild (techniques/unwrap.py)"
+                                                  for kind, names in constants.items()} or None),
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else

@@ -401,15 +401,16 @@ def test_unwrapped_decoder_blocks_share_one_compiled_graph_in_a_pass(one_thread:
 def test_a_weight_type_dynamo_cannot_rebuild_stays_wrapped_and_the_report_says_why(
         monkeypatch: pytest.MonkeyPatch, one_thread: Any) -> None:
     """On the H200's torch 2.11 dynamo could not trace the rebuild of torchao 0.17's fp8dq weights (Float8Tensor),
-    and every fp8dq decode failed once they were unwrapped. A type whose rebuild does not trace here stays a tensor
-    subclass, and the report names it with dynamo's reason; int8 weights trace on this CPU."""
-    import efficiency.techniques.compile as compile_module
+    and every fp8dq decode failed once they were unwrapped. A type whose rebuild does not trace here, even retyped
+    (tests/techniques/test_unwrap.py), stays a tensor subclass, and the report names it with dynamo's reason; int8
+    weights trace on this CPU."""
+    import efficiency.techniques.unwrap as unwrap_module
 
     model, ctx = _int8wo_for_compile()
     weight = model.get_submodule("model.decoder.layers.0.fc1").weight
-    assert compile_module._rebuild_untraceable(weight) is None
+    assert unwrap_module.rebuild_untraceable(weight) is None
     kind = type(weight).__name__
-    monkeypatch.setattr(compile_module, "_rebuild_untraceable", lambda w: "Unsupported: as on the H200")
+    monkeypatch.setattr(unwrap_module, "rebuild_untraceable", lambda w: "Unsupported: as on the H200")
     model = Compile(backend="eager").apply(model, ctx)
     assert type(model.get_submodule("model.decoder.layers.0.fc1").weight).__name__ == kind
     assert ctx.info["compile"]["unwrapped_weights"] is None
