@@ -98,3 +98,28 @@ def test_fp8_dynamic_weights_are_unwrapped_and_decode_as_the_quantised_model_doe
     assert state is not None
     prefilled = state.prefill(prompt, 8)
     assert torch.equal(torch.cat([prompt, *state.decode(prefilled, 7)], dim=1), expected)
+
+
+@pytest.mark.gpu
+def test_the_suites_fp8dq_weights_are_unwrapped_and_decode_compiled_on_a_gpu() -> None:
+    """The same through the suite's own ``fp8dq+compile`` on a GPU with fp8 (torchao quantises, inductor and CUDA
+    graphs compile): every fp8 weight unwrapped, none left wrapped, and the compiled decode replays its graph."""
+    from efficiency.techniques.base import parse
+    from efficiency.techniques.compile import cudagraph_skips
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmuls need compute capability 8.9 or newer")
+    torch._dynamo.reset()
+    model = tiny_model("opt").to("cuda", torch.bfloat16)
+    ctx = Context(device="cuda", tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    pipe = parse("fp8dq+compile")
+    pipe.check(ctx)
+    skips = cudagraph_skips()
+    model = pipe.apply(model, ctx)
+    assert ctx.info["compile"]["wrapped_weights"] is None
+    assert "Float8Tensor" in (ctx.info["compile"]["weights_with_constant_attributes"] or {})
+    state = compiled_state(model)
+    assert state is not None
+    prompt = torch.randint(0, 128, (1, 9), device="cuda")
+    tokens = state.decode(state.prefill(prompt, 8), 7)
+    assert torch.cat(list(tokens), dim=1).shape == (1, 7) and cudagraph_skips() == skips
