@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import math
 import resource
 import sys
@@ -175,18 +174,18 @@ class _RssSampler:
 
 CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus ru_maxrss when the block set a new "
               "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
-TRIMMED = "; before the block, the C allocator's free memory was returned to the OS (gc.collect, glibc malloc_trim)"
+TRIMMED = "; before the block, the C allocator's free memory was returned to the OS (glibc malloc_trim)"
 NOT_TRIMMED = ("; the C allocator's free memory could not be returned to the OS before the block (no glibc "
                "malloc_trim here): allocations it serves from memory freed earlier do not show, so the peak may "
                "read low")
 
 
 def release_free_heap() -> bool:
-    """Collect garbage and return the C allocator's free memory to the OS (glibc ``malloc_trim(0)``), so that
-    what a block allocates raises the process's RSS. Without it, memory an earlier case freed stays resident in
-    the allocator's heap, the block's allocations reuse it, and an RSS delta reads them as nothing. False where
-    the C library has no ``malloc_trim`` (macOS, musl, Windows)."""
-    gc.collect()
+    """Return the C allocator's free memory to the OS (glibc ``malloc_trim(0)``), so that what a block allocates
+    raises the process's RSS. Without it, memory an earlier case freed stays resident in the allocator's heap, the
+    block's allocations reuse it, and an RSS delta reads them as nothing. Garbage is collected between cases by
+    the runner; collecting it here too cost 65 ms per window with torch and transformers loaded. False where the
+    C library has no ``malloc_trim`` (macOS, musl, Windows)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
