@@ -126,11 +126,13 @@ class PeakMemory:
     peak_rss_bytes: int | None = None  # CPU: highest RSS seen during the block
     # CUDA: the allocator's peak on each GPU of the case ("cuda:0" -> bytes); peak_bytes is their sum
     peak_bytes_by_device: dict[str, int] | None = None
+    # CPU, a timed window (no exact peak): its growth in resident memory, a lower bound of its peak
+    resident_growth_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "method": self.method, "reason": self.reason,
                 "before_bytes": self.before_bytes, "peak_rss_bytes": self.peak_rss_bytes,
-                "peak_bytes_by_device": self.peak_bytes_by_device}
+                "peak_bytes_by_device": self.peak_bytes_by_device, "resident_growth_bytes": self.resident_growth_bytes}
 
 
 SAMPLE_INTERVAL_S = 0.005
@@ -178,13 +180,19 @@ TRIMMED = "; before the block, the C allocator's free memory was returned to the
 NOT_TRIMMED = ("; the C allocator's free memory could not be returned to the OS before the block (no glibc "
                "malloc_trim here): allocations it serves from memory freed earlier do not show, so the peak may "
                "read low")
+TIMED_WINDOW = ("no exact peak in a timed window on the CPU: returning the C allocator's free memory first would "
+                "slow the rounds after it, and without that the RSS cannot see allocations served from memory "
+                "freed earlier; resident_growth_bytes is the window's growth in resident memory, a lower bound of "
+                "its peak. The case's memory section is the quality pass's, measured after returning that memory")
 
 
 def release_free_heap() -> bool:
     """Return the C allocator's free memory to the OS (glibc ``malloc_trim(0)``), so that what a block allocates
     raises the process's RSS. Without it, memory an earlier case freed stays resident in the allocator's heap, the
-    block's allocations reuse it, and an RSS delta reads them as nothing. Garbage is collected between cases by
-    the runner; collecting it here too cost 65 ms per window with torch and transformers loaded. False where the
+    block's allocations reuse it, and an RSS delta reads them as nothing. Only before untimed blocks: afterwards
+    the allocator serves from fresh pages, and CPU work runs slower for a while (SmolLM2 bf16 generate: 0.65 s
+    steady, up to 0.74 s in the rounds after a trim; docs/results.md section 11). Garbage is collected between cases
+    by the runner; collecting it here too cost 65 ms per block with torch and transformers loaded. False where the
     C library has no ``malloc_trim`` (macOS, musl, Windows)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
@@ -210,11 +218,13 @@ def cuda_peaks(devices: Sequence[str], torch_mod: Any = torch) -> dict[str, int]
 
 
 @contextmanager
-def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
+def track_peak(device: str, gpus: Sequence[str] = (), exact_cpu_peak: bool = False) -> Iterator[PeakMemory]:
     """Peak memory of the block. CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) on each GPU of
     the case, and their sum. CPU: the peak RSS during the block as a delta over the level before it, so the
-    order of cases does not inflate it, taken after :func:`release_free_heap`, so that memory earlier cases
-    freed does not hide it either."""
+    order of cases does not inflate it. With ``exact_cpu_peak`` (an untimed block) it starts after
+    :func:`release_free_heap`, so that memory earlier cases freed does not hide its allocations; otherwise the
+    allocator is left alone (a trim slows the rounds after it), ``peak_bytes`` is None with the reason, and the
+    window's growth in resident memory, a lower bound, is ``resident_growth_bytes``."""
     result = PeakMemory()
     if device.startswith("cuda"):
         devices = tracked_devices(device, gpus)
@@ -227,10 +237,11 @@ def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
         result.peak_bytes_by_device = cuda_peaks(devices)
         result.peak_bytes = sum(result.peak_bytes_by_device.values())
         summed = f"; peak_bytes is the sum of the {len(devices)} GPUs' peaks (peak_bytes_by_device)"
-        result.method = "torch.cuda.max_memory_allocated over the perplexity pass" + (summed if devices[1:] else "")
+        result.method = "torch.cuda.max_memory_allocated over the window, reset at its start" + (
+            summed if devices[1:] else "")
         return
     try:
-        trimmed = release_free_heap()
+        trimmed = release_free_heap() if exact_cpu_peak else None
         sampler = _RssSampler()
     except ImportError:
         yield result
@@ -241,5 +252,8 @@ def track_peak(device: str, gpus: Sequence[str] = ()) -> Iterator[PeakMemory]:
         yield result
     result.before_bytes = sampler.before
     result.peak_rss_bytes = sampler.peak
-    result.peak_bytes = max(0, sampler.peak - sampler.before)
-    result.method = CPU_METHOD + (TRIMMED if trimmed else NOT_TRIMMED)
+    result.method = CPU_METHOD + (TRIMMED if trimmed else NOT_TRIMMED if trimmed is not None else "")
+    if trimmed is None:
+        result.resident_growth_bytes, result.reason = max(0, sampler.peak - sampler.before), TIMED_WINDOW
+    else:
+        result.peak_bytes = max(0, sampler.peak - sampler.before)

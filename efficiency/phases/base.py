@@ -163,6 +163,12 @@ class Phase(Protocol):
     def name(self) -> str:
         """The phase's name in the report (a class constant, or per instance: ``serving_b8``)."""
 
+    # Optional (read with getattr, default False): on the CPU, return the C allocator's free memory to the OS
+    # before the window, so that its peak counts allocations served from memory freed earlier (exact). Only for
+    # a window that times nothing the report compares: the rounds after such a return run on fresh pages, slower
+    # for a while (docs/results.md section 11). The quality pass sets it: its peak is the case's memory.
+    # exact_cpu_peak: ClassVar[bool]
+
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         """Untimed preparation (inputs, warm-up). Never inside the window."""
 
@@ -174,15 +180,15 @@ class Phase(Protocol):
 
 
 @contextmanager
-def measured_window(ctx: PhaseContext) -> Iterator[dict[str, Any]]:
+def measured_window(ctx: PhaseContext, exact_cpu_peak: bool = False) -> Iterator[dict[str, Any]]:
     """Sync, open every meter and peak-memory tracking, yield, sync, close. The yielded dict receives the
-    finished :class:`Window` under ``"window"``."""
+    finished :class:`Window` under ``"window"``. ``exact_cpu_peak``: see the note in :class:`Phase`."""
     from efficiency.measure.energy import measure_energy
     from efficiency.measure.memory import track_peak
 
     out: dict[str, Any] = {}
     with ExitStack() as stack:
-        peak = stack.enter_context(track_peak(ctx.device, ctx.gpus))
+        peak = stack.enter_context(track_peak(ctx.device, ctx.gpus, exact_cpu_peak))
         windows = {k: stack.enter_context(measure_energy(m, ctx.sync)) for k, m in ctx.meters.items()}
         ctx.sync()
         t0 = time.perf_counter()
@@ -201,7 +207,7 @@ def run_phase(phase: Phase, model: Any, ctx: PhaseContext) -> PhaseRecord:
     phase.setup(model, ctx)
     ctx.sync()
     setup_s = time.perf_counter() - t0
-    with measured_window(ctx) as out:
+    with measured_window(ctx, getattr(phase, "exact_cpu_peak", False)) as out:
         result = phase.run(model, ctx)
     record = PhaseRecord(phase.name, result, out["window"], setup_s)
     ctx.records[phase.name] = record

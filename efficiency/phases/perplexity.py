@@ -37,6 +37,7 @@ class QualityPhase:
 
     random_weights: bool = False
     name: ClassVar[str] = "quality"
+    exact_cpu_peak: ClassVar[bool] = True  # its peak is the case's memory; its time is no timed figure
 
     def setup(self, model: Any, ctx: PhaseContext) -> None:
         from efficiency.techniques.compile import compiled_state
