@@ -189,11 +189,11 @@ TIMED_WINDOW = ("no exact peak in a timed window on the CPU: returning the C all
 def release_free_heap() -> bool:
     """Return the C allocator's free memory to the OS (glibc ``malloc_trim(0)``), so that what a block allocates
     raises the process's RSS. Without it, memory an earlier case freed stays resident in the allocator's heap, the
-    block's allocations reuse it, and an RSS delta reads them as nothing. Only before untimed blocks: afterwards
-    the allocator serves from fresh pages, and CPU work runs slower for a while (SmolLM2 bf16 generate: 0.65 s
-    steady, up to 0.74 s in the rounds after a trim; docs/results.md section 11). Garbage is collected between cases
-    by the runner; collecting it here too cost 65 ms per block with torch and transformers loaded. False where the
-    C library has no ``malloc_trim`` (macOS, musl, Windows)."""
+    block's allocations reuse it, and an RSS delta reads them as nothing. Only before untimed blocks: the memory
+    comes back as fresh pages and the allocator's state changes; trimmed before every window, SmolLM2's bf16 CPU
+    decode ran 7-11% slower, trimmed before the quality pass alone 1.7% (docs/results.md section 11). Garbage is
+    collected between cases by the runner; collecting it here too cost 65 ms per block with torch and transformers
+    loaded. False where the C library has no ``malloc_trim`` (macOS, musl, Windows)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
