@@ -12,7 +12,6 @@ a trim, repeated. SmolLM2 is the dequantised Q4_1 GGUF of the Instruct model (th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from efficiency.measure.memory import release_free_heap
+from efficiency.settings import default_cache_dir
 from efficiency.smollm2 import ensure_dequantised
 
 
@@ -32,11 +33,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(
-        "EFFICIENCY_CACHE_DIR", Path.home() / ".cache" / "pytest-efficiency")))
+    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("EFFICIENCY_CACHE_DIR") or
+                                                                default_cache_dir()))
     args = parser.parse_args()
-    trim = ctypes.CDLL(None).malloc_trim  # glibc; fails loudly elsewhere
-    trim.argtypes = [ctypes.c_size_t]
     model = AutoModelForCausalLM.from_pretrained(ensure_dequantised(args.cache_dir),
                                                  dtype=getattr(torch, args.dtype)).eval()
     torch.manual_seed(0)
@@ -56,7 +55,8 @@ def main() -> None:
     blocks = []
     for _ in range(args.blocks):
         steady = block()
-        trim(0)
+        if not release_free_heap():  # the tracker's own trim
+            raise SystemExit("no glibc malloc_trim here: nothing to measure")
         blocks.append({"steady_s": steady, "after_trim_s": block()})
     steady_all = [t for b in blocks for t in b["steady_s"]]
     after_all = [t for b in blocks for t in b["after_trim_s"]]

@@ -47,6 +47,12 @@ RENAMED = {
 }
 
 
+def default_cache_dir() -> Path:
+    """Where downloads, token ids and technique results go without ``--eff-cache-dir`` / ``EFFICIENCY_CACHE_DIR``:
+    ``$XDG_CACHE_HOME/pytest-efficiency``, or ``~/.cache/pytest-efficiency``."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / defaults.CACHE_DIRNAME
+
+
 def read_pyproject(root: Path) -> dict[str, Any]:
     path = root / "pyproject.toml"
     if not path.is_file():
@@ -266,8 +272,7 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
             from None
     thresholds_table = {**dict(table.get("thresholds", {})), **dict(device_table.get("thresholds", {}))}
     compute_dtype, _ = pick("compute-dtype")
-    cache_dir = path_pick("cache-dir", "EFFICIENCY_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / defaults.CACHE_DIRNAME
+    cache_dir = path_pick("cache-dir", "EFFICIENCY_CACHE_DIR") or default_cache_dir()
     cfg = SuiteConfig(
         models=split_names(pick("models")[0]),
         techniques=split_names(pick("techniques")[0]),

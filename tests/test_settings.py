@@ -7,7 +7,7 @@ import pytest
 
 from efficiency import defaults
 from efficiency.config import ConfigError, Thresholds, Workload
-from efficiency.settings import build_config, parse_thresholds, read_pyproject, validate
+from efficiency.settings import build_config, default_cache_dir, parse_thresholds, read_pyproject, validate
 
 CPU = {"device": "cpu"}
 
@@ -41,6 +41,14 @@ def test_defaults_come_from_one_place(tmp_path: Path) -> None:
     assert cfg.workload.max_tokens == defaults.WORKLOAD["cpu"]["max-tokens"]
     assert cfg.workload.min_window_s == defaults.MIN_WINDOW_S == Workload().min_window_s
     assert cfg.thresholds.default_pct == defaults.THRESHOLD_PCT == Thresholds().default_pct
+
+
+def test_the_default_cache_dir_is_one_function_honouring_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # benchmarks/heap_trim_timing.py had its own copy, which ignored XDG_CACHE_HOME
+    monkeypatch.delenv("EFFICIENCY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / defaults.CACHE_DIRNAME
+    assert build_config(CPU, {}, tmp_path).cache_dir == default_cache_dir()
 
 
 @pytest.mark.parametrize(("table", "message"), [

@@ -175,7 +175,7 @@ class _RssSampler:
 
 
 CPU_METHOD = ("process RSS sampled every 5 ms by psutil during the block (plus ru_maxrss when the block set a new "
-              "high-water mark); peak_bytes is the peak minus the RSS at the start of the block")
+              "high-water mark); {field} is the peak minus the RSS at the start of the block")
 TRIMMED = "; before the block, the C allocator's free memory was returned to the OS (glibc malloc_trim)"
 NOT_TRIMMED = ("; the C allocator's free memory could not be returned to the OS before the block (no glibc "
                "malloc_trim here): allocations it serves from memory freed earlier do not show, so the peak may "
@@ -191,9 +191,10 @@ def release_free_heap() -> bool:
     raises the process's RSS. Without it, memory an earlier case freed stays resident in the allocator's heap, the
     block's allocations reuse it, and an RSS delta reads them as nothing. Only before untimed blocks: the memory
     comes back as fresh pages and the allocator's state changes; trimmed before every window, SmolLM2's bf16 CPU
-    decode ran 7-11% slower, trimmed before the quality pass alone 1.7% (docs/results.md section 11). Garbage is
-    collected between cases by the runner; collecting it here too cost 65 ms per block with torch and transformers
-    loaded. False where the C library has no ``malloc_trim`` (macOS, musl, Windows)."""
+    decode ran 7-12% slower, trimmed before the quality pass alone 1.7% (docs/results.md section 11). Garbage is
+    collected between cases by the runner; collecting it here too cost 0.19 s per block (median of 10 collections
+    in a process with the suite's modules loaded, this 2-core CPU). False where the C library has no
+    ``malloc_trim`` (macOS, musl, Windows)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
@@ -241,7 +242,7 @@ def track_peak(device: str, gpus: Sequence[str] = (), exact_cpu_peak: bool = Fal
             summed if devices[1:] else "")
         return
     try:
-        trimmed = release_free_heap() if exact_cpu_peak else None
+        trimmed = release_free_heap() if exact_cpu_peak else False
         sampler = _RssSampler()
     except ImportError:
         yield result
@@ -252,8 +253,10 @@ def track_peak(device: str, gpus: Sequence[str] = (), exact_cpu_peak: bool = Fal
         yield result
     result.before_bytes = sampler.before
     result.peak_rss_bytes = sampler.peak
-    result.method = CPU_METHOD + (TRIMMED if trimmed else NOT_TRIMMED if trimmed is not None else "")
-    if trimmed is None:
-        result.resident_growth_bytes, result.reason = max(0, sampler.peak - sampler.before), TIMED_WINDOW
+    growth = max(0, sampler.peak - sampler.before)
+    if exact_cpu_peak:
+        result.peak_bytes = growth
+        result.method = CPU_METHOD.format(field="peak_bytes") + (TRIMMED if trimmed else NOT_TRIMMED)
     else:
-        result.peak_bytes = max(0, sampler.peak - sampler.before)
+        result.resident_growth_bytes, result.reason = growth, TIMED_WINDOW
+        result.method = CPU_METHOD.format(field="resident_growth_bytes")

@@ -99,6 +99,7 @@ def test_cpu_peak_sees_allocations_served_from_memory_an_earlier_case_freed() ->
     assert "malloc_trim" in exact["method"] and exact["reason"] is None
     assert timed["peak_bytes"] is None and "no exact peak in a timed window" in timed["reason"], timed
     assert 0 <= timed["resident_growth_bytes"] < 16 * 2**20  # the RSS did not see the 64 MiB: a lower bound
+    assert "resident_growth_bytes is the peak minus the RSS" in timed["method"]  # the field it fills, not peak_bytes
 
 
 def test_only_the_quality_pass_returns_free_memory_before_its_window() -> None:
