@@ -155,6 +155,18 @@ def with_constant_attributes(weight: torch.Tensor) -> torch.Tensor | None:
     return rebuilt
 
 
+def _rebuild_plan(weight: torch.Tensor) -> tuple[bool, str | None]:
+    """(whether weights of this type are retyped first, :func:`with_constant_attributes`; why the type stays
+    wrapped, None when its rebuild traces, as it is or retyped)."""
+    why = rebuild_untraceable(weight)
+    if why is None:
+        return False, None
+    retyped = with_constant_attributes(weight)
+    if retyped is not None and rebuild_untraceable(retyped) is None:
+        return True, None
+    return False, why
+
+
 def unwrap_weight_subclasses(model: Any) -> tuple[int, dict[str, str], dict[str, list[str]]]:
     """Pass torchao's quantised weights to the compiled graphs as their plain inner tensors, as
     ``torchao.utils.unwrap_tensor_subclass`` does (see the module's docstring for why), except that:
@@ -174,29 +186,23 @@ def unwrap_weight_subclasses(model: Any) -> tuple[int, dict[str, str], dict[str,
         return 0, {}, {}
     from torchao.utils import UnwrapTensorSubclass
 
-    untraceable: dict[type, str | None] = {}
-    retyped: dict[type, bool] = {}  # weight type -> whether its weights are retyped (with_constant_attributes)
+    plans: dict[type, tuple[bool, str | None]] = {}  # weight type -> _rebuild_plan
     constants: dict[str, list[str]] = {}
     shared_class: dict[tuple[Any, ...], type] = {}
     unwrapped = 0
     for layer in layers:
         kind = type(layer.weight)
-        if kind not in untraceable:
-            why = rebuild_untraceable(layer.weight)
-            if why is not None:
-                candidate = with_constant_attributes(layer.weight)
-                retyped[kind] = candidate is not None and rebuild_untraceable(candidate) is None
-                why = None if retyped[kind] else why
-            untraceable[kind] = why
-        if untraceable[kind] is not None:
+        if kind not in plans:
+            plans[kind] = _rebuild_plan(layer.weight)
+        retype, why = plans[kind]
+        if why is not None:
             continue
-        if retyped.get(kind):
-            weight = with_constant_attributes(layer.weight)
-            if weight is not None:  # None: this layer has no such attribute, and its weight rebuilds as it is
-                layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-                constants[kind.__name__] = sorted(weight.constant_attributes)  # type: ignore[attr-defined]
+        weight = with_constant_attributes(layer.weight) if retype else None
+        if weight is not None:  # None: this layer has no such attribute, and its weight rebuilds as it is
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            constants[kind.__name__] = sorted(weight.constant_attributes)  # type: ignore[attr-defined]
         parametrize.register_parametrization(layer, "weight", UnwrapTensorSubclass())
         key = (type(layer).__bases__, tuple(layer.parametrizations.keys()))
         layer.__class__ = shared_class.setdefault(key, type(layer))
         unwrapped += 1
-    return unwrapped, {kind.__name__: why for kind, why in untraceable.items() if why is not None}, constants
+    return unwrapped, {kind.__name__: why for kind, (_, why) in plans.items() if why is not None}, constants
