@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: 
         (q4["perplexity"]["value"] / base["perplexity"]["value"] - 1) * 100)
     assert q4["scores"]["balanced"]["status"] == "unavailable"
     assert report["environment"]["packages"]["torch"]
+    # the quantisation libraries' versions decide kernels too (torchao 0.18 changed int8wo's CPU matmul)
+    assert report["environment"]["packages"]["torchao"] == importlib.metadata.version("torchao")
     assert (pytester.path / "reports").is_dir() and list((pytester.path / "reports").glob("0001_*.json"))
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from efficiency.measure.ops import aten_ops_called, matmul_ops
 from efficiency.phases.base import PhaseContext, PhaseRecord, Rounds
 
 METHOD = ("median of rounds after 1 warm-up; perf_counter with device sync at both edges; greedy decode; "
@@ -137,9 +138,14 @@ class DecodePhase:
             host_s: list[float] = []
             ctx.shared["decode_round"] = decode_round(compiled, prefilled, n - 1, host_s)
             ctx.shared["decode_host_s"] = host_s
+            one_step: Callable[[], Any] = lambda: compiled.decode(prefilled, 1)  # noqa: E731
+            graphs = bool((compiled.step_options or {}).get("triton.cudagraphs"))
         else:
             ctx.shared["decode_round"] = None
             _generate(model, ctx, n)()
+            one_step, graphs = _generate(model, ctx, 2), False
+        ctx.sync()
+        ctx.shared["decode_matmul_ops"] = decode_matmul_ops(one_step, graphs)
         ctx.sync()
 
     def run(self, model: Any, ctx: PhaseContext) -> Rounds:
@@ -195,9 +201,28 @@ class DecodePhase:
             "method": METHOD,
             "decode_method": DECODE_METHOD["steps" if steps_only else "difference"],
             "cuda_graph_skips": skips,  # compiled graphs that ran without CUDA graphs (None: not asked for)
+            **ctx.shared["decode_matmul_ops"],
             **host,
             **roof,
         }}
+
+
+DECODE_OPS_METHOD = ("the ATen matmul operators of one untimed decode call after the warm-up (a compiled step, or "
+                     "generate of 2 tokens, whose prefill is included), observed with torch.profiler")
+DECODE_OPS_CUDA_GRAPHS = ("not observed: the compiled step replays a CUDA graph, which runs no operator on the host "
+                          "(the GPU leases' kernel tables name its kernels: docs/results.md sections 5c-5j)")
+
+
+def decode_matmul_ops(one_step: Callable[[], Any], cuda_graphs: bool) -> dict[str, Any]:
+    """The latency section's ``decode_matmul_ops`` (``["aten._weight_int8pack_mm"]``; an empty list when the
+    compiler generated the matmuls as kernels of its own) with its method, or None with the reason."""
+    if cuda_graphs:
+        return {"decode_matmul_ops": None, "decode_matmul_ops_method": DECODE_OPS_CUDA_GRAPHS}
+    import torch
+
+    with torch.inference_mode():
+        ops = aten_ops_called(one_step)
+    return {"decode_matmul_ops": matmul_ops(ops), "decode_matmul_ops_method": DECODE_OPS_METHOD}
 
 
 def decode_round(executor: Any, prompt: Any, steps: int, host_s: list[float]) -> Callable[[], None]:

@@ -14,8 +14,10 @@ from typing import Any
 
 from efficiency import defaults
 
-PACKAGES = ("pytest-efficiency", "torch", "transformers", "bitsandbytes", "accelerate", "gguf", "datasets",
-            "nvidia-ml-py", "pytest", "pytest-benchmark", "numpy")
+# the kernels a case runs depend on the quantisation libraries' versions too (torchao 0.18 changed int8wo's CPU
+# matmul; docs/results.md section 5k), so they are recorded with the rest
+PACKAGES = ("pytest-efficiency", "torch", "transformers", "bitsandbytes", "torchao", "gemlite", "triton",
+            "accelerate", "gguf", "datasets", "lm-eval", "nvidia-ml-py", "pytest", "pytest-benchmark", "numpy")
 
 
 def git_state(root: Path) -> dict[str, Any]:

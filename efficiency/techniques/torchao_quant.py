@@ -2,10 +2,13 @@
 
 Each is one torchao config applied with ``torchao.quantization.quantize_`` to the transformer's linear layers (the
 LM head and embeddings stay; GPT-2's ``Conv1D`` layers become ``nn.Linear`` first). The report names the kernel
-that runs and the tensor subclass torchao put in place of the weight (``ctx.info``).
+that runs and the tensor subclass torchao put in place of the weight (``ctx.info``): on the CPU the operators of
+one eager call of a quantised layer, observed (``observed_kernel``); on a GPU the kernel the leases' kernel tables
+showed.
 
-- ``int8wo``: int8 weights per channel, bf16 activations; CUDA: the int8 weight dequantised inside the matmul
-  (fused by inductor under compile); CPU: ``_weight_int8pack_mm``.
+- ``int8wo``: int8 weights per channel, activations in the model's dtype; CUDA: the int8 weight dequantised inside
+  the matmul (fused by inductor under compile); CPU, torchao 0.18: eagerly ``aten.mm`` on the weight converted at
+  each call, under ``compile`` in bf16 ``aten._weight_int8pack_mm`` (docs/results.md section 5k).
 - ``int4wo`` (group 128; ``int4wo-g64``: 64; ``-hqq``: HQQ scales): tinygemm ``_weight_int4pack_mm``
   (tile-packed), CUDA only (torchao removed its CPU packing).
 - ``fp8wo``: fp8 e4m3 weights per channel, bf16 activations, dequantised inside the matmul.
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from efficiency.measure.ops import aten_ops_called, describe_quantised_matmul
 from efficiency.techniques.base import MATMUL_DTYPE_KEY, Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
 from efficiency.techniques.compile import EAGER_PASSES_KEY, INDUCTOR_OPTIONS_KEY, MIN_DECODE_BATCH_KEY
@@ -40,11 +44,10 @@ KERNELS_CUDA = {
     "fp8dq": "torch._scaled_mm (cuBLASLt fp8 e4m3 GEMM, per-row scales, dynamic activation quantisation)",
     "int8dq": "torch._int_mm (int8 GEMM, dynamic per-token activation quantisation)",
 }
-KERNELS_CPU = {
-    "int8wo": "torch.ops.aten._weight_int8pack_mm",
-    "fp8wo": "fp8 weight dequantised to the compute dtype, then the GEMM",
-    "int8dq": "torch._int_mm (int8 GEMM, dynamic per-token activation quantisation)",
-}
+# On the CPU the kernel is observed instead (``observed_kernel``): torchao 0.18's int8wo ran aten.mm on the weight
+# converted at each call where a table had said aten._weight_int8pack_mm (docs/results.md section 5k).
+KERNEL_SOURCE_CUDA = "the kernel tables of the GPU leases (docs/results.md sections 5c-5j)"
+KERNEL_SOURCE_OBSERVED = "observed: the ATen operators of one eager call of a quantised layer (torch.profiler)"
 GPU_ONLY = {"fp8dq": "fp8 GEMMs (torch._scaled_mm) need a CUDA GPU",
             "int4wo": "torchao's int4 weight-only packings are CUDA kernels (tinygemm; plain/preshuffled need "
                       "fbgemm-gpu-genai); the CPU packing was removed from torchao"}
@@ -256,11 +259,16 @@ class TorchaoQuant(TechniqueBase):
             raise UnsupportedTechnique(f"{self.name}: torchao left {len(left)} of {len(targets)} linear layers "
                                        f"unquantised ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); "
                                        "measuring the case would describe a model that is not the technique's")
-        weight = model.get_submodule(targets[0]).weight
-        kernels = KERNELS_CUDA if ctx.is_cuda else KERNELS_CPU
+        layer = model.get_submodule(targets[0])
+        weight = layer.weight
+        compute_dtype = str(next(p for p in model.parameters()).dtype).removeprefix("torch.")
+        observed = None if ctx.is_cuda else observed_kernel(layer)
         ctx.info[self.name] = {
             "library": f"torchao {torchao.__version__}",
-            "kernel": kernels[self.kind],
+            "kernel": (KERNELS_CUDA[self.kind] if observed is None
+                       else describe_quantised_matmul(observed, compute_dtype)),
+            "kernel_source": KERNEL_SOURCE_CUDA if observed is None else KERNEL_SOURCE_OBSERVED,
+            "kernel_ops_observed": observed,
             "weight_tensor": type(weight).__name__,
             "quantised_layers": len(targets),
             "conv1d_converted": converted,
@@ -268,13 +276,23 @@ class TorchaoQuant(TechniqueBase):
             "qparams": ("hqq" if self.hqq else "min/max (round to nearest)") if self.kind == "int4wo" else None,
             "bias": (f"added after the GEMM in {biases_moved} layers: {FP8DQ_BIAS_REASON}" if biases_moved
                      else None),
-            "compute_dtype": str(next(p for p in model.parameters()).dtype).removeprefix("torch."),
+            "compute_dtype": compute_dtype,
             INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
             EAGER_PASSES_KEY: self.eager_passes(ctx),
             MIN_DECODE_BATCH_KEY: self.min_decode_batch(ctx),
             MATMUL_DTYPE_KEY: self.matmul_dtype(ctx),
         }
         return model
+
+
+def observed_kernel(layer: nn.Module) -> list[str]:
+    """The ATen operators one eager call of a quantised linear ``layer`` runs, on one row of its input size in
+    its dtype and device (measure/ops.py)."""
+    weight = layer.weight
+    assert isinstance(weight, torch.Tensor)  # torchao's subclasses are tensors
+    x = torch.randn(1, int(weight.shape[-1]), dtype=weight.dtype, device=weight.device)
+    with torch.inference_mode():
+        return aten_ops_called(lambda: layer(x))
 
 
 @register(r"int8wo|fp8wo|fp8dq|int8dq", "int8wo | fp8wo | fp8dq | int8dq (torchao)",

@@ -32,9 +32,9 @@ def llama_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _session(root: Path, techniques: str, baseline: str, folders: str = "", cache_bucket: int = 32,
-             **opts: Any) -> Any:
+             backend: str = "eager", **opts: Any) -> Any:
     """A CPU session over the tiny Llama under ``root``: 200 tokens, context 32, 2 rounds, 3 new tokens after an
-    8-token prompt, compile with the eager backend; ``opts`` add to or replace those settings."""
+    8-token prompt, compile with the eager backend (or ``backend``); ``opts`` add to or replace those settings."""
     from efficiency.session import EfficiencySession
     from efficiency.settings import build_config
 
@@ -42,7 +42,7 @@ def _session(root: Path, techniques: str, baseline: str, folders: str = "", cach
                 "dataset": str(root / "text.txt"), "device": "cpu", "max_tokens": "200", "context": 32,
                 "stride": 32, "rounds": 2, "decode_tokens": 3, "prefill_tokens": 8,
                 "cache_dir": str(root / f"cache{folders}"), "reports_dir": str(root / f"reports{folders}"), **opts}
-    table = {"technique": {"compile": {"backend": "eager", "cache_bucket": cache_bucket}}}
+    table = {"technique": {"compile": {"backend": backend, "cache_bucket": cache_bucket}}}
     return EfficiencySession(build_config(settings, table, root), root, quiet=True)
 
 
@@ -180,6 +180,51 @@ def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill
     assert 0 < latency["decode_host_share"] <= 1 and "on the CPU" in latency["decode_host_note"]
     assert base["latency"]["decode_host_s_per_token"] is None
     assert base["latency"]["decode_host_note"].startswith("not measured: generate waits")
+    s.finish(0)
+
+
+def test_the_decode_reports_the_matmul_operators_its_step_ran(llama_root: Path, one_thread: Any) -> None:
+    """Each case's latency section names the ATen matmul operators one decode call ran, observed (measure/ops.py):
+    the tiny Llama's plain linear layers run aten.mm, eagerly and in the compiled step; an int8 weight-only case
+    eagerly runs aten.mm on its weight converted at each call (with torchao 0.18; the technique's report says the
+    same), where a table had said aten._weight_int8pack_mm."""
+    from efficiency.phases.latency import DECODE_OPS_METHOD
+
+    s = _session(llama_root, "fp32+compile,int8wo", "fp32", folders="-ops")
+    for technique in ("fp32", "fp32+compile", "int8wo"):
+        s.run_case("t", technique)
+    base, compiled, int8wo = s.report["cases"]
+    for case in (base, compiled, int8wo):
+        assert case["status"] == "measured", case.get("reason")
+        assert case["latency"]["decode_matmul_ops_method"] == DECODE_OPS_METHOD
+    assert base["latency"]["decode_matmul_ops"] == compiled["latency"]["decode_matmul_ops"] == ["aten.mm"]
+    assert "aten.mm" in int8wo["latency"]["decode_matmul_ops"]
+    assert int8wo["technique_info"]["int8wo"]["kernel"].startswith("aten.mm on the weight converted")
+    s.finish(0)
+
+
+def test_a_cuda_graph_decode_says_why_its_operators_are_not_observed() -> None:
+    """A CUDA-graph replay runs no operator on the host: the report says so instead of an empty list, which would
+    read as 'the compiler generated every matmul'."""
+    from efficiency.phases.latency import DECODE_OPS_CUDA_GRAPHS, decode_matmul_ops
+
+    calls: list[int] = []
+    got = decode_matmul_ops(lambda: calls.append(1), cuda_graphs=True)
+    assert got == {"decode_matmul_ops": None, "decode_matmul_ops_method": DECODE_OPS_CUDA_GRAPHS} and calls == []
+
+
+@pytest.mark.slow
+def test_bf16_int8wo_compiled_on_the_cpu_decodes_with_the_int8_matmul_kernel(llama_root: Path,
+                                                                             one_thread: Any) -> None:
+    """The mechanism behind docs/results.md section 5k (bf16+int8wo+compile decoding faster than bf16+compile on
+    the CPU): with inductor, the compiled step runs aten._weight_int8pack_mm (int8 weights read as they are), where
+    the eager layer converts its weight to bf16 at every call."""
+    s = _session(llama_root, "bf16+int8wo+compile", "bf16", folders="-int8pack", backend="inductor")
+    s.run_case("t", "bf16")
+    s.run_case("t", "bf16+int8wo+compile")
+    _, case = s.report["cases"]
+    assert case["status"] == "measured", case.get("reason")
+    assert "aten._weight_int8pack_mm" in case["latency"]["decode_matmul_ops"]
     s.finish(0)
 
 

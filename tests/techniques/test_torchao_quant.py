@@ -3,6 +3,7 @@ keep the perplexity close, shrink the weights and name the kernel; the GPU-only 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,27 @@ def test_fp8dq_runs_a_wide_layer_with_a_bias_at_one_row_eagerly_and_compiled() -
                 got = run(x).float()
             torch.cuda.synchronize()
             assert ((got - ref).norm() / ref.norm()).item() < 0.1  # fp8 e4m3 weights and activations
+
+
+@pytest.mark.parametrize("name", ["int8wo", "bf16+int8wo", "int8dq", "fp8wo"])
+def test_the_kernel_named_on_the_cpu_is_the_one_a_quantised_layer_runs(name: str, one_thread: None) -> None:
+    """The report named ``torch.ops.aten._weight_int8pack_mm`` as int8wo's CPU kernel, from a table; with torchao
+    0.18 an eager int8wo layer runs ``aten.mm`` on its weight converted at each call. Every matmul operator the
+    report names must be one that a call of another quantised layer runs (observed here with the profiler alone),
+    and the one it runs must be named."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from efficiency.measure.ops import MATMUL_OPS
+
+    ctx = _ctx()
+    pipe = parse(name)
+    model = pipe.apply(tiny_model("llama").to(pipe.load_dtype(ctx, torch.float32)), ctx)
+    info = ctx.info[name.split("+")[-1]]
+    layer = model.model.layers[-1].mlp.down_proj  # not the layer the technique observed
+    x = torch.randn(1, 3, layer.weight.shape[-1], dtype=next(model.parameters()).dtype)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(x)
+    ran = {e.key.removeprefix("aten::") for e in prof.key_averages()} & MATMUL_OPS
+    named = set(re.findall(r"aten\.(\w+)", info["kernel"])) & MATMUL_OPS
+    assert ran and named == ran, (info["kernel"], ran)
+    assert info["kernel_source"].startswith("observed")
