@@ -15,7 +15,8 @@ What a deployment runs instead of eager Hugging Face passes:
   block's time, not the whole model's, per shape (PyTorch's recipe for repeated blocks). The LM head is a region
   of its own, so that inductor pads a vocabulary whose size breaks the tensor cores' alignment.
   An earlier step can ask for these passes to stay eager (``EAGER_PASSES_KEY`` in its report entry, with the
-  reason, which the report repeats): int8wo on a GPU, whose matmul inductor lowers to a far slower kernel.
+  reason, which the report repeats): int8wo on a GPU (and in bf16 on the CPU), whose matmul inductor lowers to a
+  kernel that is slower over many rows.
 - **plain weights** (``unwrap_subclasses``, on): torchao's quantised weights (tensor subclasses) reach the compiled
   graphs as their plain inner tensors (techniques/unwrap.py); otherwise each compiled call flattens every subclass
   weight in Python, a decode step takes them all, and the host, not the GPU, set its pace.

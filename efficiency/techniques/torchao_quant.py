@@ -208,15 +208,24 @@ class TorchaoQuant(TechniqueBase):
             return {"force_fuse_int_mm_with_mul": True}
         return {}
 
-    def eager_passes(self, ctx: Context) -> str | None:
+    def eager_passes(self, ctx: Context, compute_dtype: str) -> str | None:
         """Why a later ``compile`` must leave passes without cache (perplexity, prefill) eager, None when it need
-        not. int8wo on a GPU: inductor rewrites its dequantising matmul (bf16 activations, int8 weight, bf16
-        scales) to ``aten._weight_int8pack_mm``, whose CUDA kernel is a plain fp32 loop: opt-1.3b's perplexity
-        pass took 18.8 s compiled against 0.072 s eager (H200, docs/results.md section 5e)."""
-        if ctx.is_cuda and self.kind == "int8wo":
+        not. int8wo with bf16 activations: inductor rewrites its matmul (int8 weight converted, then the scales) to
+        ``aten._weight_int8pack_mm``. On a GPU that kernel is a plain fp32 loop: opt-1.3b's perplexity pass took
+        18.8 s compiled against 0.072 s eager (H200, docs/results.md section 5e). On the CPU it is what makes decode
+        faster (bf16+int8wo+compile 1.21-1.71x bf16+compile, section 5k), but over a pass's many rows it is slower
+        than the bf16 GEMM: SmolLM2's pass took 4.25 and 4.20 s compiled against 2.89 and 2.55 s eager, its 128-token
+        prefill 265 and 238 ms against 195 and 194 (two runs, section 5k). In fp32 inductor keeps ``aten.mm``."""
+        if self.kind != "int8wo":
+            return None
+        if ctx.is_cuda:  # whatever the dtype: only bf16 was measured, and a GPU case is bf16 (load_dtype)
             return ("int8wo: inductor lowers its matmul to aten._weight_int8pack_mm, whose CUDA kernel ran the "
                     "perplexity pass 259x slower than eager (H200)")
-        return None
+        if compute_dtype != "bfloat16":
+            return None
+        return ("int8wo: inductor lowers its bf16 matmul to aten._weight_int8pack_mm, which on the CPU ran the "
+                "perplexity pass 1.5-1.6x and the prefill 1.2-1.4x slower than eager (decode stays compiled: "
+                "faster with it)")
 
     def min_decode_batch(self, ctx: Context) -> list[Any] | None:
         """[smallest batch, why] at which a later ``compile``'s decode step can run, None: any. int8dq on a GPU:
@@ -278,7 +287,7 @@ class TorchaoQuant(TechniqueBase):
                      else None),
             "compute_dtype": compute_dtype,
             INDUCTOR_OPTIONS_KEY: self.inductor_options(ctx),
-            EAGER_PASSES_KEY: self.eager_passes(ctx),
+            EAGER_PASSES_KEY: self.eager_passes(ctx, compute_dtype),
             MIN_DECODE_BATCH_KEY: self.min_decode_batch(ctx),
             MATMUL_DTYPE_KEY: self.matmul_dtype(ctx),
         }

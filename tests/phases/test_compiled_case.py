@@ -225,6 +225,8 @@ def test_bf16_int8wo_compiled_on_the_cpu_decodes_with_the_int8_matmul_kernel(lla
     _, case = s.report["cases"]
     assert case["status"] == "measured", case.get("reason")
     assert "aten._weight_int8pack_mm" in case["latency"]["decode_matmul_ops"]
+    # ... which is slower than the bf16 GEMM over a pass's many rows: the passes stay eager, and the report says why
+    assert case["technique_info"]["compile"]["forward"].startswith("eager, asked for by an earlier step: int8wo")
     s.finish(0)
 
 

@@ -118,19 +118,23 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
 
 
 def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
-    """int8wo on a GPU: inductor lowers its dequantising matmul to aten._weight_int8pack_mm, whose CUDA kernel ran
-    opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section 5e), and the
-    suite's grid sat in that pass for over seven minutes. int8wo asks compile (in its report entry) to leave passes
-    without cache eager; decode stays compiled. The CPU has a fast _weight_int8pack_mm: no ask there."""
+    """int8wo with bf16 activations: inductor lowers its dequantising matmul to aten._weight_int8pack_mm. Its CUDA
+    kernel ran opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section
+    5e), and the suite's grid sat in that pass for over seven minutes; on the CPU it ran SmolLM2's pass 1.5-1.6x
+    slower than eager (section 5k), while it speeds up decode. int8wo asks compile (in its report entry) to leave
+    passes without cache eager; decode stays compiled. In fp32 inductor keeps aten.mm: no ask."""
     from efficiency.techniques.compile import EAGER_PASSES_KEY
     from efficiency.techniques.torchao_quant import TorchaoQuant
 
     gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
     cpu = Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
-    why = TorchaoQuant("int8wo").eager_passes(gpu)
+    why = TorchaoQuant("int8wo").eager_passes(gpu, "bfloat16")
     assert why and "_weight_int8pack_mm" in why
-    assert TorchaoQuant("int8wo").eager_passes(cpu) is None
-    assert all(TorchaoQuant(k).eager_passes(gpu) is None for k in ("int4wo", "fp8wo", "fp8dq", "int8dq"))
+    on_cpu = TorchaoQuant("int8wo").eager_passes(cpu, "bfloat16")
+    assert on_cpu and "on the CPU" in on_cpu
+    assert TorchaoQuant("int8wo").eager_passes(cpu, "float32") is None
+    assert all(TorchaoQuant(k).eager_passes(d, "bfloat16") is None for k in ("int4wo", "fp8wo", "fp8dq", "int8dq")
+               for d in (gpu, cpu))
 
     ids = torch.randint(0, 128, (200,))
     ctx = _ctx(["int8wo", "compile"])
