@@ -9,8 +9,9 @@ showed.
 - ``int8wo``: int8 weights per channel, activations in the model's dtype; CUDA: the int8 weight dequantised inside
   the matmul (fused by inductor under compile); CPU, torchao 0.18: eagerly ``aten.mm`` on the weight converted at
   each call, under ``compile`` in bf16 ``aten._weight_int8pack_mm`` (docs/results.md section 5k).
-- ``int4wo`` (group 128; ``int4wo-g64``: 64; ``-hqq``: HQQ scales): tinygemm ``_weight_int4pack_mm``
-  (tile-packed), CUDA only (torchao removed its CPU packing).
+- ``int4wo`` (group 128; ``int4wo-g64``: 64; ``-hqq``: HQQ scales), bf16 activations: CUDA: tinygemm
+  ``_weight_int4pack_mm`` (tile-packed); CPU: ``_weight_int4pack_mm_for_cpu`` through torchao's prototype
+  ``Int4OpaqueTensor`` (the CPU packing that left torchao's main config), measured in docs/results.md section 5k.
 - ``fp8wo``: fp8 e4m3 weights per channel, bf16 activations, dequantised inside the matmul.
 - ``fp8dq``: fp8 weights and dynamically quantised fp8 activations, per row: ``torch._scaled_mm``; CUDA with
   compute capability >= 8.9 only. The layers' biases are added after the GEMM (:func:`move_bias_after_matmul`),
@@ -24,6 +25,7 @@ and benchmarks/gpu/run.sh deploy measures both side by side (docs/results.md nam
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +50,27 @@ KERNELS_CUDA = {
 # converted at each call where a table had said aten._weight_int8pack_mm (docs/results.md section 5k).
 KERNEL_SOURCE_CUDA = "the kernel tables of the GPU leases (docs/results.md sections 5c-5j)"
 KERNEL_SOURCE_OBSERVED = "observed: the ATen operators of one eager call of a quantised layer (torch.profiler)"
-GPU_ONLY = {"fp8dq": "fp8 GEMMs (torch._scaled_mm) need a CUDA GPU",
-            "int4wo": "torchao's int4 weight-only packings are CUDA kernels (tinygemm; plain/preshuffled need "
-                      "fbgemm-gpu-genai); the CPU packing was removed from torchao"}
+GPU_ONLY = {"fp8dq": "fp8 GEMMs (torch._scaled_mm) need a CUDA GPU"}
+# int4wo on the CPU: torchao keeps its CPU int4 packing in its prototype namespace (Int4OpaqueTensor, whose matmul
+# is aten._weight_int4pack_mm_for_cpu), under the config's name in 0.18 and in 0.17 (docs/results.md section 5k)
+CPU_INT4_MODULE = "torchao.prototype.quantization.int4"
+CPU_INT4_CONFIGS = ("PrototypeInt4WeightOnlyConfig", "Int4WeightOnlyOpaqueTensorConfig")
+
+
+def cpu_int4_config_class() -> Any:
+    """torchao's config class for int4 weight-only on the CPU; UnsupportedTechnique when this torchao has none."""
+    import torchao
+
+    try:
+        module = importlib.import_module(CPU_INT4_MODULE)
+    except ImportError as err:
+        module, why = None, f"{type(err).__name__}: {err}"
+    found = [getattr(module, name) for name in CPU_INT4_CONFIGS if hasattr(module, name)]
+    if not found:
+        why = why if module is None else f"no {' or '.join(CPU_INT4_CONFIGS)} in it"
+        raise UnsupportedTechnique(f"int4wo on the CPU needs torchao's {CPU_INT4_MODULE} (Int4OpaqueTensor, "
+                                   f"aten._weight_int4pack_mm_for_cpu); torchao {torchao.__version__}: {why}")
+    return found[0]
 
 
 def require_torchao() -> Any:
@@ -150,7 +170,7 @@ class TorchaoQuant(TechniqueBase):
         group = f"-g{self.group_size}" if self.kind == "int4wo" and self.group_size != 128 else ""
         return self.kind + group + ("-hqq" if self.hqq else "")
 
-    def config(self) -> Any:
+    def config(self, on_cpu: bool = False) -> Any:
         """torchao's config for ``kind``; ``set_inductor_config=False`` everywhere: torchao would otherwise change
         inductor's process-wide settings (and, in 0.17, the fp32 matmul precision) for every later case of the session.
         The settings its kernels need reach ``compile`` through the report (``TorchaoQuant.inductor_options``)."""
@@ -164,6 +184,10 @@ class TorchaoQuant(TechniqueBase):
 
         if self.kind == "int8wo":
             return Int8WeightOnlyConfig(set_inductor_config=False)
+        if self.kind == "int4wo" and on_cpu:
+            return cpu_int4_config_class()(group_size=self.group_size,
+                                           int4_choose_qparams_algorithm="hqq" if self.hqq else "tinygemm",
+                                           set_inductor_config=False)
         if self.kind == "int4wo":
             return Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="tile_packed_to_4d",
                                         int4_choose_qparams_algorithm="hqq" if self.hqq else "tinygemm",
@@ -182,6 +206,8 @@ class TorchaoQuant(TechniqueBase):
         require_torchao()
         if self.kind in GPU_ONLY and not ctx.is_cuda:
             raise UnsupportedTechnique(f"{self.name}: {GPU_ONLY[self.kind]}")
+        if self.kind == "int4wo" and not ctx.is_cuda:
+            cpu_int4_config_class()
         if ctx.is_cuda:
             if not torch.cuda.is_available():
                 raise UnsupportedTechnique(f"{ctx.device} requested but CUDA is not available")
@@ -261,7 +287,8 @@ class TorchaoQuant(TechniqueBase):
             refuse_misfit_groups(self.name, model, targets, self.group_size)
         biases_moved = move_bias_after_matmul(model, targets) if self.kind == "fp8dq" else 0
         chosen = set(targets)
-        quantize_(model, self.config(),
+        config = self.config(on_cpu=not ctx.is_cuda)
+        quantize_(model, config,
                   filter_fn=lambda m, fqn: fqn in chosen)
         left = unquantised(model, targets)
         if left:  # torchao skips a layer it cannot quantise with a log line, not an error
@@ -274,6 +301,7 @@ class TorchaoQuant(TechniqueBase):
         observed = None if ctx.is_cuda else observed_kernel(layer)
         ctx.info[self.name] = {
             "library": f"torchao {torchao.__version__}",
+            "config": type(config).__name__,
             "kernel": (KERNELS_CUDA[self.kind] if observed is None
                        else describe_quantised_matmul(observed, compute_dtype)),
             "kernel_source": KERNEL_SOURCE_CUDA if observed is None else KERNEL_SOURCE_OBSERVED,
