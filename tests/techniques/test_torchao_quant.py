@@ -23,7 +23,8 @@ def _ctx() -> Context:
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 @pytest.mark.parametrize("name,max_rel,max_bytes_ratio", [("int8wo", 1e-3, 0.45), ("int8dq", 1e-3, 0.45),
-                                                          ("fp8wo", 1e-3, 0.45)])
+                                                          ("fp8wo", 1e-3, 0.45), ("int4wo-g32", 2e-3, 0.45),
+                                                          ("int4wo-g32-hqq", 2e-3, 0.45)])
 def test_cpu_techniques_quantise(family: str, name: str, max_rel: float, max_bytes_ratio: float,
                                  one_thread: None) -> None:
     torch.manual_seed(0)
@@ -44,10 +45,30 @@ def test_cpu_techniques_quantise(family: str, name: str, max_rel: float, max_byt
     assert weights_read_per_token(model)[0] < base_bytes * max_bytes_ratio + 2 * 128 * 32 * 4
 
 
-@pytest.mark.parametrize("name", ["fp8dq", "int4wo", "gemlite-int4", "gemlite-fp8wo"])
+@pytest.mark.parametrize("name", ["fp8dq", "gemlite-int4", "gemlite-fp8wo"])
 def test_gpu_only_techniques_skip_on_cpu_with_the_reason(name: str) -> None:
     with pytest.raises(UnsupportedTechnique, match="CUDA|GPU"):
         parse(name).check(_ctx())
+
+
+def test_int4wo_on_the_cpu_uses_torchaos_cpu_packing_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4wo skipped on the CPU saying 'the CPU packing was removed from torchao'; it had moved to torchao's
+    prototype namespace (Int4OpaqueTensor, aten._weight_int4pack_mm_for_cpu), under one config name in 0.17 and
+    another in 0.18. Either is found; a torchao with neither skips with the reason, before any model loads."""
+    import torchao.prototype.quantization.int4 as cpu_int4
+
+    from efficiency.techniques import torchao_quant
+
+    step = parse("int4wo-g64").steps[0]
+    step.check(_ctx())
+    config = step.config(on_cpu=True)
+    assert type(config).__name__ in torchao_quant.CPU_INT4_CONFIGS and config.group_size == 64
+    assert parse("int4wo-hqq").steps[0].config(on_cpu=True).int4_choose_qparams_algorithm == "hqq"
+    assert type(step.config(on_cpu=False)).__name__ == "Int4WeightOnlyConfig"  # the GPU's tile packing
+    for name in torchao_quant.CPU_INT4_CONFIGS:
+        monkeypatch.delattr(cpu_int4, name, raising=False)
+    with pytest.raises(UnsupportedTechnique, match="int4wo on the CPU needs torchao's"):
+        step.check(_ctx())
 
 
 def test_names() -> None:
