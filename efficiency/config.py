@@ -87,25 +87,23 @@ class Thresholds:
 
     default_pct: float = defaults.THRESHOLD_PCT
     per_technique: Mapping[str, float] = field(default_factory=dict)
-    # a step's built-in limit where the user's table has no entry for it (``defaults.STEP_THRESHOLDS_PCT``)
-    built_in: Mapping[str, float] = field(default_factory=lambda: dict(defaults.STEP_THRESHOLDS_PCT))
 
     def __post_init__(self) -> None:
-        for name, value in {"default": self.default_pct, **self.built_in, **self.per_technique}.items():
+        for name, value in {"default": self.default_pct, **self.per_technique}.items():
             _finite(f"threshold for {name!r}", value)
             if value < 0:
                 raise ConfigError(f"threshold for {name!r} must be >= 0 percent, got {value}")
 
     def limit_for(self, technique: str) -> float:
         """The exact name first (``distil+bnb4``); for a pipeline without its own entry, the sum of its steps'
-        limits (quality losses of successive steps add up roughly); a step's built-in limit (``compile``: 1);
-        else the default."""
+        limits (quality losses of successive steps add up roughly); else the default. The settings put the built-in
+        step limits (``compile``: 1) in ``per_technique`` under the user's entries (settings.parse_thresholds)."""
         if technique in self.per_technique:
             return self.per_technique[technique]
         steps = technique.split("+")
         if len(steps) > 1:
             return sum(self.limit_for(step) for step in steps)
-        return self.built_in.get(technique, self.default_pct)
+        return self.default_pct
 
 
 @dataclass(frozen=True)

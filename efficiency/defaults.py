@@ -46,7 +46,7 @@ MIN_WINDOW_S = 10.0
 # Maximum perplexity increase in percent over the model's baseline before a case fails (per technique in
 # [tool.efficiency.thresholds]).
 THRESHOLD_PCT = 25.0
-# Built-in limits of steps that change how a model runs, not its weights, below the user's thresholds table: what
+# Built-in limits of steps that change how a model runs, not its weights, under the user's thresholds table: what
 # they may add to a pipeline's limit is float rounding, not a quality loss. Without it `compile` added the default
 # 25 points, so int4wo-g64+compile passed the gate at +36% where int4wo-g64 failed (docs/results.md section 5k).
 STEP_THRESHOLDS_PCT: dict[str, float] = {"compile": 1.0}

@@ -107,8 +107,11 @@ def _pct(value: Any, what: str) -> float:
 
 
 def parse_thresholds(table: Mapping[str, Any], cli: list[str]) -> Thresholds:
-    """``cli`` entries are ``NAME=PCT`` (one technique) or ``PCT`` (the default for all)."""
-    per = {str(k): _pct(v, f"threshold {k}") for k, v in table.items() if k != "default"}
+    """``cli`` entries are ``NAME=PCT`` (one technique) or ``PCT`` (the default for all). The built-in step limits
+    (``defaults.STEP_THRESHOLDS_PCT``) come first, so that the table and the command line override them and the
+    report's settings record them with the rest."""
+    per = {**defaults.STEP_THRESHOLDS_PCT,
+           **{str(k): _pct(v, f"threshold {k}") for k, v in table.items() if k != "default"}}
     default = _pct(table.get("default", defaults.THRESHOLD_PCT), "threshold default")
     for item in cli:
         name, sep, value = item.rpartition("=")

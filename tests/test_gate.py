@@ -26,14 +26,19 @@ def test_thresholds_per_technique_pipeline_and_default() -> None:
 def test_compile_adds_float_rounding_to_a_pipelines_limit_not_the_default() -> None:
     """``compile`` changes how a model runs, not its weights, yet it added the default 25 points to a pipeline's
     limit: on SmolLM2 (CPU) int4wo-g64 failed its 25% limit at +35.5% while int4wo-g64+compile passed at +36.2%
-    against 50% (docs/results.md section 5k). Its built-in limit is 1 (float rounding); the user's table wins."""
-    t = Thresholds(25.0, {"bf16": 3.0})
+    against 50% (docs/results.md section 5k). Its built-in limit is 1 (float rounding), set with the thresholds
+    (so that a report's settings record it); the user's table and command line win."""
+    from efficiency.settings import parse_thresholds
+
+    t = parse_thresholds({"default": 25.0, "bf16": 3.0}, [])
+    assert dict(t.per_technique) == {"compile": 1.0, "bf16": 3.0}
     assert t.limit_for("int4wo-g64+compile") == 26.0 and t.limit_for("bf16+compile") == 4.0
     assert t.limit_for("compile") == 1.0
     cases = [{"id": f"m-{tech}", "technique": tech, "is_baseline": False, "baseline": {"perplexity": 29.94},
               "perplexity": {"value": 40.77, "meaningful": True}} for tech in ("int4wo-g64", "int4wo-g64+compile")]
     assert [v.case_id for v in check(cases, t, "bf16+compile")] == ["m-int4wo-g64", "m-int4wo-g64+compile"]
-    assert Thresholds(25.0, {"compile": 5.0}).limit_for("int4wo+compile") == 30.0
+    assert parse_thresholds({"compile": 5.0}, []).limit_for("int4wo+compile") == 30.0
+    assert parse_thresholds({}, ["compile=2"]).limit_for("int4wo+compile") == 27.0
 
 
 def test_check_over_report_cases_skips_baseline_and_random_weights() -> None:

@@ -66,6 +66,7 @@ def test_grid_ids_report_and_summary_table(pytester: pytest.Pytester, tiny_dir: 
     assert report["environment"]["packages"]["torch"]
     # the quantisation libraries' versions decide kernels too (torchao 0.18 changed int8wo's CPU matmul)
     assert report["environment"]["packages"]["torchao"] == importlib.metadata.version("torchao")
+    assert report["settings"]["thresholds"]["compile"] == 1.0  # the built-in step limit, recorded with the rest
     assert (pytester.path / "reports").is_dir() and list((pytester.path / "reports").glob("0001_*.json"))
 
 
