@@ -35,23 +35,26 @@ def aten_ops_called(call: Callable[[], Any]) -> list[str]:
     return sorted({e.key.removeprefix("aten::") for e in prof.key_averages() if e.key.startswith("aten::")})
 
 
-def matmul_ops(ops: Iterable[str]) -> list[str]:
-    """The matmul operators among ``ops`` as ``aten.<name>``; the composite ones (``linear``, ``matmul``) only
-    when no other was seen."""
+def _matmul_names(ops: Iterable[str]) -> list[str]:
+    """The matmul operators among ``ops``, sorted; the composite ones (``linear``, ``matmul``) only when no other
+    was seen."""
     seen = sorted(set(ops))
-    found = [op for op in seen if op in MATMUL_OPS] or [op for op in seen if op in COMPOSITE_MATMUL_OPS]
-    return [f"aten.{op}" for op in found]
+    return [op for op in seen if op in MATMUL_OPS] or [op for op in seen if op in COMPOSITE_MATMUL_OPS]
+
+
+def matmul_ops(ops: Iterable[str]) -> list[str]:
+    """The matmul operators among ``ops`` as ``aten.<name>`` (:func:`_matmul_names`)."""
+    return [f"aten.{op}" for op in _matmul_names(ops)]
 
 
 def describe_quantised_matmul(ops: Iterable[str], compute_dtype: str) -> str:
     """What the matmul of one quantised layer's call was, from the operators it ran: a quantised kernel
     (``aten._weight_int8pack_mm``), or a float matmul on the weight converted to ``compute_dtype`` at each call."""
     seen = set(ops)
-    found = matmul_ops(seen)
+    found = _matmul_names(seen)
     if not found:
         return "no ATen matmul operator observed"
-    names = ", ".join(found)
-    if all(op.removeprefix("aten.") in FLOAT_MATMUL_OPS | COMPOSITE_MATMUL_OPS for op in found) \
-            and "_to_copy" in seen:
+    names = ", ".join(f"aten.{op}" for op in found)
+    if set(found) <= FLOAT_MATMUL_OPS | COMPOSITE_MATMUL_OPS and "_to_copy" in seen:
         return f"{names} on the weight converted to {compute_dtype} at each call (aten._to_copy)"
     return names

@@ -17,6 +17,7 @@ opt-6.7b (H200) fp8dq's generate(1) took 0.15-0.20 s and its generate(64) 0.46-0
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -138,8 +139,8 @@ class DecodePhase:
             host_s: list[float] = []
             ctx.shared["decode_round"] = decode_round(compiled, prefilled, n - 1, host_s)
             ctx.shared["decode_host_s"] = host_s
-            one_step: Callable[[], Any] = lambda: compiled.decode(prefilled, 1)  # noqa: E731
-            graphs = bool((compiled.step_options or {}).get("triton.cudagraphs"))
+            one_step: Callable[[], Any] = functools.partial(compiled.decode, prefilled, 1)
+            graphs = compiled.cuda_graphs
         else:
             ctx.shared["decode_round"] = None
             _generate(model, ctx, n)()

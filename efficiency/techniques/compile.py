@@ -195,10 +195,14 @@ class CompiledExecution:
         self.calls = {"compiled_generate": 0, "hf_generate": 0, "compiled_forward": 0}
         self.cudagraph_skips_before = cudagraph_skips() if decode_options else 0
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled decode step was asked to replay CUDA graphs."""
+        return bool((self.step_options or {}).get("triton.cudagraphs"))
+
     def cudagraph_skips(self) -> int | None:
         """Compiled graphs run without CUDA graphs since this model was compiled (None: CUDA graphs not asked)."""
-        options = self.step_options
-        if not options or not options.get("triton.cudagraphs"):
+        if not self.cuda_graphs:
             return None
         return cudagraph_skips() - self.cudagraph_skips_before
 

@@ -120,7 +120,7 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
 def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
     """int8wo with bf16 activations: inductor lowers its dequantising matmul to aten._weight_int8pack_mm. Its CUDA
     kernel ran opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section
-    5e), and the suite's grid sat in that pass for over seven minutes; on the CPU it ran SmolLM2's pass 1.5-1.6x
+    5e), and the suite's grid sat in that pass for over seven minutes; on the CPU it ran SmolLM2's pass 1.47-1.65x
     slower than eager (section 5k), while it speeds up decode. int8wo asks compile (in its report entry) to leave
     passes without cache eager; decode stays compiled. In fp32 inductor keeps aten.mm: no ask."""
     from efficiency.techniques.compile import EAGER_PASSES_KEY
