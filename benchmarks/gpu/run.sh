@@ -7,6 +7,8 @@ mode=$1; out=$2; mkdir -p "$out"
 : "${EFFICIENCY_DATA_DIR:?set EFFICIENCY_DATA_DIR}"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+. "$(dirname "$0")/common.sh"
+plugin=$(plugin_option "$py")
 # A TERM or INT sent to this script (`timeout`, a CI cancel) reaches the running pytest, which then marks its report
 # 'interrupted' and writes it; without this the shell died alone and the report stayed 'running'.
 suite_pid=
@@ -18,7 +20,7 @@ stop() {
 trap stop TERM INT
 run() {  # run NAME pytest-args...
   local name=$1; shift
-  $py -m pytest benchmarks/test_grid.py -p efficiency.plugin -p no:cacheprovider -q -rs --eff-device cuda \
+  $py -m pytest benchmarks/test_grid.py $plugin -p no:cacheprovider -q -rs --eff-device cuda \
     --eff-data-dir "$EFFICIENCY_DATA_DIR" --eff-report "$out/$name.json" "$@" \
     > >(tee "$out/$name.log" | grep -v "^Loading\|^Writing\|it/s\]$") 2>&1 &
   suite_pid=$!

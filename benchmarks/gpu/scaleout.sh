@@ -14,9 +14,8 @@ out=${1:?usage: scaleout.sh OUTDIR}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 archs="--eff-random-weights --eff-model-dir $EFFICIENCY_DATA_DIR/architectures"
-# The plugin is loaded by its entry point when the package is installed, else named with -p (a bare checkout).
-plugin=$($py -c "import importlib.metadata as m, sys
-sys.stdout.write('' if any(e.value == 'efficiency.plugin' for e in m.entry_points(group='pytest11')) else '-p efficiency.plugin')")
+. "$(dirname "$0")/common.sh"
+plugin=$(plugin_option "$py")
 pytest_grid() {  # pytest_grid NAME pytest-args...
   local name=$1; shift
   $py -m pytest benchmarks/test_grid.py $plugin -p no:cacheprovider -q -rs \
