@@ -62,6 +62,8 @@ case $mode in
                --eff-baseline bf16+compile --eff-max-tokens "${DEPLOY_MAX_TOKENS:-65536}" --eff-decode-tokens 64 \
                --eff-prefill-tokens 128 --eff-min-window "${DEPLOY_MIN_WINDOW:-1}" --eff-threshold 100000 \
                --eff-history off ;;
+  gpu-tests) # the tests marked `gpu` (they skip, saying why, without CUDA): run them on each new GPU or software
+             $py -m pytest tests/ $plugin -p no:cacheprovider -p no:logging -m gpu -q -rs 2>&1 | tee "$out/gpu-tests.log" ;;
   pruning)   run pruning --eff-models smollm2-135m --eff-max-tokens 65536 --eff-threshold 100000 --eff-techniques \
                ah90,ah80,mag50,mag-2:4,sparsegpt50,sparsegpt-2:4,ah90+bnb4,sparsegpt50+bnb4,minitron-w25,distil-d50 ;;
   pruning-archs) run pruning-archs $archs --eff-models opt-125m,opt-1.3b --eff-max-tokens 32768 --eff-techniques \

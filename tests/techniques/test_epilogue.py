@@ -65,8 +65,9 @@ def test_quantised_unbiased_or_gated_layers_are_left_alone() -> None:
     assert fuse_bias_activations(tiny_model("llama")) == {}  # SiLU(gate) x up: no epilogue for it
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GELU's tanh form in the epilogue is CUDA's (cuBLASLt)")
+@pytest.mark.gpu
 def test_gpt2_c_fc_and_tanh_gelu_fused_on_a_gpu_give_the_same_logits() -> None:
+    """GELU's tanh form in the epilogue is CUDA's (cuBLASLt); the CPU's ``_addmm_activation`` computes erf's."""
     model = tiny_model("gpt2").cuda()
     ids = torch.randint(0, 128, (2, 12), device="cuda")
     with torch.no_grad():
