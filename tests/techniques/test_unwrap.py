@@ -122,5 +122,5 @@ def test_the_suites_fp8dq_weights_are_unwrapped_and_decode_compiled_on_a_gpu() -
     assert state is not None
     prompt = torch.randint(0, 128, (1, 9), device="cuda")
     tokens = state.decode(state.prefill(prompt, 8), 7)
-    # the prefill's first token, then one per step (CompiledDecode.decode)
+    # the prefill's first token, then one per step (CompiledExecution.decode)
     assert torch.cat(list(tokens), dim=1).shape == (1, 8) and cudagraph_skips() == skips
