@@ -139,14 +139,13 @@ class DecodePhase:
             host_s: list[float] = []
             ctx.shared["decode_round"] = decode_round(compiled, prefilled, n - 1, host_s)
             ctx.shared["decode_host_s"] = host_s
-            one_step: Callable[[], Any] = functools.partial(compiled.decode, prefilled, 1)
-            graphs = compiled.cuda_graphs
+            ops = decode_matmul_ops(functools.partial(compiled.decode, prefilled, 1),
+                                    cuda_graphs=compiled.cuda_graphs, method=DECODE_OPS_STEP)
         else:
             ctx.shared["decode_round"] = None
-            _generate(model, ctx, n)()
-            one_step, graphs = _generate(model, ctx, 2), False
-        ctx.sync()
-        ctx.shared["decode_matmul_ops"] = decode_matmul_ops(one_step, graphs)
+            # the warm-up itself is the observed call: no second generate, no second prefill
+            ops = decode_matmul_ops(_generate(model, ctx, n), cuda_graphs=False, method=DECODE_OPS_WARM_UP)
+        ctx.shared["decode_matmul_ops"] = ops
         ctx.sync()
 
     def run(self, model: Any, ctx: PhaseContext) -> Rounds:
@@ -208,22 +207,25 @@ class DecodePhase:
         }}
 
 
-DECODE_OPS_METHOD = ("the ATen matmul operators of one untimed decode call after the warm-up (a compiled step, or "
-                     "generate of 2 tokens, whose prefill is included), observed with torch.profiler")
+DECODE_OPS_STEP = ("the ATen matmul operators of one untimed compiled decode step after the warm-up, observed with "
+                   "torch.profiler")
+DECODE_OPS_WARM_UP = ("the ATen matmul operators of the untimed warm-up generate (its prefill included), observed "
+                      "with torch.profiler")
 DECODE_OPS_CUDA_GRAPHS = ("not observed: the compiled step replays a CUDA graph, which runs no operator on the host "
                           "(the GPU leases' kernel tables name its kernels: docs/results.md sections 5c-5j)")
 
 
-def decode_matmul_ops(one_step: Callable[[], Any], cuda_graphs: bool) -> dict[str, Any]:
+def decode_matmul_ops(call: Callable[[], Any], *, cuda_graphs: bool, method: str) -> dict[str, Any]:
     """The latency section's ``decode_matmul_ops`` (``["aten._weight_int8pack_mm"]``; an empty list when the
-    compiler generated the matmuls as kernels of its own) with its method, or None with the reason."""
+    compiler generated the matmuls as kernels of its own) of ``call``, with ``method``; or, where ``call`` replays
+    CUDA graphs, None with the reason, without calling it."""
     if cuda_graphs:
         return {"decode_matmul_ops": None, "decode_matmul_ops_method": DECODE_OPS_CUDA_GRAPHS}
     import torch
 
     with torch.inference_mode():
-        ops = aten_ops_called(one_step)
-    return {"decode_matmul_ops": matmul_ops(ops), "decode_matmul_ops_method": DECODE_OPS_METHOD}
+        ops = aten_ops_called(call)
+    return {"decode_matmul_ops": matmul_ops(ops), "decode_matmul_ops_method": method}
 
 
 def decode_round(executor: Any, prompt: Any, steps: int, host_s: list[float]) -> Callable[[], None]:

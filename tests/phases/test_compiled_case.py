@@ -188,15 +188,15 @@ def test_the_decode_reports_the_matmul_operators_its_step_ran(llama_root: Path, 
     the tiny Llama's plain linear layers run aten.mm, eagerly and in the compiled step; an int8 weight-only case
     eagerly runs aten.mm on its weight converted at each call (with torchao 0.18; the technique's report says the
     same), where a table had said aten._weight_int8pack_mm."""
-    from efficiency.phases.latency import DECODE_OPS_METHOD
+    from efficiency.phases.latency import DECODE_OPS_STEP, DECODE_OPS_WARM_UP
 
     s = _session(llama_root, "fp32+compile,int8wo", "fp32", folders="-ops")
     for technique in ("fp32", "fp32+compile", "int8wo"):
         s.run_case("t", technique)
     base, compiled, int8wo = s.report["cases"]
-    for case in (base, compiled, int8wo):
+    for case, method in ((base, DECODE_OPS_WARM_UP), (compiled, DECODE_OPS_STEP), (int8wo, DECODE_OPS_WARM_UP)):
         assert case["status"] == "measured", case.get("reason")
-        assert case["latency"]["decode_matmul_ops_method"] == DECODE_OPS_METHOD
+        assert case["latency"]["decode_matmul_ops_method"] == method
     assert base["latency"]["decode_matmul_ops"] == compiled["latency"]["decode_matmul_ops"] == ["aten.mm"]
     assert "aten.mm" in int8wo["latency"]["decode_matmul_ops"]
     assert int8wo["technique_info"]["int8wo"]["kernel"].startswith("aten.mm on the weight converted")
@@ -206,10 +206,10 @@ def test_the_decode_reports_the_matmul_operators_its_step_ran(llama_root: Path, 
 def test_a_cuda_graph_decode_says_why_its_operators_are_not_observed() -> None:
     """A CUDA-graph replay runs no operator on the host: the report says so instead of an empty list, which would
     read as 'the compiler generated every matmul'."""
-    from efficiency.phases.latency import DECODE_OPS_CUDA_GRAPHS, decode_matmul_ops
+    from efficiency.phases.latency import DECODE_OPS_CUDA_GRAPHS, DECODE_OPS_STEP, decode_matmul_ops
 
     calls: list[int] = []
-    got = decode_matmul_ops(lambda: calls.append(1), cuda_graphs=True)
+    got = decode_matmul_ops(lambda: calls.append(1), cuda_graphs=True, method=DECODE_OPS_STEP)
     assert got == {"decode_matmul_ops": None, "decode_matmul_ops_method": DECODE_OPS_CUDA_GRAPHS} and calls == []
 
 
