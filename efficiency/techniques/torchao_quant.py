@@ -128,6 +128,12 @@ def move_bias_after_matmul(model: nn.Module, names: list[str]) -> int:
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the int4wo-gNN names the registry takes
 
 
+def quantisation_targets(model: nn.Module) -> list[str]:
+    """The names of the linear layers torchao quantises (torchao's default filter: every ``nn.Linear`` but the LM
+    head); GPT-2's Conv1D layers count once converted (``conv1d_to_linear``)."""
+    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and default_filter(m, n)]
+
+
 def refuse_misfit_groups(name: str, model: nn.Module, targets: list[str], group_size: int) -> None:
     """UnsupportedTechnique when a target layer's inputs are not a multiple of ``group_size`` (torchao would
     leave it unquantised without saying so: GPT-2 XL's 1600-wide layers under group 128), naming the group
@@ -280,7 +286,7 @@ class TorchaoQuant(TechniqueBase):
         if self.kind == "int4wo" and next(model.parameters()).dtype != torch.bfloat16:
             model = model.to(torch.bfloat16)  # the int4 kernels take bf16 activations
         converted = conv1d_to_linear(model)
-        targets = [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and default_filter(m, n)]
+        targets = quantisation_targets(model)
         if not targets:
             raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
         if self.kind == "int4wo":
