@@ -130,6 +130,7 @@ class PluginState:
     sigterm_installed: bool = False
     notes: list[str] = field(default_factory=list)
     expected: set[str] = field(default_factory=set)  # ids of the efficiency cases selected in this run
+    deselected: list[Case] = field(default_factory=list)  # efficiency cases -k / -m deselected
     shard: tuple[int, int] | None = None  # --eff-shard I/N
     assignments: list[Any] = field(default_factory=list)  # --eff-devices, controller: devices.Assignment per worker
     assignment: Any = None  # --eff-devices, worker: this worker's devices.Assignment
@@ -452,6 +453,36 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         state.session.expect(state.expected)
 
 
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Remember the efficiency cases -k / -m deselect, so a run they emptied can say what its grid held."""
+    if not items:
+        return
+    state = items[0].config.stash.get(state_key, None)
+    if state is None:
+        return
+    for item in items:
+        case = getattr(getattr(item, "callspec", None), "params", {}).get("eff_case")
+        if isinstance(case, Case):
+            state.deselected.append(case)
+
+
+def deselection_note(state: PluginState) -> str | None:
+    """Why a run measured nothing when -k / -m deselected every case of its grid: which cases the grid held and
+    that other techniques are named, not selected (on a CPU `-k compile` selects nothing from the default grid)."""
+    if state.expected or not state.deselected:
+        return None
+    option = state.config.option
+    how = " ".join(f"{flag} {value!r}" for flag, value in (("-k", getattr(option, "keyword", "")),
+                                                           ("-m", getattr(option, "markexpr", ""))) if value)
+    models = list(dict.fromkeys(c.model for c in state.deselected))
+    techniques = list(dict.fromkeys(c.technique for c in state.deselected))
+    return (f"{how or '-k / -m'} deselected every case of this run's grid on {state.cfg.device} "
+            f"({len(state.deselected)}: models {', '.join(models)}; techniques {', '.join(techniques)}). -k and -m "
+            "select among the grid's cases; other cases are named with --eff-models / --eff-techniques "
+            "(e.g. --eff-techniques bf16+compile) or in [tool.efficiency] of pyproject.toml; `efficiency list` "
+            "shows the names")
+
+
 def check_before_loading(state: PluginState) -> None:
     if state.checked:
         return
@@ -597,6 +628,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = NOTHING_MEASURED
         state.notes.append("no efficiency case was measured (all skipped or deselected): exit "
                            f"{int(NOTHING_MEASURED)}; --eff-allow-empty accepts such a run")
+        hint = deselection_note(state)
+        if hint:
+            state.notes.append(hint)
     if state.session is not None:
         stopped_early = bool(session.shouldfail or session.shouldstop)  # -x / --maxfail
         state.session.finish(int(session.exitstatus), stopped_early=stopped_early)

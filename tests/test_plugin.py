@@ -229,8 +229,11 @@ def test_command_line_threshold_outside_the_grid_is_a_usage_error(pytester: pyte
 
 
 def test_a_run_that_measured_nothing_fails_unless_allowed(pytester: pytest.Pytester, tiny_dir: Path) -> None:
-    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "-k", "nothing-matches")
+    result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb8", "-k", "compile")
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    # what the grid held, and that other techniques are named, not selected (before: only "nothing measured")
+    result.stdout.fnmatch_lines(["*-k 'compile' deselected every case of this run's grid on cpu (2: models "
+                                 "tiny-gpt2; techniques fp32, bnb8)*--eff-techniques bf16+compile*"])
     pytester.makeconftest("import sys\nsys.modules['bitsandbytes'] = None\n")
     result, report = run_grid(pytester, tiny_dir, "--eff-baseline", "bnb8", "--eff-techniques", "bnb4")
     result.assert_outcomes(skipped=2)
