@@ -97,6 +97,14 @@ class Metric:
             return [] if v is None else [v]
         return []
 
+    def round_samples(self, case: Mapping[str, Any]) -> list[float]:
+        """The per-round values a case recorded at ``samples_path`` ([] where it has none: a metric measured once a
+        run, or a case whose method has no per-round value, such as eager decode's difference of medians)."""
+        if self.samples_path is None or self.value(case) is None:
+            return []
+        raw = _get(case, self.samples_path)
+        return [v for v in (finite(x) for x in raw) if v is not None] if isinstance(raw, list) else []
+
     def is_worse(self, change_pct: float) -> bool:
         """True when a relative change in this direction makes the metric worse."""
         return change_pct > 0 if self.better == "lower" else change_pct < 0
@@ -122,7 +130,8 @@ METRICS: tuple[Metric, ...] = (
            samples_path=("latency", "prefill_s_all"), workload_keys=("prefill_tokens",), short="prefill ms",
            formatter=fmt_ms),
     Metric("decode_s_per_token", "decode per token (s)", "s", "lower", ("latency", "decode_s_per_token"),
-           per_run_samples=True, workload_keys=("prefill_tokens", "decode_tokens"), short="decode ms/tok",
+           samples_path=("latency", "decode_s_per_token_all"), per_run_samples=True,
+           workload_keys=("prefill_tokens", "decode_tokens"), short="decode ms/tok",
            formatter=fmt_ms),
     Metric("decode_j_per_token", "decode energy per token (J)", "J", "lower",
            ("latency", "decode_j_per_token"), per_run_samples=True,

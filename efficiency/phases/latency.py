@@ -197,6 +197,9 @@ class DecodePhase:
             "prefill_s_all": list(pre.times_s),
             "first_token_s_all": list(one.times_s),
             "decode_s_all": list(many.times_s),
+            # per token, one value a round: compiled decode times the steps alone; the eager difference of two
+            # generate medians has no per-round value (its rounds are not paired)
+            "decode_s_per_token_all": [t / (n - 1) for t in many.times_s] if steps_only else None,
             "reason": reason,
             "method": METHOD,
             "decode_method": DECODE_METHOD["steps" if steps_only else "difference"],

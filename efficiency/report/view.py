@@ -47,12 +47,12 @@ def _spread_pct(samples: list[float]) -> float | None:
 
 def significance(metric: Metric, case: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
     """``n=R ±S%`` for a metric with rounds, with ``~`` appended when the change is not significant."""
-    samples = metric.samples(case) if metric.samples_path else []
+    samples = metric.round_samples(case)
     if not samples:
         return ""
     spread = _spread_pct(samples)
     text = f"n={len(samples)}" + (f" ±{spread:.1f}%" if spread is not None else "")
-    base_samples = metric.samples(base) if base is not None else []
+    base_samples = metric.round_samples(base) if base is not None else []
     if base is None or base is case or not base_samples:
         return text
     from efficiency.report.stats import mann_whitney_u, testable

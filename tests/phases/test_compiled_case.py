@@ -4,6 +4,7 @@ its eager fp32 baseline."""
 
 from __future__ import annotations
 
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import pytest
 
 from conftest import SHARED_DATA
+from efficiency import metrics
+from efficiency.report.view import significance
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,16 @@ def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill
     assert prefills_in_rounds == [] and latency["rounds_decode"] >= 3
     assert latency["decode_method"] == DECODE_METHOD["steps"]
     assert latency["decode_s_per_token"] == pytest.approx(statistics.median(latency["decode_s_all"]) / 4)
+    assert latency["decode_s_per_token_all"] == pytest.approx([t / 4 for t in latency["decode_s_all"]])
     assert base["latency"]["decode_method"] == DECODE_METHOD["difference"]
+    assert base["latency"]["decode_s_per_token_all"] is None  # a difference of medians has no per-round value
+    # the terminal table gives the compiled case's decode change its rounds and spread, as it does runtime's
+    # (before: a bare percentage); the eager baseline has none to give
+    decode = metrics.get("decode_s_per_token")
+    rounds = latency["rounds_decode"]
+    assert re.fullmatch(rf"n={rounds} ±\d+\.\d%", significance(decode, case, base))  # no baseline rounds: no test
+    assert re.fullmatch(rf"n={rounds} ±\d+\.\d% ~", significance(decode, case, dict(case)))  # same rounds: not
+    assert decode.round_samples(base) == [] and significance(decode, base, None) == ""  # significant
     # the host's part of each round is reported beside it: on the CPU the host runs the kernels, and says so
     assert 0 < latency["decode_host_s_per_token"] <= max(latency["decode_s_all"]) / 4
     assert 0 < latency["decode_host_share"] <= 1 and "on the CPU" in latency["decode_host_note"]
