@@ -143,7 +143,9 @@ class TimedPassPhase:
             ctx.sync()
             self._estimate_s = time.perf_counter() - t0
         planned = ctx.rounds_for(self._estimate_s, ctx.workload.min_rounds)
-        ctx.log(f"{ctx.case_id}: {planned} timed rounds (energy window >= {ctx.min_window_s:g} s)")
+        window = (f"energy window >= {ctx.min_window_s:g} s" if ctx.min_window_s > 0 else
+                  "no energy meter here, so no minimum window")
+        ctx.log(f"{ctx.case_id}: {planned} timed rounds ({window})")
 
     def run(self, model: Any, ctx: PhaseContext) -> TimedPass:
         ev = _evaluator(ctx)
