@@ -144,6 +144,7 @@ class TimedPassPhase:
             self._estimate_s = time.perf_counter() - t0
         planned = ctx.rounds_for(self._estimate_s, ctx.workload.min_rounds)
         window = (f"energy window >= {ctx.min_window_s:g} s" if ctx.min_window_s > 0 else
+                  "no minimum window: --eff-min-window 0" if ctx.real_meters else
                   "no energy meter here, so no minimum window")
         ctx.log(f"{ctx.case_id}: {planned} timed rounds ({window})")
 
