@@ -96,6 +96,10 @@ def test_unknown_technique_is_a_usage_error(pytester: pytest.Pytester, tiny_dir:
     result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*unknown technique 'bnb3'*known:*bnb4*"])
+    # a pipeline whose steps are known but out of order is refused the same way, before any model loads
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,compile+bf16")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and not report
+    result.stderr.fnmatch_lines(["*'compile' must be the last step of a pipeline*'compile+bf16'*"])
 
 
 def test_unavailable_model_is_skipped_with_what_to_provide(pytester: pytest.Pytester, tiny_dir: Path,

@@ -190,9 +190,17 @@ def parse_one(name: str) -> Technique:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Techniques applied left to right. Order matters and is recorded in the report."""
+    """Techniques applied left to right. Order matters and is recorded in the report. An execution step
+    (``compile``: how the finished model runs, not what it is) goes last and once; another order is refused here,
+    when the name is read, so a run refuses it before any model loads."""
 
     steps: tuple[Technique, ...]
+
+    def __post_init__(self) -> None:
+        execution = [i for i, step in enumerate(self.steps) if getattr(step, "family", None) == "execution"]
+        if execution and execution != [len(self.steps) - 1]:
+            raise UnknownTechnique(f"'{self.steps[execution[0]].name}' must be the last step of a pipeline, and "
+                                   f"only once: got {self.name!r} (e.g. 'bf16+compile')")
 
     @property
     def name(self) -> str:

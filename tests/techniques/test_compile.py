@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from efficiency.config import ConfigError
 from efficiency.measure.perplexity import PerplexityEvaluator
-from efficiency.techniques.base import Context, UnsupportedTechnique, parse
+from efficiency.techniques.base import Context, UnknownTechnique, UnsupportedTechnique, parse
 from efficiency.techniques.compile import Compile, compiled_state
 
 
@@ -176,6 +176,13 @@ def test_a_step_that_asks_for_a_minimum_decode_batch_gets_a_clear_refusal_before
 def _block_names(model: Any) -> list[str]:
     return [n for n, m in model.named_modules() if n and n.rsplit(".", 1)[-1].isdigit()
             and isinstance(model.get_submodule(n.rsplit(".", 1)[0]), torch.nn.ModuleList)]
+
+
+@pytest.mark.parametrize("name", ["compile+bf16", "bf16+compile+compile", "compile+int4wo+compile"])
+def test_a_pipeline_with_compile_anywhere_but_last_is_refused_when_its_name_is_read(name: str) -> None:
+    """Regression: these names parsed, and the run refused them at each case, after the model had loaded."""
+    with pytest.raises(UnknownTechnique, match="'compile' must be the last step of a pipeline, and only once"):
+        parse(name)
 
 
 def test_compile_must_be_last() -> None:
