@@ -373,6 +373,30 @@ def _random_model(config: Any, dtype: Any, device: str, split: dict[str, Any]) -
         hf_logging.set_verbosity(verbosity)
 
 
+def skeleton(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | None = None) -> Any:
+    """The model's modules built from its config alone on the meta device: no weights read, no memory taken (what
+    ``Pipeline.check_layers`` reads before a case loads the model). ModelUnavailable when the config cannot be read,
+    as ``load`` would raise."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if source.kind is SourceKind.PYPI_GGUF:
+            from efficiency import smollm2
+
+            folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
+            config = AutoConfig.from_pretrained(folder)
+        elif source.kind is SourceKind.LOCAL_GGUF:
+            config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+        else:
+            config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError) as err:
+        raise ModelUnavailable(f"could not read the config of {source.name!r} from {source.describe()}: {err}") \
+            from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
          log: Callable[[str], None] | None = None, device_map: str | None = None) -> LoadedModel:
     """Load model + tokenizer on ``device`` in ``dtype`` (float weights; techniques quantise afterwards).

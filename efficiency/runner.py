@@ -7,6 +7,7 @@ pytest-benchmark's ``benchmark`` fixture for the timed rounds of the perplexity 
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from efficiency.config import SuiteConfig
 from efficiency.data import Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
 from efficiency.measure.meters import select_meters
-from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve
+from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve, skeleton
 from efficiency.results import CaseResult
 from efficiency.techniques.base import Context, Pipeline, matmul_dtype, parse
 from efficiency.techniques.compile import compiled_case_settings, compiled_state, release_compiled_state
@@ -101,6 +102,7 @@ class Runner:
             reason = split_unsupported(pipeline.name.split("+"))
             if reason:
                 raise UnsupportedTechnique(reason)
+        pipeline.check_layers(functools.cache(lambda: skeleton(source, cfg.cache_dir, self.log)))
         dtype = pipeline.load_dtype(probe_ctx, default_dtype)
         self.corpus()  # fail on missing data before spending time on the model
 

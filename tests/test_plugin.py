@@ -248,6 +248,26 @@ def test_a_run_that_measured_nothing_fails_unless_allowed(pytester: pytest.Pytes
     assert allowed.ret == pytest.ExitCode.OK
 
 
+def test_an_int4_group_the_layers_refuse_skips_the_case_before_its_model_loads(pytester: pytest.Pytester,
+                                                                             tiny_dir: Path) -> None:
+    """tiny-gpt2's 64-wide layers refuse int4wo's group 128: the case skips with the group that fits, read from the
+    model's config. Before, each such case loaded the model first (opt-6.7b: tens of seconds) to learn it."""
+    pytester.makeconftest("""
+import efficiency.runner as runner
+_load = runner.load
+def counted(source, *args, **kwargs):
+    with open("loads.txt", "a") as f:
+        f.write(source.name + "\\n")
+    return _load(source, *args, **kwargs)
+runner.load = counted
+""")
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,int4wo")
+    result.assert_outcomes(passed=1, skipped=1)
+    case = next(c for c in report["cases"] if c["technique"] == "int4wo")
+    assert case["status"] == "skipped" and "group size 128; int4wo-g64 fits every layer" in case["reason"]
+    assert (pytester.path / "loads.txt").read_text().split() == ["tiny-gpt2"]  # the baseline's load only
+
+
 def test_missing_ml_extra_is_a_clean_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
     pytester.makeconftest("import sys\nsys.modules['torch'] = None\n")
     result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32")

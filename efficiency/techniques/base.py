@@ -26,6 +26,7 @@ from efficiency.errors import ConfigError, TechniqueUnavailable
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from efficiency.data import Corpus
 
@@ -106,7 +107,17 @@ class Technique(Protocol):
 class TechniqueBase:
     """Defaults for the optional parts of :class:`Technique`."""
 
+    # The step leaves every layer's shape as it found it (a dtype, quantised weights), so the model's config tells
+    # the steps after it which layers they will meet (Pipeline.check_layers); False: it may change them (pruning
+    # heads or neurons, a distilled student).
+    preserves_layer_shapes = False
+
     def check(self, ctx: Context) -> None:
+        return None
+
+    def check_layers(self, skeleton: Callable[[], nn.Module]) -> None:
+        """Raise :class:`TechniqueUnavailable` when the model's layers rule this step out. ``skeleton()`` builds the
+        model from its config on the meta device (no weights; cached per case), so this runs before any load."""
         return None
 
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
@@ -212,6 +223,17 @@ class Pipeline:
     def check(self, ctx: Context) -> None:
         for step in self.steps:
             step.check(ctx)
+
+    def check_layers(self, skeleton: Callable[[], nn.Module]) -> None:
+        """Each step's :meth:`TechniqueBase.check_layers`, up to the first step that may change the layers' shapes:
+        the config describes the layers the steps before it meet, not the ones after (their own ``apply`` checks
+        again on the model in hand)."""
+        for step in self.steps:
+            check = getattr(step, "check_layers", None)
+            if check is not None:
+                check(skeleton)
+            if not getattr(step, "preserves_layer_shapes", False):
+                return
 
     def load_dtype(self, ctx: Context, default: torch.dtype) -> torch.dtype:
         for step in self.steps:

@@ -67,6 +67,7 @@ class BnbQuant(TechniqueBase):
     compute: str | None = None  # None: the model's own float dtype
     threshold: float = 6.0
     double_quant: bool = False
+    preserves_layer_shapes = True  # quantised weights, the same layers
 
     @property
     def name(self) -> str:

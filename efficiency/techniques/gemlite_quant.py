@@ -8,6 +8,7 @@ the kernel family. On the CPU these skip: gemlite's kernels are Triton GPU kerne
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 from efficiency.techniques.bnb import default_filter, swap_modules
-from efficiency.techniques.torchao_quant import conv1d_to_linear
+from efficiency.techniques.torchao_quant import conv1d_to_linear, input_widths, refuse_misfit_groups
 
 
 def require_gemlite() -> Any:
@@ -51,6 +52,9 @@ def rtn_asymmetric(weight: torch.Tensor, bits: int, group_size: int) -> tuple[to
     return w_q.reshape(out_f, in_f), scales.squeeze(-1), zeros.squeeze(-1)
 
 
+GEMLITE_GROUP_SIZES = (64, 128)  # the gemlite-int4[-gNN] names the registry takes
+
+
 @dataclass(frozen=True)
 class GemliteQuant(TechniqueBase):
     kind: str  # int4 | fp8wo
@@ -64,6 +68,7 @@ class GemliteQuant(TechniqueBase):
     gemv_autotune: Literal["fast", "max", "default"] = "fast"
     cuda_graph_autotune: bool = False
     family = "quantisation"
+    preserves_layer_shapes = True
 
     @property
     def name(self) -> str:
@@ -79,6 +84,12 @@ class GemliteQuant(TechniqueBase):
 
     def load_dtype(self, ctx: Context) -> torch.dtype | None:
         return torch.bfloat16
+
+    def check_layers(self, skeleton: Callable[[], nn.Module]) -> None:
+        """int4: every layer's inputs a multiple of the group, read from the model's config before it loads."""
+        if self.kind == "int4":
+            refuse_misfit_groups(self.name, input_widths(skeleton()), self.group_size, GEMLITE_GROUP_SIZES,
+                                 "gemlite-int4")
 
     def apply(self, model: Any, ctx: Context) -> Any:
         gemlite, helper = require_gemlite()

@@ -235,6 +235,7 @@ class MagnitudePruning(TechniqueBase):
 
     pattern: SparsityPattern
     semi_structured: bool = True  # convert 2:4 weights for PyTorch's sparse kernels where the device allows
+    preserves_layer_shapes = True  # zeroed weights, the same layers
 
     @property
     def name(self) -> str:

@@ -32,6 +32,7 @@ def check_dtype_on_device(dtype: torch.dtype, ctx: Context) -> None:
 @dataclass(frozen=True)
 class Precision(TechniqueBase):
     name: str
+    preserves_layer_shapes = True  # a dtype
 
     @property
     def dtype(self) -> torch.dtype:

@@ -278,6 +278,7 @@ class SparseGPT(TechniqueBase):
     block_size: int = 128
     damp: float = 0.01
     semi_structured: bool = True  # 2:4: convert for PyTorch's sparse kernels where the device allows
+    preserves_layer_shapes = True  # zeroed weights, the same layers
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.batch_size < 1 or not 0.0 < self.damp < 1.0:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,24 +129,24 @@ def move_bias_after_matmul(model: nn.Module, names: list[str]) -> int:
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the int4wo-gNN names the registry takes
 
 
-def quantisation_targets(model: nn.Module) -> list[str]:
-    """The names of the linear layers torchao quantises (torchao's default filter: every ``nn.Linear`` but the LM
-    head); GPT-2's Conv1D layers count once converted (``conv1d_to_linear``)."""
-    return [n for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and default_filter(m, n)]
+def input_widths(model: nn.Module) -> dict[str, int]:
+    """The input width of each layer torchao quantises (the default filter: every linear layer but the LM head),
+    by name: ``nn.Linear``'s ``in_features``, GPT-2 ``Conv1D``'s weight rows (it stores (in, out))."""
+    return {n: int(m.in_features) if isinstance(m, nn.Linear) else int(m.weight.shape[0])
+            for n, m in model.named_modules() if n and default_filter(m, n)}
 
 
-def refuse_misfit_groups(name: str, model: nn.Module, targets: list[str], group_size: int) -> None:
-    """UnsupportedTechnique when a target layer's inputs are not a multiple of ``group_size`` (torchao would
-    leave it unquantised without saying so: GPT-2 XL's 1600-wide layers under group 128), naming the group
-    sizes that fit every layer."""
-    layers: dict[str, Any] = {n: model.get_submodule(n) for n in targets}
-    widths = {n: int(layer.in_features) for n, layer in layers.items()}
+def refuse_misfit_groups(name: str, widths: Mapping[str, int], group_size: int,
+                         sizes: tuple[int, ...] = INT4_GROUP_SIZES, family: str = "int4wo") -> None:
+    """UnsupportedTechnique when a layer's input width (``widths``: name -> inputs) is not a multiple of
+    ``group_size`` (torchao would leave it unquantised without saying so: GPT-2 XL's 1600-wide layers under group
+    128), naming the largest of ``sizes`` that fits every layer (``<family>-gNN``)."""
     misfit = [n for n, width in widths.items() if width % group_size]
     if not misfit:
         return
-    fits = [g for g in INT4_GROUP_SIZES if all(width % g == 0 for width in widths.values())]
-    hint = f"int4wo-g{max(fits)} fits every layer" if fits else "no int4wo group size fits every layer"
-    raise UnsupportedTechnique(f"{name}: {len(misfit)} of {len(targets)} linear layers ({misfit[0]}: "
+    fits = [g for g in sizes if all(width % g == 0 for width in widths.values())]
+    hint = f"{family}-g{max(fits)} fits every layer" if fits else f"no {family} group size fits every layer"
+    raise UnsupportedTechnique(f"{name}: {len(misfit)} of {len(widths)} linear layers ({misfit[0]}: "
                                f"{widths[misfit[0]]} inputs) are not a multiple of the group size {group_size}; "
                                f"{hint}")
 
@@ -170,6 +171,7 @@ class TorchaoQuant(TechniqueBase):
     group_size: int = 128
     hqq: bool = False  # int4wo: scales and zero points by HQQ's optimiser instead of min/max
     family = "quantisation"
+    preserves_layer_shapes = True
 
     @property
     def name(self) -> str:
@@ -223,6 +225,11 @@ class TorchaoQuant(TechniqueBase):
                                            f"{cap[0]}.{cap[1]}")
             if self.kind == "int4wo" and cap < (8, 0):
                 raise UnsupportedTechnique(f"{self.name}: tinygemm needs compute capability >= 8.0 (bf16)")
+
+    def check_layers(self, skeleton: Callable[[], nn.Module]) -> None:
+        """int4: every layer's inputs a multiple of the group, read from the model's config before it loads."""
+        if self.kind == "int4wo":
+            refuse_misfit_groups(self.name, input_widths(skeleton()), self.group_size)
 
     def inductor_options(self, ctx: Context) -> dict[str, Any]:
         """The inductor settings a later ``compile`` step needs for this technique's kernels: torchao recommends
@@ -286,11 +293,12 @@ class TorchaoQuant(TechniqueBase):
         if self.kind == "int4wo" and next(model.parameters()).dtype != torch.bfloat16:
             model = model.to(torch.bfloat16)  # the int4 kernels take bf16 activations
         converted = conv1d_to_linear(model)
-        targets = quantisation_targets(model)
+        widths = input_widths(model)
+        targets = list(widths)
         if not targets:
             raise UnsupportedTechnique(f"{self.name}: the model has no linear layers to quantise")
         if self.kind == "int4wo":
-            refuse_misfit_groups(self.name, model, targets, self.group_size)
+            refuse_misfit_groups(self.name, widths, self.group_size)
         biases_moved = move_bias_after_matmul(model, targets) if self.kind == "fp8dq" else 0
         chosen = set(targets)
         config = self.config(on_cpu=not ctx.is_cuda)

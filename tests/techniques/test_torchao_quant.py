@@ -129,6 +129,41 @@ def test_int4wo_refuses_layers_its_group_does_not_divide() -> None:
         parse("int4wo").steps[0].apply(model, _ctx())
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_int4_groups_are_checked_on_the_config_before_a_model_loads(family: str) -> None:
+    """An int4 group that does not divide a layer's inputs is refused from the model's config (modules on the meta
+    device), before any weight loads; the steps before it must leave the layers' shapes alone for that."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(tiny_config(family))  # widths 32 and 64 (GPT-2: 32 and 128)
+
+    def unbuilt() -> torch.nn.Module:
+        raise AssertionError("no step of this pipeline needed the layers")
+
+    with pytest.raises(UnsupportedTechnique, match=r"not a multiple of the group size 128; int4wo-g32 fits"):
+        parse("bf16+int4wo+compile").check_layers(lambda: skeleton)
+    with pytest.raises(UnsupportedTechnique, match=r"group size 64; no gemlite-int4 group size fits every layer"):
+        parse("gemlite-int4-g64").check_layers(lambda: skeleton)  # gemlite takes 64 or 128: neither divides 32
+    parse("int4wo-g32+compile").check_layers(lambda: skeleton)  # fits every layer
+    parse("bf16+int8wo+compile").check_layers(unbuilt)  # nothing to check: the skeleton is never built
+    parse("ah90+int4wo").check_layers(unbuilt)  # head pruning may change the shapes int4wo meets: apply checks
+
+
+def test_the_widths_checked_on_the_config_are_the_widths_quantised() -> None:
+    """GPT-2's Conv1D stores its weight (in, out): the config check reads the same input widths as the quantiser,
+    which reads them after turning Conv1D into nn.Linear."""
+    from efficiency.techniques.torchao_quant import conv1d_to_linear, input_widths
+
+    model = tiny_model("gpt2")
+    before = input_widths(model)
+    assert sorted(set(before.values())) == [32, 128] and len(before) == 8
+    conv1d_to_linear(model)
+    assert input_widths(model) == before
+
+
 def test_layers_torchao_left_unquantised_are_found() -> None:
     """The check behind every torchao technique's report: a layer whose weight is still a plain tensor."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
