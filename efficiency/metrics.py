@@ -86,17 +86,6 @@ class Metric:
             return None
         return finite(_get(case, self.path))
 
-    def samples(self, case: Mapping[str, Any]) -> list[float]:
-        """Per-round values where the producer recorded them; the value itself for per-run metrics."""
-        if self.samples_path is not None:
-            raw = _get(case, self.samples_path)
-            if isinstance(raw, list):
-                return [v for v in (finite(x) for x in raw) if v is not None]
-        if self.per_run_samples:
-            v = self.value(case)
-            return [] if v is None else [v]
-        return []
-
     def round_samples(self, case: Mapping[str, Any]) -> list[float]:
         """The per-round values a case recorded at ``samples_path`` ([] where it has none: a metric measured once a
         run, or a case whose method has no per-round value, such as eager decode's difference of medians)."""

@@ -88,8 +88,10 @@ class GemliteQuant(TechniqueBase):
     def check_layers(self, skeleton: Callable[[], nn.Module]) -> None:
         """int4: every layer's inputs a multiple of the group, read from the model's config before it loads."""
         if self.kind == "int4":
-            refuse_misfit_groups(self.name, input_widths(skeleton()), self.group_size, GEMLITE_GROUP_SIZES,
-                                 "gemlite-int4")
+            self._refuse_misfit_groups(skeleton())
+
+    def _refuse_misfit_groups(self, model: nn.Module) -> None:
+        refuse_misfit_groups(self.name, input_widths(model), self.group_size, GEMLITE_GROUP_SIZES, "gemlite-int4")
 
     def apply(self, model: Any, ctx: Context) -> Any:
         gemlite, helper = require_gemlite()
@@ -97,6 +99,8 @@ class GemliteQuant(TechniqueBase):
         dtype = torch.bfloat16
         model = model.to(dtype)
         conv1d_to_linear(model)
+        if self.kind == "int4":  # the config check's rule, on the model in hand (a pruning step may come first)
+            self._refuse_misfit_groups(model)
         device = ctx.device
 
         def make(mod: nn.Module, name: str) -> nn.Module:
@@ -106,9 +110,6 @@ class GemliteQuant(TechniqueBase):
             bias = raw_bias.detach() if raw_bias is not None else None
             if self.kind == "fp8wo":
                 return helper.A16W8_FP8(device=device, dtype=dtype).from_weights(weight, bias)
-            if weight.shape[1] % self.group_size:
-                raise UnsupportedTechnique(f"{self.name}: {name} has {weight.shape[1]} inputs, not a multiple of "
-                                           f"the group size {self.group_size}")
             w_q, scales, zeros = rtn_asymmetric(weight, 4, self.group_size)
             return helper.A16Wn(device=device, dtype=dtype).from_weights(
                 w_q, scales.to(dtype), zeros.to(dtype), 4, self.group_size, bias)

@@ -152,6 +152,19 @@ def test_int4_groups_are_checked_on_the_config_before_a_model_loads(family: str)
     parse("ah90+int4wo").check_layers(unbuilt)  # head pruning may change the shapes int4wo meets: apply checks
 
 
+def test_gemlite_int4_refuses_a_misfit_group_on_the_model_in_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a shape-changing step only ``apply`` sees the layers: gemlite-int4 refuses them there by the same rule
+    and message as the config check, before it touches gemlite's kernels (faked here: the check runs first)."""
+    from efficiency.techniques import gemlite_quant
+
+    monkeypatch.setattr(gemlite_quant, "require_gemlite", lambda: (object(), None))
+    monkeypatch.setattr(gemlite_quant, "configure_autotune", lambda *args: None)
+    with pytest.raises(UnsupportedTechnique, match=r"gemlite-int4: 6 of 8 linear layers \(transformer.h.0.attn.c_attn: "
+                                                   r"32 inputs\) are not a multiple of the group size 128; no "
+                                                   r"gemlite-int4 group size fits every layer"):
+        parse("gemlite-int4").steps[0].apply(tiny_model("gpt2"), _ctx())
+
+
 def test_the_widths_checked_on_the_config_are_the_widths_quantised() -> None:
     """GPT-2's Conv1D stores its weight (in, out): the config check reads the same input widths as the quantiser,
     which reads them after turning Conv1D into nn.Linear."""
