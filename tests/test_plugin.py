@@ -251,7 +251,8 @@ def test_a_run_that_measured_nothing_fails_unless_allowed(pytester: pytest.Pytes
 def test_an_int4_group_the_layers_refuse_skips_the_case_before_its_model_loads(pytester: pytest.Pytester,
                                                                              tiny_dir: Path) -> None:
     """tiny-gpt2's 64-wide layers refuse int4wo's group 128: the case skips with the group that fits, read from the
-    model's config. Before, each such case loaded the model first (opt-6.7b: tens of seconds) to learn it."""
+    model's config. Before, each such case loaded the model first to learn it (its reports' load_s: 0.2-2.4 s for the
+    random-weight GPU models of results 5b and 5l, 0.3-1.2 s for SmolLM2 on the CPU in 5k's run 5)."""
     pytester.makeconftest("""
 import efficiency.runner as runner
 _load = runner.load

@@ -169,17 +169,16 @@ def test_the_projects_gpu_grid_quantises_every_layer_of_its_default_model(smollm
     """Regression: this repository's GPU grid asked for ``int4wo+compile`` (int4 group 128), which SmolLM2-135M's
     576-wide layers refuse, so `pytest benchmarks/ -k compile` on a GPU skipped its one low-bit case. Every case of
     the GPU grid must pass the layer checks of its steps on each default model (built on the meta device from the
-    model's own config, no weights), as the runner applies them before loading."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    model's own config, no weights: models.skeleton), as the runner applies them before loading. ``smollm2_folder``
+    skips the test where the default model cannot be had."""
+    from conftest import shared_cache_dir
+    from efficiency.models import resolve, skeleton
     from efficiency.techniques.base import parse
 
     root = Path(__file__).resolve().parents[1]
     cfg = build_config({}, read_pyproject(root), root, device="cuda")
-    assert list(cfg.models) == ["smollm2-135m"], "this test knows where the default model's config lies"
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_folder))
+    assert list(cfg.models) == ["smollm2-135m"], "the fixture makes the default model available"
     assert any("int4" in name for name in cfg.techniques), "the GPU grid has an int4 case"
+    model = skeleton(resolve("smollm2-135m", cache_dir=shared_cache_dir()), shared_cache_dir())
     for name in cfg.techniques:
         parse(name).check_layers(lambda: model)
