@@ -109,7 +109,7 @@ METRICS: tuple[Metric, ...] = (
            kind="regression", samples_path=("runtime", "rounds_s"), workload_keys=("batch_size",),
            pareto_tolerance_pct=3.0, short="time s"),
     Metric("energy_j", "energy (J)", "J", "lower", ("energy", "energy_j"),
-           kind="regression", samples_path=("energy", "rounds_j"), per_run_samples=True,
+           kind="regression", per_run_samples=True,
            workload_keys=("batch_size",), pareto_tolerance_pct=3.0, short="energy J"),
     Metric("j_per_token", "energy per token (J)", "J", "lower", ("energy", "j_per_token"),
            workload_keys=("batch_size",)),

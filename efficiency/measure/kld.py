@@ -152,7 +152,7 @@ def compare(model: Any, ids: Any, ref: Reference, device: str) -> KldResult:
     kl = torch.cat(kls).double()
     tail = ref.rest_logp.double().exp()
     return KldResult(
-        mean=float(kl.mean()), p99=float(torch.quantile(kl, 0.99)), median=float(kl.median()),
+        mean=float(kl.mean()), p99=float(torch.quantile(kl, 0.99)), median=float(torch.quantile(kl, 0.5)),
         max=float(kl.max()), top1_match=float(torch.cat(matches).double().mean()), n_tokens=ref.n_tokens,
         top_k=ref.k, tail_mass_mean=float(tail.mean()), exact=ref.k >= ref.vocab,
     )

@@ -16,11 +16,13 @@ import torch
 
 
 def _quant_state_tensors(param: Any) -> list[torch.Tensor]:
-    """Tensors a bitsandbytes 4-bit parameter keeps beside its packed data (absmax, code, nested state)."""
+    """Tensors a bitsandbytes parameter keeps beside its data: a 4-bit weight's absmax, code and nested state,
+    an 8-bit weight's per-row scales (``SCB``)."""
+    found = [t for t in (getattr(param, "SCB", None),) if isinstance(t, torch.Tensor)]
     state = getattr(param, "quant_state", None)
     if state is None:
-        return []
-    found = [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(t, torch.Tensor)]
+        return found
+    found += [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if isinstance(t, torch.Tensor)]
     nested = getattr(state, "state2", None)
     if nested is not None:
         more = (getattr(nested, "absmax", None), getattr(nested, "code", None))
@@ -68,11 +70,35 @@ def _is_wrapper_subclass(param: Any) -> bool:
     return hasattr(type(data), "__tensor_flatten__") and _semi_structured_bytes(param) is None
 
 
-def _logical_numel(param: Any) -> int:
+def logical_numel(param: Any) -> int:
+    """Weights a parameter stands for: a bitsandbytes 4-bit parameter packs two in a byte."""
     state = getattr(param, "quant_state", None)
     if state is not None and getattr(state, "shape", None) is not None:
         return math.prod(state.shape)  # packed 4-bit data holds two weights per byte
     return int(param.numel())
+
+
+def stored_bytes(t: Any) -> int:
+    """Bytes a tensor occupies as stored: for tensor subclasses (torchao's quantised tensors), the sum of their
+    inner tensors (``__tensor_flatten__``), so packed 4-bit weights count 4 bits, not the logical dtype."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, n)) for n in names)
+    return int(t.numel() * t.element_size())
+
+
+def stored_parameter_bytes(param: Any) -> int:
+    """Bytes a weight occupies as stored, with what its kernel reads beside it: a torchao tensor's inner tensors,
+    a 2:4 sparse tensor's kept values and metadata, a bitsandbytes weight's packed data and quantisation state.
+    The one count behind a model's size and the weight bytes its decode reads."""
+    if _is_wrapper_subclass(param):
+        return stored_bytes(param)
+    sparse_bytes = _semi_structured_bytes(param)
+    if sparse_bytes is not None:
+        return sparse_bytes
+    return int(param.numel() * param.element_size()) + sum(t.numel() * t.element_size()
+                                                            for t in _quant_state_tensors(param))
 
 
 @dataclass(frozen=True)
@@ -91,24 +117,16 @@ def model_size(model: torch.nn.Module) -> SizeResult:
     nbytes = 0
     nonzero = 0
     for p in parameters_as_used(model):  # tied weights (embedding = LM head) once
-        params += _logical_numel(p)
-        if _is_wrapper_subclass(p):  # torchao's quantised tensors: their inner tensors as stored
-            from efficiency.measure.roofline import stored_bytes
-
-            nbytes += stored_bytes(p)
-            nonzero += int(p.numel())  # quantised: sparsity is not visible in packed data
-            continue
-        sparse_bytes = _semi_structured_bytes(p)
-        if sparse_bytes is not None:  # 2:4 sparse kernels: half the values are stored, plus metadata
-            nbytes += sparse_bytes
+        params += logical_numel(p)
+        nbytes += stored_parameter_bytes(p)
+        if _is_wrapper_subclass(p):  # torchao's quantised tensors: sparsity is not visible in packed data
+            nonzero += int(p.numel())
+        elif _semi_structured_bytes(p) is not None:  # 2:4 sparse kernels: half the values are stored
             nonzero += p.numel() // 2
-            continue
-        nbytes += p.numel() * p.element_size()
-        nbytes += sum(t.numel() * t.element_size() for t in _quant_state_tensors(p))
-        if getattr(p, "quant_state", None) is None and p.is_floating_point():
+        elif getattr(p, "quant_state", None) is None and p.is_floating_point():
             nonzero += int(torch.count_nonzero(p.detach()))
         else:
-            nonzero += _logical_numel(p)  # quantised: sparsity is not visible in packed data
+            nonzero += logical_numel(p)  # quantised: sparsity is not visible in packed data
     for b in model.buffers():
         nbytes += b.numel() * b.element_size()
     return SizeResult(params, nbytes, nonzero)

@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from efficiency.measure.sample import (
-    _MAY_READ_ZERO,
     _PIP_HINT,
+    _SHORT_WINDOW_EFFECT,
     MAX_GPU_POWER_W,
     NVML_UPDATE_PERIOD_S,
     Clock,
@@ -21,6 +21,7 @@ from efficiency.measure.sample import (
     _Window,
     counter_uncertainty_j,
     implausible_power,
+    no_tick_reason,
     zero_reading_reason,
 )
 
@@ -45,9 +46,10 @@ def _nvml_close(nvml: Any) -> None:
 
 
 def _refusal(energy_j: float, window_s: float, n_gpus: int, what: str) -> str | None:
-    """Why a GPU reading is refused (0 J over at least one update period, or implausible power), else None."""
-    if energy_j == 0 and window_s >= NVML_UPDATE_PERIOD_S:
-        return zero_reading_reason(what, window_s, NVML_UPDATE_PERIOD_S)
+    """Why a GPU reading is refused (0 J, or implausible power), else None."""
+    if energy_j == 0:
+        reason = zero_reading_reason if window_s >= NVML_UPDATE_PERIOD_S else no_tick_reason
+        return reason(what, window_s, NVML_UPDATE_PERIOD_S)
     return implausible_power(energy_j, window_s, NVML_UPDATE_PERIOD_S, MAX_GPU_POWER_W, n_gpus)
 
 
@@ -108,7 +110,7 @@ class NvmlEnergyMeter:
         refused = _refusal(sum(deltas_j), window_s, len(deltas_j), "NVML energy counter")
         if refused:
             return EnergySample(None, window_s, self.method, None, self.domains, refused)
-        caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "counter", _MAY_READ_ZERO)
+        caveat = _short_window_caveat(window_s, NVML_UPDATE_PERIOD_S, "counter", _SHORT_WINDOW_EFFECT)
         uncertainty_j = None if caveat else sum(
             counter_uncertainty_j(d, window_s, NVML_UPDATE_PERIOD_S) for d in deltas_j)
         return EnergySample(sum(deltas_j), window_s, self.method, uncertainty_j, self.domains, caveat)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from efficiency.measure.sample import (
-    _MAY_READ_ZERO,
+    _SHORT_WINDOW_EFFECT,
     MAX_CPU_PACKAGE_POWER_W,
     POWERCAP_ROOT,
     RAPL_COUNT_RESOLUTION_J,
@@ -20,6 +20,7 @@ from efficiency.measure.sample import (
     _Window,
     counter_uncertainty_j,
     implausible_power,
+    no_tick_reason,
     zero_reading_reason,
 )
 
@@ -113,11 +114,12 @@ class RaplMeter:
         energy_j = total_uj / 1e6
         refused = implausible_power(energy_j, window_s, RAPL_UPDATE_PERIOD_S, MAX_CPU_PACKAGE_POWER_W,
                                     len(self._zones))
-        if energy_j == 0 and window_s >= RAPL_UPDATE_PERIOD_S:
-            refused = zero_reading_reason("RAPL package counter", window_s, RAPL_UPDATE_PERIOD_S)
+        if energy_j == 0:
+            reason = zero_reading_reason if window_s >= RAPL_UPDATE_PERIOD_S else no_tick_reason
+            refused = reason("RAPL package counter", window_s, RAPL_UPDATE_PERIOD_S)
         if refused:
             return EnergySample(None, window_s, self.method, None, self.domains, refused)
-        caveat = _short_window_caveat(window_s, RAPL_UPDATE_PERIOD_S, "RAPL counter", _MAY_READ_ZERO)
+        caveat = _short_window_caveat(window_s, RAPL_UPDATE_PERIOD_S, "RAPL counter", _SHORT_WINDOW_EFFECT)
         uncertainty_j = None
         if caveat is None:
             resolution_j = 2 * RAPL_COUNT_RESOLUTION_J * len(self._zones)

@@ -38,6 +38,8 @@ _H100_SXM = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center
 _H100_PCIE = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), H100 PCIe column"
 _H100_NVL = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100), H100 NVL column"
 _H200 = "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), H200 SXM column"
+_H200_NVL = "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200), H200 NVL column"
+_GH200 = "NVIDIA GH200 Grace Hopper Superchip datasheet (nvidia.com/en-us/data-center/grace-hopper-superchip)"
 _A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100)"
 _L4 = "NVIDIA L4 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/l4)"
 _L40S = "NVIDIA L40S GPU datasheet (nvidia.com/en-us/data-center/l40s)"
@@ -53,8 +55,13 @@ def _tf(fp32: float, tf32: float, half: float, fp8: float | None, int8: float) -
     return d
 
 
-# Order matters: the first pattern that matches the device name wins (NVL / PCIe before the plain H100).
+# Order matters: the first pattern that matches the device name wins (NVL / PCIe before the plain H100, GH200
+# before H200: its Hopper GPU has the H100 SXM's compute and, by memory, 4.0 TB/s (96 GB HBM3) or 4.9 TB/s
+# (144 GB HBM3e)).
 PEAKS: tuple[DevicePeak, ...] = (
+    DevicePeak("GH200 144GB HBM3e", r"GH200.*(HBM3e|144G)", 4.9 * TERA, _tf(67, 494.5, 989.5, 1979, 1979), _GH200),
+    DevicePeak("GH200 96GB HBM3", r"GH200", 4.0 * TERA, _tf(67, 494.5, 989.5, 1979, 1979), _GH200),
+    DevicePeak("H200 NVL", r"H200 NVL", 4.8 * TERA, _tf(60, 417.5, 835.5, 1670.5, 1670.5), _H200_NVL),
     DevicePeak("H100 NVL", r"H100 NVL", 3.9 * TERA, _tf(60, 417.5, 835.5, 1670.5, 1670.5), _H100_NVL),
     DevicePeak("H100 PCIe", r"H100 PCIe", 2.0 * TERA, _tf(51, 378, 756.5, 1513, 1513), _H100_PCIE),
     DevicePeak("H100 SXM", r"H100", 3.35 * TERA, _tf(67, 494.5, 989.5, 1979, 1979), _H100_SXM),
@@ -191,16 +198,6 @@ def mfu(flops: float | None, seconds: float | None, dtype: Any, device_name: str
 
 # --- what a model reads per token ------------------------------------------------------------------------
 
-def stored_bytes(t: Any) -> int:
-    """Bytes a tensor occupies as stored: for tensor subclasses (torchao's quantised tensors), the sum of their
-    inner tensors (``__tensor_flatten__``), so packed 4-bit weights count 4 bits, not the logical dtype."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None:
-        names, _ = t.__tensor_flatten__()
-        return sum(stored_bytes(getattr(t, n)) for n in names)
-    return int(t.numel() * t.element_size())
-
-
 def weights_read_per_token(model: Any) -> tuple[int, int]:
     """(bytes, parameters) of the weights one token's forward pass reads: every parameter once (tied weights
     once), except embedding tables that are only gathered (input tokens, positions) and not used as the LM
@@ -210,7 +207,7 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
     from torch import nn
     from torch.nn.utils import parametrize
 
-    from efficiency.measure.memory import parameters_as_used
+    from efficiency.measure.memory import logical_numel, parameters_as_used, stored_bytes, stored_parameter_bytes
 
     head_weight = _head_weight(model)
     gathered: set[int] = set()
@@ -223,8 +220,8 @@ def weights_read_per_token(model: Any) -> tuple[int, int]:
         if id(p) in gathered:
             continue
         seen.add(id(p))
-        nbytes += stored_bytes(p)
-        params += int(p.numel())
+        nbytes += stored_parameter_bytes(p)
+        params += logical_numel(p)
     for b in model.buffers():  # packed weights some kernels keep as buffers (gemlite)
         if id(b) not in seen and b.dim() >= 2:
             seen.add(id(b))

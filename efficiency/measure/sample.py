@@ -37,7 +37,7 @@ MAX_GPU_POWER_W = 2000.0
 MAX_CPU_PACKAGE_POWER_W = 1000.0
 
 _PIP_HINT = "pynvml not installed (pip install nvidia-ml-py)"
-_MAY_READ_ZERO = "reading may be 0; uncertainty unknown"
+_SHORT_WINDOW_EFFECT = "one tick may be in it or none: uncertainty unknown"
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,14 @@ def implausible_power(
             f"plausible {max_power_w:g} W per domain x {max(1, n_domains)}: a counter reset or wrap misread")
 
 
+def no_tick_reason(what: str, window_s: float, period_s: float) -> str:
+    """Why a 0 J reading of a window shorter than one update period is no reading: the counter did not tick, so the
+    window's energy is unknown, not 0 (a per-unit energy of 0 would score as a 100% saving)."""
+    return (f"{what} did not tick in the {window_s * 1000:.3g} ms window, shorter than its ~{period_s * 1000:g} ms "
+            "update period: the energy is unknown, not 0 (a longer --eff-min-window measures it)")
+
+
 def zero_reading_reason(what: str, window_s: float, period_s: float) -> str:
-    """Why a real meter read exactly 0 J (kept only for windows shorter than one update period)."""
+    """Why a real meter read exactly 0 J over at least one update period."""
     return (f"{what} did not advance in {window_s:.3g} s (update period ~{period_s * 1000:g} ms): a powered "
             "device always draws energy, so the counter is stuck or not updating; reading refused")

@@ -325,7 +325,10 @@ def test_energy_counter_uncertainty_formula_on_fake_nvml(monkeypatch: pytest.Mon
     assert sample.uncertainty_j == pytest.approx(expected) == pytest.approx(80.0)
 
 
-def test_energy_counter_short_window_has_caveat_on_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_energy_counter_that_did_not_tick_in_a_short_window_gives_no_reading_on_fake_nvml(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the 0 J was kept (with a caveat), became 0 J per token and scored as a 100% energy saving."""
     clock = FakeClock()
     clock.advance(0.01)
     install(monkeypatch, FakeBoard(clock, [constant(100.0)]))
@@ -333,8 +336,8 @@ def test_energy_counter_short_window_has_caveat_on_fake_nvml(monkeypatch: pytest
     meter.begin()
     clock.advance(0.05)
     sample = meter.end()
-    assert sample.energy_j == 0.0  # the counter has not ticked: a reading, kept, with its caveat
-    assert sample.reason is not None and "update period" in sample.reason
+    assert sample.energy_j is None  # the counter has not ticked: the energy is unknown, not 0
+    assert sample.reason is not None and "did not tick" in sample.reason and "update period" in sample.reason
     assert sample.uncertainty_j is None
 
 
@@ -557,6 +560,13 @@ def test_rapl_zero_over_a_long_window_is_refused(tmp_path: Path) -> None:
     make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
     sample = window(RaplMeter(tmp_path, clock=clock), clock, 1.0)
     assert sample.energy_j is None and sample.reason is not None and "did not advance" in sample.reason
+
+
+def test_rapl_zero_in_a_short_window_is_no_reading(tmp_path: Path) -> None:
+    clock = FakeClock()
+    make_zone(tmp_path, "intel-rapl:0", "package-0", 5_000_000)
+    sample = window(RaplMeter(tmp_path, clock=clock), clock, 0.0005)
+    assert sample.energy_j is None and sample.reason is not None and "did not tick" in sample.reason
 
 
 def test_one_counter_tick_in_a_short_window_is_not_refused(tmp_path: Path) -> None:

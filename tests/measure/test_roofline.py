@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_model
 from efficiency.measure import roofline
+from efficiency.measure.memory import stored_bytes
 from efficiency.measure.roofline import (
     attention_flops,
     decode_roofline,
@@ -16,7 +17,6 @@ from efficiency.measure.roofline import (
     lookup,
     mfu,
     pass_flops,
-    stored_bytes,
     weights_read_per_token,
 )
 
@@ -25,6 +25,9 @@ from efficiency.measure.roofline import (
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
     ("NVIDIA H200", "H200"), ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("NVIDIA A100-SXM4-80GB", "A100 80GB SXM"),
     ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"), ("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S"),
+    # before: the three below matched the H200 SXM row (its bandwidth and compute)
+    ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA GH200 480GB", "GH200 96GB HBM3"),
+    ("NVIDIA GH200 144G HBM3e", "GH200 144GB HBM3e"),
 ])
 def test_device_table_matches_torch_names(name: str, expected: str) -> None:
     peak = lookup(name)
@@ -101,6 +104,35 @@ def test_weights_read_per_token_counts_tied_head_once_and_skips_gathered_tables(
     total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
     assert params == total - positions.numel()
     assert nbytes == params * 4  # float32
+
+
+@pytest.mark.parametrize("technique", ["bnb4", "bnb8"])
+def test_bitsandbytes_weights_read_count_logical_weights_and_their_quantisation_state(technique: str) -> None:
+    """Before: a packed 4-bit weight counted its uint8 storage as its parameters (half of them, so the FLOPs and
+    MFU of a bnb4 pass came out at about half), and neither 4-bit absmax/code nor 8-bit row scales were in the
+    weight bytes a decode reads (the roofline fraction came out high)."""
+    from pathlib import Path
+
+    from efficiency.measure.memory import model_size
+    from efficiency.techniques import Context, parse
+
+    plain = tiny_model("opt")
+    plain_bytes, plain_params = weights_read_per_token(plain)
+    model = parse(technique).apply(tiny_model("opt"), Context("cpu", None, "t", Path("/tmp")))
+    nbytes, params = weights_read_per_token(model)
+    assert params == plain_params
+    layers = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert layers
+    if technique == "bnb4":  # 0.5 byte per weight, a float32 absmax per 64-weight block, a 16-entry float32 code
+        per_layer = [m.weight.quant_state.shape.numel() * (0.5 + 4 / 64) + 16 * 4 for m in layers]
+    else:  # one byte per weight and a float32 scale per output row
+        per_layer = [m.weight.numel() + m.weight.shape[0] * 4 for m in layers]
+    linear = sum(m.in_features * m.out_features for m in layers)
+    assert nbytes == plain_bytes - linear * 4 + sum(per_layer)
+    # the size counts the same weights the same way, plus the gathered tables and buffers a decode does not read
+    size = model_size(model)
+    assert size.parameters == model_size(plain).parameters
+    assert size.size_bytes - nbytes == model_size(plain).size_bytes - plain_bytes
 
 
 def test_stored_bytes_of_a_quantised_tensor_counts_packed_data() -> None:

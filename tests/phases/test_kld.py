@@ -86,6 +86,9 @@ def test_top_k_is_a_close_lower_bound_of_the_full_kl(one_thread: None) -> None:
     exact = full_kl(base, case, ids, 32)
     full = compare(case, ids, reference(base, ids, 32, "cpu", top_k=128), "cpu")
     assert full.exact and full.mean == pytest.approx(float(exact.mean()), rel=1e-4)
+    # an even count of tokens: the median is the mean of the two middle values (before: the lower one)
+    assert exact.numel() % 2 == 0
+    assert full.median == pytest.approx(float(exact.double().quantile(0.5)), rel=1e-4)
     lumped = compare(case, ids, reference(base, ids, 32, "cpu", top_k=64), "cpu")
     assert not lumped.exact and 0 < lumped.tail_mass_mean < 1
     assert lumped.mean <= full.mean + 1e-7  # the chain rule: lumping the tail never adds divergence

@@ -206,14 +206,13 @@ def _with_energy(run: dict[str, Any], joules: float, rng: random.Random) -> dict
         e = joules * c["runtime"]["median_s"] * math.exp(rng.gauss(0, 0.02))
         c["energy"]["energy_j"] = e
         c["energy"]["j_per_token"] = e / c["perplexity"]["n_scored_tokens"]
-        c["energy"]["rounds_j"] = [e / 7 * math.exp(rng.gauss(0, 0.01)) for _ in range(7)]
     return run
 
 
 def test_energy_is_one_value_per_run_and_needs_pooled_runs() -> None:
     rng = random.Random(1)
     base, head = load("base"), load("head-noise")
-    # one run a side, even with per-round energies: not independent, not called
+    # one run a side: one energy window per run, so no per-round samples to test: not called
     comp = compare([_with_energy(base, 50, rng)], [_with_energy(head, 60, rng)])
     assert set(verdicts(comp, "energy_j").values()) == {INSUFFICIENT}
     bases = [_with_energy(base, 50, rng) for _ in range(MIN_RUNS)]

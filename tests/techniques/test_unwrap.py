@@ -44,7 +44,7 @@ def _fp8dq_model() -> Any:
 
 def test_a_weight_retyped_with_its_settings_as_class_constants_rebuilds_in_a_graph_and_computes_the_same(
         one_thread: Any) -> None:
-    from efficiency.measure.roofline import stored_bytes
+    from efficiency.measure.memory import stored_bytes
     from efficiency.techniques.unwrap import rebuild_untraceable, with_constant_attributes
 
     torch.manual_seed(0)
