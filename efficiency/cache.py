@@ -4,7 +4,9 @@ An entry is a folder ``<cache_dir>/<kind>/<key>`` where ``key`` hashes everythin
 Entries are built in a temporary folder named after the building process (``<key>.tmp-<pid>-<random>``) and
 renamed into place, so an interrupted build leaves no entry, only a temporary folder that a later build of the
 same key removes once its process is gone. Builders running at the same time (concurrent runs, pytest-xdist
-workers) never touch each other's folders; the first finished build wins.
+workers) never touch each other's folders; the first finished build wins. ``meta.json`` lists the size of every
+file the build wrote; an entry whose files no longer have those sizes (truncated or deleted by hand, a full disk
+while copying a cache) is not served: it is removed and built again.
 """
 
 from __future__ import annotations
@@ -45,13 +47,42 @@ def _stale(tmp: Path, key: str) -> bool:
     return not pid.isdigit() or not _pid_alive(int(pid))
 
 
+MANIFEST_KEY = "files"  # in meta.json: path relative to the entry -> size in bytes, as built
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != "meta.json"}
+
+
+def damaged(entry: Path) -> str | None:
+    """Why a finished entry cannot be served (its files differ from the sizes it was built with), else None.
+    Entries from before the manifest carry none and are trusted as before."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable meta.json ({type(err).__name__}: {err})"
+    expected = meta.get(MANIFEST_KEY) if isinstance(meta, dict) else None
+    if not isinstance(expected, dict):
+        return None
+    found = _manifest(entry)
+    bad = sorted(name for name in set(expected) | set(found) if expected.get(name) != found.get(name))
+    if not bad:
+        return None
+    return "files changed since the build: " + ", ".join(
+        f"{name} ({found.get(name, 'missing')} bytes, built {expected.get(name, 'absent')})" for name in bad[:3])
+
+
 def cached_build(
     cache_dir: Path, kind: str, parts: Mapping[str, Any], build: Callable[[Path], None]
 ) -> tuple[Path, bool]:
-    """Return (entry folder, hit). On a miss, ``build(tmp)`` fills a temporary folder that is then renamed."""
+    """Return (entry folder, hit). On a miss, ``build(tmp)`` fills a temporary folder that is then renamed. A damaged
+    entry (:func:`damaged`) is removed and counts as a miss."""
     final = entry_dir(cache_dir, kind, parts)
     if (final / "meta.json").is_file():
-        return final, True
+        if damaged(final) is None:
+            return final, True
+        shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     for old in final.parent.glob(f"{final.name}.tmp-*"):
         if _stale(old, final.name):
@@ -59,7 +90,8 @@ def cached_build(
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp-{os.getpid()}-"))
     try:
         build(tmp)
-        (tmp / "meta.json").write_text(json.dumps(dict(parts), sort_keys=True, default=str, indent=1))
+        meta = {**dict(parts), MANIFEST_KEY: _manifest(tmp)}
+        (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True, default=str, indent=1))
         try:
             tmp.replace(final)
         except OSError:

@@ -128,6 +128,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _cached_ids(path: Path) -> Any:
+    """The token ids a cache file holds, or None when it cannot be read as a 1-D integer tensor (truncated, or
+    written by something else): the caller tokenizes again and replaces it."""
+    import torch
+
+    try:
+        ids = torch.load(path, weights_only=True)
+    except Exception:  # torch.load raises OSError, EOFError, RuntimeError or pickle errors on damaged files
+        return None
+    ok = isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point() and ids.numel() > 0
+    return ids if ok else None
+
+
 def tokenize(corpus: Corpus, tokenizer: Any, cache_dir: Path | None, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the whole corpus, shape (n_tokens,), cached; ``max_tokens`` keeps a prefix."""
     import torch
@@ -137,7 +150,7 @@ def tokenize(corpus: Corpus, tokenizer: Any, cache_dir: Path | None, max_tokens:
     if cache_dir is not None:
         cache = cache_dir / "tokens" / f"{corpus.sha256[:16]}-{tokenizer_fingerprint(tokenizer)}.pt"
         if cache.is_file():
-            ids = torch.load(cache)
+            ids = _cached_ids(cache)
     if ids is None:
         encoded = tokenizer(corpus.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         # Where the tokenizer itself starts a text with BOS (OPT, Llama), the corpus starts with one too.

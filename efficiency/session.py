@@ -125,7 +125,7 @@ class EfficiencySession:
                 self.write_errors.append(f"could not create a report in {self.cfg.reports_dir}: {err}")
                 self._path = None
         targets = ([self._path] if self._path else []) + ([self.cfg.report_path] if self.cfg.report_path else [])
-        written, failed, fallback = write_with_fallback(targets, self.report)
+        written, failed, fallback = write_with_fallback(targets, self.report, self.fallback_path)
         for path, error in failed:
             message = f"could not write the report to {path}: {error}"
             if message not in self.write_errors:

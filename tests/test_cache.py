@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from efficiency.cache import cached_build, entry_dir
+from efficiency.cache import cached_build, damaged, entry_dir
 
 
 def test_a_concurrent_builders_temporary_folder_is_left_alone(tmp_path: Path) -> None:
@@ -41,3 +41,38 @@ def test_the_first_finished_build_wins(tmp_path: Path) -> None:
     entry, hit = cached_build(tmp_path, "kind", parts, build_racing)
     assert (entry / "who").read_text() == "first"
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]
+
+
+def test_a_truncated_entry_is_built_again_not_served(tmp_path: Path) -> None:
+    """Before: an entry whose weights file was cut short (a full disk while copying a cache) was a hit, and every
+    later run failed loading it with an error that named no file, until the cache was deleted by hand."""
+    parts = {"k": 3}
+    builds: list[int] = []
+
+    def build(folder: Path) -> None:
+        builds.append(1)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "weights.bin").write_bytes(b"w" * 1000)
+
+    entry, hit = cached_build(tmp_path, "kind", parts, build)
+    assert not hit and damaged(entry) is None
+    assert cached_build(tmp_path, "kind", parts, build) == (entry, True) and len(builds) == 1
+    with open(entry / "sub" / "weights.bin", "r+b") as f:
+        f.truncate(500)
+    assert "sub/weights.bin (500 bytes, built 1000)" in (damaged(entry) or "")
+    entry2, hit = cached_build(tmp_path, "kind", parts, build)
+    assert entry2 == entry and not hit and len(builds) == 2
+    assert (entry / "sub" / "weights.bin").stat().st_size == 1000 and damaged(entry) is None
+
+
+def test_an_entry_from_before_the_manifest_is_still_served(tmp_path: Path) -> None:
+    parts = {"k": 4}
+    old = entry_dir(tmp_path, "kind", parts)
+    old.mkdir(parents=True)
+    (old / "x").write_text("1")
+    (old / "meta.json").write_text('{"k": 4}')
+
+    def build(folder: Path) -> None:
+        raise AssertionError("an entry without a manifest is trusted as before")
+
+    assert cached_build(tmp_path, "kind", parts, build) == (old, True)

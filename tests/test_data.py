@@ -79,3 +79,21 @@ def test_token_cache_uses_unique_temporary_names(tmp_path: Path, monkeypatch: An
     assert len(saved) == 2 and saved[0] != saved[1] and all(p.name.endswith(".tmp") for p in saved)
     assert [p.name for p in (tmp_path / "tokens").iterdir()] == [next((tmp_path / "tokens").glob("*.pt")).name]
     assert torch.equal(data.tokenize(corpus, CharTokenizer(), tmp_path), ids)
+
+
+def test_a_truncated_token_cache_is_tokenized_again(tmp_path: Path) -> None:
+    """Before: torch.load raised on a cut-short cache file ("OSError: [Errno 22] Invalid argument", no file
+    named), so every case failed until the cache was deleted by hand."""
+    import torch
+
+    from conftest import CharTokenizer
+    from efficiency import data
+
+    corpus = data.Corpus("c", "memory", "hello world " * 200)
+    ids = data.tokenize(corpus, CharTokenizer(), tmp_path)
+    (cache,) = (tmp_path / "tokens").glob("*.pt")
+    size = cache.stat().st_size
+    with open(cache, "r+b") as f:
+        f.truncate(size // 2)
+    assert torch.equal(data.tokenize(corpus, CharTokenizer(), tmp_path), ids)
+    assert cache.stat().st_size == size  # replaced by a whole one

@@ -7,7 +7,8 @@
   file and the name is created exclusively (``O_EXCL``), retried on collision, so runs started together and
   pytest-xdist workers never share a number.
 - :func:`write_with_fallback` writes every target it can, and if one fails writes the report to a fallback file
-  in the temporary folder and says where, so no measurement is lost.
+  of its own in the temporary folder (one per run, reused by its later writes) and says where, so no measurement
+  is lost.
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data)
 
 
-def write_with_fallback(targets: list[Path], data: dict[str, Any]) -> tuple[list[Path], list[tuple[Path, str]],
-                                                                              Path | None]:
+def write_with_fallback(targets: list[Path], data: dict[str, Any], fallback: Path | None = None,
+                        ) -> tuple[list[Path], list[tuple[Path, str]], Path | None]:
     """Write ``data`` to every target. Returns (written, failed as (path, error), fallback path or None): when a
-    target fails, the report also goes to ``<tmp>/pytest-efficiency-<target name>`` (or a new unique temporary
-    file) so the measurements survive; the caller names it and exits non-zero."""
+    target fails, the report also goes to ``fallback`` (this run's earlier fallback file) or, the first time, to
+    a new unique file ``<tmp>/pytest-efficiency-<target stem>-XXXX.json``, so that the measurements survive and
+    no other run's fallback is overwritten; the caller names it and exits non-zero."""
     written: list[Path] = []
     failed: list[tuple[Path, str]] = []
     for path in targets:
@@ -83,15 +85,11 @@ def write_with_fallback(targets: list[Path], data: dict[str, Any]) -> tuple[list
             failed.append((path, f"{type(err).__name__}: {err}"))
     if not failed:
         return written, failed, None
-    name = f"pytest-efficiency-{failed[0][0].name}"
-    fallback = Path(tempfile.gettempdir()) / name
-    try:
-        write_atomic(fallback, data)
-    except OSError:
-        fd, tmp = tempfile.mkstemp(prefix="pytest-efficiency-", suffix=".json")
+    if fallback is None:
+        fd, tmp = tempfile.mkstemp(prefix=f"pytest-efficiency-{failed[0][0].stem}-", suffix=".json")
         os.close(fd)
         fallback = Path(tmp)
-        write_atomic(fallback, data)
+    write_atomic(fallback, data)
     return written, failed, fallback
 
 

@@ -87,7 +87,13 @@ def test_write_with_fallback_keeps_the_report_when_a_target_fails(tmp_path: Path
     written, failed, fallback = io.write_with_fallback([blocked / "r.json", good], data)
     assert written == [good] and [p for p, _ in failed] == [blocked / "r.json"] and failed[0][1]
     assert fallback is not None and json.loads(fallback.read_text()) == data
+    # the same run's next write reuses its fallback; another run's gets its own (before: one fixed name in the
+    # temporary folder, so a second run's fallback overwrote the first's measurements)
+    assert io.write_with_fallback([blocked / "r.json"], {"run": 2}, fallback)[2] == fallback
+    other = io.write_with_fallback([blocked / "r.json"], {"run": "B"})[2]
+    assert other is not None and other != fallback and json.loads(fallback.read_text()) == {"run": 2}
     fallback.unlink()
+    other.unlink()
     assert io.write_with_fallback([good], data) == ([good], [], None)
 
 
