@@ -265,8 +265,9 @@ class EfficiencySession:
         idle_w = ((self.report.get("environment") or {}).get("idle_power") or {}).get("power_w")
         energy = result.get("energy") or {}
         if idle_w is not None and energy.get("energy_j") is not None:
-            energy["idle_power_w"] = idle_w
-            energy["net_energy_j"] = max(0.0, energy["energy_j"] - idle_w * result["runtime"]["median_s"])
+            from efficiency.phases.perplexity import net_of_idle
+
+            energy.update(net_of_idle(energy, idle_w))
         result["deltas"] = case_deltas(result, base)
         result["scores"] = case_scores(result["deltas"])
         if result["is_baseline"]:

@@ -120,6 +120,24 @@ def energy_per_unit(window: Any, units: int, primary: str) -> dict[str, Any]:
     }
 
 
+def net_of_idle(energy: dict[str, Any], idle_w: float) -> dict[str, Any]:
+    """Net energy per pass next to the gross ``energy_j`` of an ``energy_per_unit`` section: the primary meter's
+    window energy minus idle power x that window's length, per round in it (gross and idle over the same time; the
+    median round time would not be the mean round time the gross is). Null with the reason where it cannot be
+    measured: no window length, or idle power x time above the gross (the idle draw was not the same then), never
+    clamped to 0."""
+    window = energy.get(str(energy.get("primary"))) or {}
+    gross, window_s, rounds = (window.get(k) for k in ("window_energy_j", "window_s", "rounds_in_window"))
+    out: dict[str, Any] = {"idle_power_w": idle_w, "net_energy_j": None}
+    if gross is None or not window_s or not rounds:
+        return {**out, "net_energy_reason": "the primary meter's window energy, length or rounds are not recorded"}
+    idle_j = idle_w * window_s
+    if idle_j > gross:
+        return {**out, "net_energy_reason": f"idle power x window time ({idle_j:.4g} J) exceeds the window's gross "
+                f"energy ({gross:.4g} J): the idle reading does not hold for this window, net energy not measurable"}
+    return {**out, "net_energy_j": (gross - idle_j) / rounds}
+
+
 @dataclass
 class TimedPassPhase:
     """The perplexity pass in timed rounds (pytest-benchmark's when the fixture is enabled), inside one energy

@@ -205,3 +205,24 @@ def test_the_compile_warm_up_of_a_pass_shows_its_progress_without_an_eta(monkeyp
     assert warm_up[0].startswith("m-fp8wo+compile: compiling and warming up the perplexity pass: 1/15 windows (7%)")
     assert not any("ETA" in line for line in warm_up) and "15/15 windows (100%)" in warm_up[-1]
     assert "ETA" in timed[0] and timed[0].startswith("m-fp8wo+compile: perplexity pass: 1/15 windows")
+
+
+def test_net_energy_is_per_round_of_the_window_and_null_when_idle_exceeds_gross() -> None:
+    """Gross energy per pass is the window's energy over its rounds, so idle power is taken over the same window (its
+    length over the rounds), not the median round; an idle draw above the gross is null with the reason, never 0."""
+    from types import SimpleNamespace
+
+    from efficiency.phases.perplexity import energy_per_unit, net_of_idle
+
+    def section(window_j: float, window_s: float, rounds: int) -> dict[str, Any]:
+        sample = EnergySample(window_j, window_s, "rapl", 1.0, ("intel-rapl:0",))
+        return energy_per_unit(SimpleNamespace(energy={"cpu": sample}), rounds, "cpu")
+
+    energy = section(500.0, 11.0, 10)  # 10 rounds of about 1 s, plus 1 s of edges, inside the window
+    assert energy["energy_j"] == pytest.approx(50.0)
+    net = net_of_idle(energy, 20.0)
+    assert net["net_energy_j"] == pytest.approx((500.0 - 20.0 * 11.0) / 10)  # 28 J, not 50 - 20 x median round
+    assert net["idle_power_w"] == 20.0
+    low = net_of_idle(section(100.0, 11.0, 10), 20.0)  # idle x window = 220 J > 100 J gross
+    assert low["net_energy_j"] is None and "exceeds the window's gross energy" in low["net_energy_reason"]
+    assert net_of_idle({"energy_j": 5.0, "primary": "cpu"}, 20.0)["net_energy_j"] is None  # no window recorded
