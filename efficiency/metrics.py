@@ -1,6 +1,7 @@
 """The metric registry: one entry per metric, read by every consumer.
 
-An entry says what a metric is (name, label, unit, which direction is better), where its value and its
+An entry says what a metric is (name, label, unit, which direction is better), whether a rerun gives the same
+number (``deterministic``, which every entry must state), where its value and its
 per-round samples come from in a report case (a path into the case dict, filled at the JSON edge by
 ``efficiency.results.case_to_dict``), whether a change of it can fail a gate, how it is compared (threshold
 kind) and formatted, and whether it is an axis of the Pareto front. Deltas (score.case_deltas), scores, the
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Better = Literal["lower", "higher"]
@@ -73,6 +74,12 @@ class Metric:
     group: str | None = None  # the optional phase group producing it (phases.plan); None: always measured
     relative: bool = True  # a percent change against the baseline means something (False: the metric is itself
     # measured against the baseline, e.g. KL divergence, which is 0 for the baseline)
+    # True: counted or computed from the model and the data, a rerun of the same code, weights and settings gives
+    # the same number (a comparison judges it by the threshold alone). False: read from a clock, an energy meter or
+    # a sampled memory level, or derived from one (throughputs, bandwidths, MFU): a rerun measures another number,
+    # so a verdict needs several independent runs per side (efficiency.report.compare). Required, without a
+    # default: a new metric cannot slip through as deterministic.
+    deterministic: bool = field(kw_only=True)
 
     @property
     def gated(self) -> bool:
@@ -104,53 +111,59 @@ class Metric:
 
 METRICS: tuple[Metric, ...] = (
     Metric("perplexity", "perplexity", "", "lower", ("perplexity", "value"), kind="quality",
-           pareto_tolerance_pct=0.5, short="ppl", requires_meaningful_quality=True),
+           pareto_tolerance_pct=0.5, short="ppl", requires_meaningful_quality=True, deterministic=True),
     Metric("runtime_s", "runtime (s)", "s", "lower", ("runtime", "median_s"),
            kind="regression", samples_path=("runtime", "rounds_s"), workload_keys=("batch_size",),
-           pareto_tolerance_pct=3.0, short="time s"),
+           pareto_tolerance_pct=3.0, short="time s", deterministic=False),
     Metric("energy_j", "energy (J)", "J", "lower", ("energy", "energy_j"),
            kind="regression", per_run_samples=True,
-           workload_keys=("batch_size",), pareto_tolerance_pct=3.0, short="energy J"),
+           workload_keys=("batch_size",), pareto_tolerance_pct=3.0, short="energy J", deterministic=False),
     Metric("j_per_token", "energy per token (J)", "J", "lower", ("energy", "j_per_token"),
-           workload_keys=("batch_size",)),
+           workload_keys=("batch_size",), deterministic=False),
     Metric("tokens_per_s", "throughput (tokens/s)", "tok/s", "higher",
-           ("runtime", "tokens_per_s"), workload_keys=("batch_size",)),
+           ("runtime", "tokens_per_s"), workload_keys=("batch_size",), deterministic=False),
     Metric("prefill_s", "prefill latency (s)", "s", "lower", ("latency", "prefill_s"),
            samples_path=("latency", "prefill_s_all"), workload_keys=("prefill_tokens",), short="prefill ms",
-           formatter=fmt_ms),
+           formatter=fmt_ms, deterministic=False),
     Metric("decode_s_per_token", "decode per token (s)", "s", "lower", ("latency", "decode_s_per_token"),
            samples_path=("latency", "decode_s_per_token_all"), per_run_samples=True,
            workload_keys=("prefill_tokens", "decode_tokens"), short="decode ms/tok",
-           formatter=fmt_ms),
+           formatter=fmt_ms, deterministic=False),
     Metric("decode_j_per_token", "decode energy per token (J)", "J", "lower",
            ("latency", "decode_j_per_token"), per_run_samples=True,
-           workload_keys=("prefill_tokens", "decode_tokens")),
+           workload_keys=("prefill_tokens", "decode_tokens"), deterministic=False),
     Metric("decode_weight_bytes_per_s", "decode weight bandwidth (B/s)", "B/s", "higher",
-           ("latency", "weight_bytes_per_s"), workload_keys=("prefill_tokens", "decode_tokens")),
+           ("latency", "weight_bytes_per_s"), workload_keys=("prefill_tokens", "decode_tokens"),
+           deterministic=False),
     Metric("decode_roofline_pct", "decode % of peak memory bandwidth", "%", "higher",
-           ("latency", "roofline_pct"), workload_keys=("prefill_tokens", "decode_tokens")),
+           ("latency", "roofline_pct"), workload_keys=("prefill_tokens", "decode_tokens"), deterministic=False),
     Metric("ppl_tflops", "perplexity pass TFLOP/s", "TFLOP/s", "higher", ("runtime", "achieved_tflops"),
-           workload_keys=("batch_size",)),
+           workload_keys=("batch_size",), deterministic=False),
     Metric("mfu_pct", "perplexity pass MFU (%)", "%", "higher", ("runtime", "mfu_pct"),
-           workload_keys=("batch_size",)),
+           workload_keys=("batch_size",), deterministic=False),
+    # Not deterministic: on the CPU a resident-set size sampled on a thread (allocator reuse and the sampling instant
+    # vary between runs), on a GPU the caching allocator's peak, which follows the automatic batch size (from free
+    # memory) and the kernels autotuning picks (their workspaces). One run per side is no verdict for it.
     Metric("peak_bytes", "peak memory", "B", "lower", ("memory", "peak_bytes"),
-           workload_keys=("batch_size",), short="peak MiB", formatter=fmt_mib),
+           workload_keys=("batch_size",), short="peak MiB", formatter=fmt_mib, deterministic=False),
     Metric("size_bytes", "size", "B", "lower", ("size", "size_bytes"), short="size MiB",
-           formatter=fmt_mib),
-    Metric("parameters", "parameters", "", "lower", ("size", "parameters")),
+           formatter=fmt_mib, deterministic=True),
+    Metric("parameters", "parameters", "", "lower", ("size", "parameters"), deterministic=True),
     # quality beyond perplexity and serving (optional phases: their group must be enabled)
     Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
-           requires_meaningful_quality=True, group="kld", relative=False, short="KLD"),
+           requires_meaningful_quality=True, group="kld", relative=False, short="KLD",
+           deterministic=True),
     Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True,
-           group="kld", relative=False),
+           group="kld", relative=False, deterministic=True),
     Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
-           requires_meaningful_quality=True, group="kld", relative=False, short="top1"),
+           requires_meaningful_quality=True, group="kld", relative=False, short="top1",
+           deterministic=True),
     Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
-           requires_meaningful_quality=True, group="tasks", short="acc"),
+           requires_meaningful_quality=True, group="tasks", short="acc", deterministic=True),
     Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
-           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s"),
+           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s", deterministic=False),
     Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
-           ("serving", "largest", "j_per_token"), group="serving"),
+           ("serving", "largest", "j_per_token"), group="serving", deterministic=False),
 )
 
 # Producers of the optional groups: efficiency/phases/kld.py, tasks.py, serving.py (their sections exist only where

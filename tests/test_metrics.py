@@ -23,6 +23,18 @@ def test_every_metric_is_well_formed() -> None:
         metrics.get("speed")
 
 
+def test_every_metric_says_whether_a_rerun_gives_the_same_number() -> None:
+    """A metric read from a clock, a meter or a sampled memory level (or derived from one: TFLOP/s, B/s, MFU %) is
+    not deterministic, whatever its unit; a new entry must say which it is (no default)."""
+    deterministic = {m.name for m in metrics.METRICS if m.deterministic}
+    assert deterministic == {"perplexity", "size_bytes", "parameters", "kld_mean", "kld_p99", "top1_match",
+                             "task_acc_mean"}
+    for m in metrics.METRICS:  # anything with per-round or per-run samples is measured, never deterministic
+        assert not (m.deterministic and (m.samples_path or m.per_run_samples or m.kind == "regression")), m.name
+    with pytest.raises(TypeError, match="deterministic"):
+        metrics.Metric("new", "new", "", "lower", ("x",))  # type: ignore[call-arg]
+
+
 def test_higher_is_better_metrics_judge_direction() -> None:
     assert metrics.get("tokens_per_s").is_worse(-10.0) and not metrics.get("tokens_per_s").is_worse(10.0)
     assert metrics.get("runtime_s").is_worse(10.0)

@@ -8,7 +8,8 @@ contributes ONE value per case and metric (its median over rounds, the registry 
 base runs are compared with the head runs: several runs of one commit pooled from the history, or several
 report files per side.
 
-**The verdict** for a metric measured with noise (time, energy, throughput) needs BOTH:
+**The verdict** for a metric measured with noise (``Metric.deterministic`` False in the registry: anything read
+from a clock, an energy meter or a sampled memory level, or derived from one) needs BOTH:
 
 1. practical: the median over the head runs changed against the median over the base runs by more than the
    threshold (``Criteria.runtime_pct``, default 5%; ``info_pct`` for metrics that are reported, not gated), and
@@ -27,11 +28,11 @@ power for 15% falls to about 92% (82% with busy runs), with 3 far lower, and one
 verdict.
 
 Fewer runs on a side than ``Criteria.min_runs``: ``insufficient runs`` (the reason says how many are needed),
-never called. Deterministic metrics (perplexity, size, parameters, memory) are judged by the threshold alone
-(a rerun gives the same number). Verdicts, in the order they are decided: ``n/a`` (no value on either side),
-``not compared`` (a value on one side only, or workload settings that matter for this metric differ),
-``insufficient runs``, ``unchanged`` (within the threshold), ``not significant`` (beyond the threshold but not
-significantly beyond it), ``regression``, ``improvement``. ``insufficient runs`` and ``not compared`` on a
+never called. Deterministic metrics (perplexity, size, parameters, KL divergence, task accuracy) are judged by the
+threshold alone (a rerun gives the same number). Verdicts, in the order they are decided: ``n/a`` (no value on
+either side), ``not compared`` (a value on one side only, or workload settings that matter for this metric
+differ), ``insufficient runs``, ``unchanged`` (within the threshold), ``not significant`` (beyond the threshold
+but not significantly beyond it), ``regression``, ``improvement``. ``insufficient runs`` and ``not compared`` on a
 gated metric, and a case that could not be compared, are **inconclusive**: a gate can fail on them
 (``--fail-on-inconclusive``).
 
@@ -62,7 +63,6 @@ REGRESSION, IMPROVEMENT = "regression", "improvement"
 UNCHANGED, NOT_SIGNIFICANT = "unchanged", "not significant"
 NA, NOT_COMPARED, INSUFFICIENT = "n/a", "not compared", "insufficient runs"
 INCONCLUSIVE = (INSUFFICIENT, NOT_COMPARED)  # on a gated metric: the gate cannot say, it fails closed
-NOISY_UNITS = ("s", "J", "tok/s")  # measured by clocks and meters: a rerun gives another number
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,6 @@ class Criteria:
                 f"others ±{self.info_pct:g}% (reported, not gated); one-sided Mann-Whitney U on run medians "
                 f"that the change is beyond the threshold, alpha {self.alpha:g}, >= {self.min_runs} runs per side"
                 + ("" if self.include_busy else "; runs flagged 'machine busy' do not count for runtime/energy"))
-
-
-def noisy(metric: Metric) -> bool:
-    """True for a metric a rerun measures differently (tested on runs); False: deterministic, threshold only."""
-    if metric.kind == "quality":
-        return False
-    return metric.samples_path is not None or metric.per_run_samples or metric.unit in NOISY_UNITS
 
 
 @dataclass(frozen=True)
@@ -191,9 +184,10 @@ def busy(case: Case) -> bool:
 def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Criteria,
            workload_diff: list[str]) -> MetricComparison:
     excluded = 0
-    if noisy(metric) and not crit.include_busy:  # a run on a busy machine is not a sample of this code's speed
+    if not metric.deterministic and not crit.include_busy:  # a run on a busy machine: no sample of this code's speed
         quiet_base, quiet_head = [c for c in base if not busy(c)], [c for c in head if not busy(c)]
-        excluded = len(base) - len(quiet_base) + len(head) - len(quiet_head)
+        # only runs that had a value count as left out: a metric no run measured is n/a, busy or not
+        excluded = sum(busy(c) and metric.value(c) is not None for c in [*base, *head])
         base, head = quiet_base, quiet_head
     bv = [v for c in base if (v := metric.value(c)) is not None]
     hv = [v for c in head if (v := metric.value(c)) is not None]
@@ -223,7 +217,7 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
         return out(NOT_COMPARED, "workload differs: " + "; ".join(workload_diff), change)
     beyond = abs(change) > threshold
     direction = REGRESSION if metric.is_worse(change) else IMPROVEMENT
-    if not noisy(metric):
+    if metric.deterministic:
         if not beyond:
             return out(UNCHANGED, f"within ±{threshold:g}% (deterministic: threshold only)", change)
         return out(direction, f"{change:+.2f}% beyond ±{threshold:g}% (deterministic: threshold only)", change)

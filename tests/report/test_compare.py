@@ -19,6 +19,7 @@ from conftest import make_reports
 from efficiency.metrics import METRICS
 from efficiency.report import stats
 from efficiency.report.compare import INSUFFICIENT, MIN_RUNS, Criteria, compare
+from efficiency.report.schema import upgrade
 from efficiency.report.stats import mann_whitney_u, min_p_value, u_statistic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,3 +319,27 @@ def test_runs_flagged_busy_do_not_count_for_runtime_verdicts() -> None:
     assert [cid for cid, _ in compare(base, head, Criteria(include_busy=True)).regressions()] == ["smollm2-135m-bnb8"]
     ppl = next(x for c in comp.cases if c.case_id.endswith("bnb8") for x in c.metrics if x.metric == "perplexity")
     assert ppl.verdict != INSUFFICIENT  # deterministic metrics are not affected by load
+
+
+def _set(case: dict[str, Any], path: tuple[str, ...], value: float) -> None:
+    for key in path[:-1]:
+        case = case.setdefault(key, {})
+    case[path[-1]] = value
+
+
+def test_every_metric_read_from_a_clock_needs_runs_whatever_its_unit() -> None:
+    """The review's reproduction: 'perplexity pass TFLOP/s -91.6% 1/1 regression' and 'decode weight bandwidth (B/s)
+    -7.4% 1/1 regression' from one run a side, while runtime said 'insufficient runs'."""
+    base, head = upgrade(load("base")), upgrade(load("base"))  # version 1's CPU peak reads null once upgraded
+    for b, h in zip(base["cases"], head["cases"], strict=True):
+        for i, m in enumerate(METRICS):
+            _set(b, m.path, 100.0 + i)
+            _set(h, m.path, (100.0 + i) * 0.5)  # halved: far beyond every threshold
+        h["perplexity"]["meaningful"] = b["perplexity"]["meaningful"] = True
+    comp = compare([base], [head])
+    for m in METRICS:
+        got = set(verdicts(comp, m.name).values())
+        assert got == ({"regression", "improvement"} & got if m.deterministic else {INSUFFICIENT}), m.name
+    assert set(verdicts(comp, "ppl_tflops").values()) == {INSUFFICIENT}
+    assert set(verdicts(comp, "decode_weight_bytes_per_s").values()) == {INSUFFICIENT}
+    assert set(verdicts(comp, "peak_bytes").values()) == {INSUFFICIENT}
