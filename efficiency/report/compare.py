@@ -37,7 +37,13 @@ gated metric, and a case that could not be compared, are **inconclusive**: a gat
 (``--fail-on-inconclusive``).
 
 Whole cases are not compared when the settings that make numbers comparable differ (workload dataset, context,
-stride, max_tokens; device; machine; random weights): the reason names the differing keys.
+stride, max_tokens; device; machine; random weights), or when the case itself measured something else
+(``case_identity``: the model's weights hash or revision): the reason names the difference.
+
+**Unknown is not different.** What a report does not record (a report written before it was recorded, a local
+model folder without a revision, weight files not found) is unknown on that side and never a reason to refuse on
+its own. Runs pooled on one side must agree on what they record, else that side measured different things and is
+not compared.
 """
 
 from __future__ import annotations
@@ -172,6 +178,56 @@ def _mismatch(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -
     return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def differing(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
+    """The ``keys`` (default: every key) that both sides record with different values, as ``key a vs b``. A key
+    one side does not record is unknown there, never a difference on its own: a report written before a setting
+    was recorded stays comparable with one that records it."""
+    names = list(dict.fromkeys([*a, *b])) if keys is None else keys
+    return [f"{k} {a[k]!r} vs {b[k]!r}" for k in names if k in a and k in b and a[k] != b[k]]
+
+
+def pooled(keys: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """One side's settings from the keys of its runs: each key's value where a run records it (the first), and
+    the keys whose recorded values differ between the runs (runs that measured different things: not one side)."""
+    merged: dict[str, Any] = {}
+    mixed: list[str] = []
+    for key in keys:
+        for k, v in key.items():
+            if k in merged and merged[k] != v and k not in mixed:
+                mixed.append(k)
+            merged.setdefault(k, v)
+    return merged, mixed
+
+
+def case_identity(report: Report, case: Case) -> dict[str, Any]:
+    """What one case measured beyond its run's settings: the model's weights (sha256 over its weight files) and
+    revision. A part the report does not record (no weight files, a local folder without revision, a report from
+    before they were recorded) is absent: unknown."""
+    info = case.get("model_info") or {}
+    out: dict[str, Any] = {k: str(info[k]) for k in ("weights_sha256", "revision") if info.get(k)}
+    return out
+
+
+# How a part of a case's identity is named, and the reason given when the two sides differ in it.
+_IDENTITY_WORDS: dict[str, tuple[str, str]] = {
+    "weights_sha256": ("model weights", "model weights differ (sha {0:.12} vs {1:.12})"),
+    "revision": ("model revision", "model revisions differ ({0} vs {1})"),
+}
+
+
+def identity_mismatch(base: Sequence[Mapping[str, Any]], head: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why cases of these identities (:func:`case_identity`, one per run) cannot be compared, None when they can:
+    a part both sides record with different values, or that differs among one side's pooled runs."""
+    (b, bmixed), (h, hmixed) = pooled(base), pooled(head)
+    for side, mixed in (("base", bmixed), ("head", hmixed)):
+        if mixed:
+            return f"the pooled {side} runs differ in " + ", ".join(_IDENTITY_WORDS[k][0] for k in mixed)
+    for k in dict.fromkeys([*b, *h]):
+        if k in b and k in h and b[k] != h[k]:
+            return _IDENTITY_WORDS[k][1].format(b[k], h[k])
+    return None
+
+
 def busy(case: Case) -> bool:
     """True when the machine was busy while this case was measured: the one rule of report/env.busy_warning,
     applied to the load snapshot the case recorded."""
@@ -241,11 +297,11 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
                f"{crit.alpha:g}, one-sided Mann-Whitney U on run medians, {runs})", change, test.p_value)
 
 
-def _cases_by_id(runs: Sequence[Report]) -> dict[str, list[Case]]:
-    out: dict[str, list[Case]] = {}
+def _cases_by_id(runs: Sequence[Report]) -> dict[str, list[tuple[Report, Case]]]:
+    out: dict[str, list[tuple[Report, Case]]] = {}
     for run in runs:
         for case in run.get("cases") or []:
-            out.setdefault(case["id"], []).append(case)
+            out.setdefault(case["id"], []).append((run, case))
     return out
 
 
@@ -301,18 +357,23 @@ def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: 
             found_base = _cases_by_id(runs).get(case_id, [])
         else:
             found_base = bcases.get(case_id, [])
-        b = [c for c in found_base if c.get("status") == "measured"]
-        h = [c for c in hcases.get(case_id, []) if c.get("status") == "measured"]
+        b = [(r, c) for r, c in found_base if c.get("status") == "measured"]
+        h = [(r, c) for r, c in hcases.get(case_id, []) if c.get("status") == "measured"]
         if run_reason:
             results.append(CaseComparison(case_id, False, run_reason, (), label))
             continue
         if not b or not h:
             missing = "base" if not b else "head"
             found = found_base if missing == "base" else hcases.get(case_id)
-            why = f"{found[0].get('status')}: {found[0].get('reason')}" if found else "absent"
+            why = f"{found[0][1].get('status')}: {found[0][1].get('reason')}" if found else "absent"
             results.append(CaseComparison(case_id, False, f"not measured in the {missing} run ({why})", (),
                                           label))
             continue
-        metrics = tuple(_judge(m, b, h, crit, _mismatch(bwl, hwl, m.workload_keys)) for m in METRICS)
+        other = identity_mismatch([case_identity(r, c) for r, c in b], [case_identity(r, c) for r, c in h])
+        if other:
+            results.append(CaseComparison(case_id, False, other, (), label))
+            continue
+        bc, hc = [c for _, c in b], [c for _, c in h]
+        metrics = tuple(_judge(m, bc, hc, crit, _mismatch(bwl, hwl, m.workload_keys)) for m in METRICS)
         results.append(CaseComparison(case_id, True, None, metrics, label))
     return Comparison(base_label, head_label, crit, tuple(results), tuple(notes))

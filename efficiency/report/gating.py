@@ -95,7 +95,8 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
 
 def head_runs(reports: Sequence[Report], db: Path | None) -> list[Report]:
     """The head side: the given runs and the other stored runs of the first one's commit (clean, complete, same
-    settings and machine), each once."""
+    settings and machine), each once, without their cases that measured other model weights than
+    the first run's (history.same_cases_only)."""
     out = list(reports)
     if db is None or not Path(db).exists() or not reports:
         return out
@@ -106,7 +107,7 @@ def head_runs(reports: Sequence[Report], db: Path | None) -> list[Report]:
             digest = history.report_hash(run)
             if digest not in seen:
                 seen.add(digest)
-                out.append(run)
+                out.append(history.same_cases_only(run, reports[0]))
     finally:
         conn.close()
     return out

@@ -11,8 +11,9 @@ older schema are upgraded before they are stored (efficiency.report.schema.upgra
 Baseline rule: runs that are interrupted, failed or incomplete (status other than ``complete``) or measured on
 a dirty working tree (or outside git: no commit, the code version is unknown) are stored but never chosen as
 a baseline unless the caller asks (``include_incomplete`` / ``include_dirty``). ``last`` is chosen per case
-(:func:`last_per_case`): for each case, the latest eligible commit that measured it, all its eligible runs
-pooled (a verdict needs several independent runs per side, efficiency.report.compare).
+(:func:`last_per_case`): for each case, the latest eligible commit that measured it with the same model weights
+and revision (where both runs record them), all its such eligible runs pooled (a verdict needs several
+independent runs per side, efficiency.report.compare).
 
 The schema is versioned: table ``schema_version`` holds one number, ``MIGRATIONS[i]`` brings a database from
 version i to i+1, and opening runs the missing ones in ONE transaction (``BEGIN IMMEDIATE`` on a connection in
@@ -36,7 +37,7 @@ from typing import Any
 
 from efficiency.defaults import HISTORY_FILENAME, REPORTS_DIRNAME
 from efficiency.metrics import METRICS, NAMES
-from efficiency.report.compare import comparable_key, machine_of
+from efficiency.report.compare import case_identity, comparable_key, identity_mismatch, machine_of, pooled
 from efficiency.report.schema import SchemaError, upgrade
 from efficiency.report.structure import read_checked
 
@@ -365,24 +366,33 @@ def last_baseline(conn: sqlite3.Connection, like: Report, include_dirty: bool = 
 
 def last_per_case(conn: sqlite3.Connection, head: Sequence[Report], include_dirty: bool = False,
                   include_incomplete: bool = False) -> dict[str, tuple[list[Report], str]]:
-    """``last`` chosen per case: for each case of the head, the latest eligible commit whose runs measured it,
-    with every eligible run of that commit that measured it (pooled: independent runs). Cases no eligible run
-    measured are absent (the comparison says so)."""
+    """``last`` chosen per case: for each case of the head, the latest eligible commit whose runs measured it with
+    the head's model weights and revision where both record them (compare.case_identity),
+    with every such eligible run of that commit (pooled: independent runs). A run that measured a case with other
+    weights is passed over for that case only: its other cases stay baselines. Cases no eligible run measured
+    are absent (the comparison says so)."""
     candidates = _candidates(conn, head, include_dirty, include_incomplete)
     measured = {r.id: _measured(conn, r.id) for r in candidates}
     loaded: dict[int, Report] = {}
+
+    def same_case(run: Run, case_id: str, like: dict[str, Any]) -> bool:
+        if case_id not in measured[run.id]:
+            return False
+        report = loaded.setdefault(run.id, load(conn, run.id))
+        case = next(c for c in report.get("cases") or [] if c["id"] == case_id)
+        return identity_mismatch([case_identity(report, case)], [like]) is None
+
     out: dict[str, tuple[list[Report], str]] = {}
     for case_id in dict.fromkeys(c["id"] for r in head for c in r.get("cases") or []):
-        latest = next((r for r in reversed(candidates) if case_id in measured[r.id]), None)
+        like, _ = pooled([case_identity(r, c) for r in head for c in r.get("cases") or [] if c["id"] == case_id])
+        latest = next((r for r in reversed(candidates) if same_case(r, case_id, like)), None)
         if latest is None:
             continue
-        pooled = [r for r in candidates if case_id in measured[r.id] and r.commit == latest.commit
-                  and (latest.commit is not None or r.id == latest.id)]
-        for r in pooled:
-            loaded.setdefault(r.id, load(conn, r.id))
-        label = (f"last: {(latest.commit or 'nogit')[:12]}, {len(pooled)} run(s)" if len(pooled) > 1
+        pooled_runs = [r for r in candidates if r.commit == latest.commit
+                       and (latest.commit is not None or r.id == latest.id) and same_case(r, case_id, like)]
+        label = (f"last: {(latest.commit or 'nogit')[:12]}, {len(pooled_runs)} run(s)" if len(pooled_runs) > 1
                  else f"last: {latest.label}")
-        out[case_id] = ([loaded[r.id] for r in pooled], label)
+        out[case_id] = ([loaded[r.id] for r in pooled_runs], label)
     return out
 
 
@@ -397,6 +407,17 @@ def same_commit_runs(conn: sqlite3.Connection, report: Report) -> list[Report]:
     key, digest = _key_json(report), report_hash(report)
     return [load(conn, r.id) for r in runs(conn, commit) if r.commit == commit and r.baseline_ok()
             and r.settings_key == key and _hash_of(conn, r.id) != digest]
+
+
+def same_cases_only(run: Report, like: Report) -> Report:
+    """``run`` without its cases that measured something else than ``like``'s case of the same id (other model
+    weights or revision: compare.case_identity), so that pooling it with ``like`` as
+    another sample of the same code never mixes two experiments; the other cases stay."""
+    mine = {c["id"]: case_identity(like, c) for c in like.get("cases") or []}
+    cases = run.get("cases") or []
+    kept = [c for c in cases
+            if c["id"] not in mine or identity_mismatch([case_identity(run, c)], [mine[c["id"]]]) is None]
+    return run if len(kept) == len(cases) else {**run, "cases": kept}
 
 
 def at_commit(conn: sqlite3.Connection, commit: str, include_dirty: bool = False,

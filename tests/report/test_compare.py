@@ -321,6 +321,41 @@ def test_runs_flagged_busy_do_not_count_for_runtime_verdicts() -> None:
     assert ppl.verdict != INSUFFICIENT  # deterministic metrics are not affected by load
 
 
+# --- runs that measured different things: never a verdict ---------------------------------------------------
+
+
+def _weights(run: dict[str, Any], sha: str | None, revision: str | None = None, only: str = "") -> dict[str, Any]:
+    """``run`` with its cases' model_info (what the runner records: revision, sha256 over the weight files)."""
+    for c in run["cases"]:
+        if c["id"].endswith(only):
+            c["model_info"] = {"source": "local-hf:/m", "revision": revision, "weights_sha256": sha}
+    return run
+
+
+def test_a_case_measured_with_other_model_weights_is_not_compared() -> None:
+    """The review's reproduction: one grid run with --eff-model-dir pointing at another tiny-gpt2 gated 'perplexity
+    +1.43% beyond ±1%, GATE FAILED': the change was the weights', not the code's."""
+    base = _weights(load("base"), "a" * 64)
+    head = _weights(_weights(load("base"), "a" * 64), "b" * 64, only="bnb4")
+    for c in head["cases"]:
+        c["perplexity"]["value"] *= 1.05
+    comp = compare([base], [head])
+    by_id = {c.case_id: c for c in comp.cases}
+    assert not by_id["smollm2-135m-bnb4"].compared
+    assert by_id["smollm2-135m-bnb4"].reason == f"model weights differ (sha {'a' * 12} vs {'b' * 12})"
+    assert "smollm2-135m-bnb4: not compared: model weights differ" in comp.inconclusive()[0]
+    assert [cid for cid, _ in comp.regressions()] == [f"smollm2-135m-{t}" for t in ("fp32", "bf16", "bnb8")]
+    # a revision recorded on both sides and different: not compared either
+    comp = compare([_weights(load("base"), None, "r1")], [_weights(load("base"), None, "r2")])
+    assert {c.reason for c in comp.cases} == {"model revisions differ (r1 vs r2)"}
+    # a side that does not record them (an older report, weight files not found): unknown, compared
+    comp = compare([load("base")], [head])
+    assert comp.compared == 4 and len(comp.regressions()) == 4
+    # pooled runs of one side that measured two sets of weights are not one sample
+    comp = compare([base, _weights(load("base"), "c" * 64)], [_weights(load("base"), "a" * 64)])
+    assert {c.reason for c in comp.cases} == {"the pooled base runs differ in model weights"}
+
+
 def _set(case: dict[str, Any], path: tuple[str, ...], value: float) -> None:
     for key in path[:-1]:
         case = case.setdefault(key, {})

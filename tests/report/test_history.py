@@ -306,3 +306,39 @@ def test_unusable_or_missing_database(tmp_path: Path) -> None:
     with pytest.raises(history.HistoryError, match="no history database"):
         history.connect(tmp_path / "missing.sqlite", create=False)
     assert not (tmp_path / "missing.sqlite").exists()
+
+
+def _weights(run: dict[str, Any], sha: str, only: str = "") -> dict[str, Any]:
+    for c in run["cases"]:
+        if c["id"].endswith(only):
+            c["model_info"] = {"source": "local-hf:/m", "revision": None, "weights_sha256": sha}
+    return run
+
+
+def test_last_never_picks_a_run_of_other_weights_for_a_case(tmp_path: Path) -> None:
+    """Per case: a run that measured bnb4 with other weights is passed over for bnb4 only; its other cases, measured
+    with the head's weights, stay the latest baselines."""
+    conn = history.connect(tmp_path / "h.sqlite")
+    history.add_report(conn, _weights(load("base"), "a" * 64))  # a1, 11-20
+    history.add_report(conn, _weights(_weights(load("head-noise"), "a" * 64), "b" * 64, only="bnb4"))  # b2, 11-21
+    head = _weights(_stored("head-slow", started_at="2026-11-25T10:00:00+00:00"), "a" * 64)
+    per_case = history.last_per_case(conn, [head])
+    assert "a1a1a1a1a1a1" in per_case["smollm2-135m-bnb4"][1]
+    assert all("b2b2b2b2b2b2" in per_case[f"smollm2-135m-{t}"][1] for t in ("fp32", "bf16", "bnb8"))
+    # a head that does not record its weights: unknown, the latest run is its baseline for every case
+    assert "b2b2b2b2b2b2" in history.last_per_case(conn, [load("head-slow")])["smollm2-135m-bnb4"][1]
+    conn.close()
+
+
+def test_head_pooling_leaves_out_the_cases_of_other_weights(tmp_path: Path) -> None:
+    from efficiency.report.gating import head_runs
+
+    db = tmp_path / "h.sqlite"
+    conn = history.connect(db)
+    one = _weights(load("base"), "a" * 64)
+    two = _weights(_weights(_stored("head-noise", git={"commit": "a1" * 20}), "a" * 64), "b" * 64, only="bnb4")
+    history.add_report(conn, two)
+    conn.close()
+    pooled = head_runs([one], db)
+    assert len(pooled) == 2
+    assert [c["id"] for c in pooled[1]["cases"]] == [f"smollm2-135m-{t}" for t in ("fp32", "bf16", "bnb8")]
