@@ -66,7 +66,9 @@ class Metric:
     kind: Kind = "info"
     samples_path: tuple[str, ...] | None = None  # per-round values; None: one value per run
     per_run_samples: bool = False  # the value itself is one sample per run (energy windows span all rounds)
-    workload_keys: tuple[str, ...] = ()  # workload settings that must match for this metric to be compared
+    # settings that must match for this metric to be compared: keys of settings.workload, or the settings sections
+    # "baseline", "kld", "tasks", "serving" (efficiency.report.compare.measurement_settings)
+    workload_keys: tuple[str, ...] = ()
     pareto_tolerance_pct: float | None = None  # an axis of the Pareto front, with its noise tolerance
     short: str = ""  # column header in the terminal table ("" = not a terminal column)
     formatter: Callable[[float | None], str] = fmt_number
@@ -108,6 +110,8 @@ class Metric:
     def format(self, value: float | None) -> str:
         return self.formatter(value)
 
+
+KLD_KEYS = ("kld", "baseline")  # the KL divergence is measured against the baseline technique's distribution
 
 METRICS: tuple[Metric, ...] = (
     Metric("perplexity", "perplexity", "", "lower", ("perplexity", "value"), kind="quality",
@@ -151,19 +155,21 @@ METRICS: tuple[Metric, ...] = (
     Metric("parameters", "parameters", "", "lower", ("size", "parameters"), deterministic=True),
     # quality beyond perplexity and serving (optional phases: their group must be enabled)
     Metric("kld_mean", "KL divergence from baseline (nats/token)", "", "lower", ("kld", "mean"),
-           requires_meaningful_quality=True, group="kld", relative=False, short="KLD",
+           requires_meaningful_quality=True, group="kld", relative=False, short="KLD", workload_keys=KLD_KEYS,
            deterministic=True),
     Metric("kld_p99", "KL divergence p99 (nats)", "", "lower", ("kld", "p99"), requires_meaningful_quality=True,
-           group="kld", relative=False, deterministic=True),
+           group="kld", relative=False, workload_keys=KLD_KEYS, deterministic=True),
     Metric("top1_match", "top-1 agreement with baseline", "", "higher", ("kld", "top1_match"),
-           requires_meaningful_quality=True, group="kld", relative=False, short="top1",
+           requires_meaningful_quality=True, group="kld", relative=False, short="top1", workload_keys=KLD_KEYS,
            deterministic=True),
     Metric("task_acc_mean", "task accuracy (mean over tasks)", "", "higher", ("tasks", "mean_acc"),
-           requires_meaningful_quality=True, group="tasks", short="acc", deterministic=True),
+           requires_meaningful_quality=True, group="tasks", short="acc", workload_keys=("tasks",), deterministic=True),
     Metric("serving_tokens_per_s", "serving throughput at the largest batch (tokens/s)", "tok/s", "higher",
-           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s", deterministic=False),
+           ("serving", "largest", "tokens_per_s"), group="serving", short="serve tok/s",
+           workload_keys=("serving",), deterministic=False),
     Metric("serving_j_per_token", "serving energy per output token at the largest batch (J)", "J", "lower",
-           ("serving", "largest", "j_per_token"), group="serving", deterministic=False),
+           ("serving", "largest", "j_per_token"), group="serving", workload_keys=("serving",),
+           deterministic=False),
 )
 
 # Producers of the optional groups: efficiency/phases/kld.py, tasks.py, serving.py (their sections exist only where

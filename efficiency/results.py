@@ -43,11 +43,11 @@ class CaseResult:
         return case_to_dict(self)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
@@ -79,14 +79,14 @@ def case_to_dict(result: CaseResult) -> dict[str, Any]:
         "random_weights": result.random_weights,
         "load_s": result.load_s,
         "apply_s": result.apply_s,
-        "technique_info": _jsonable(result.technique_info),
-        "model_info": _jsonable(result.model_info),
-        **_jsonable(result.sections),
+        "technique_info": jsonable(result.technique_info),
+        "model_info": jsonable(result.model_info),
+        **jsonable(result.sections),
         "size": result.size.to_dict(),
         "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None),
                           "setup_s": rec.setup_s}
                    for name, rec in result.records.items()},
-        "conditions": _jsonable(result.conditions),
+        "conditions": jsonable(result.conditions),
     }
     found: list[str] = []
     case = scrub_non_finite(case, "", found)
@@ -102,4 +102,4 @@ def unmeasured_case(case_id: str, model: str, technique: str, status: str, reaso
     if status not in CASE_STATUSES:
         raise ValueError(f"unknown case status {status!r}")
     return {"id": case_id, "model": model, "technique": technique, "status": status, "reason": reason,
-            **scrub_non_finite(_jsonable(extra))}
+            **scrub_non_finite(jsonable(extra))}

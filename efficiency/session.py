@@ -25,6 +25,7 @@ from efficiency.errors import Unavailable
 from efficiency.report.schema import new_report, now_iso
 from efficiency.results import unmeasured_case
 from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_flags
+from efficiency.techniques.options import recorded_options
 
 IDLE_SECONDS = 5.0  # idle-power reading per run (only where a real meter reads the primary energy)
 
@@ -109,6 +110,15 @@ class EfficiencySession:
             "model_dir": str(cfg.model_dir) if cfg.model_dir else None,
             "data_dir": str(cfg.data_dir) if cfg.data_dir else None,
             "score_convention": CONVENTION,
+            # what the techniques and optional phases ran with: merge refuses shards that differ in them, compare
+            # refuses cases they make different (efficiency.report.compare: RUN_SETTINGS, case_identity, the
+            # metrics' workload_keys)
+            "compute_dtype": cfg.compute_dtype,
+            "technique_options": recorded_options(cfg.technique_options),
+            "calibration_path": str(cfg.calibration_path) if cfg.calibration_path else None,
+            "device_map": cfg.device_map,
+            "kld": cfg.kld.to_dict(), "tasks": cfg.tasks.to_dict(), "serving": cfg.serving.to_dict(),
+            "accuracy_thresholds": dict(cfg.tasks.thresholds),
             **({"shard": {"index": self.shard[0], "count": self.shard[1]}} if self.shard else {}),
         }
 

@@ -112,6 +112,47 @@ def test_merge_refuses_shards_of_another_run_with_the_reason(change: Any, reason
     assert reason in str(err.value)
 
 
+def _recorded_settings(root: Path, table: dict[str, Any] | None = None, **opts: Any) -> dict[str, Any]:
+    """The settings a run records (EfficiencySession.settings) for these options and pyproject table."""
+    from efficiency.session import EfficiencySession
+    from efficiency.settings import build_config
+
+    cfg = build_config({"models": "smollm2-135m", "techniques": "fp32,bnb4", **opts}, table or {}, root,
+                       device="cpu")
+    return EfficiencySession(cfg, root).settings()
+
+
+@pytest.mark.parametrize(("table", "opts", "reason"), [
+    ({}, {"compute_dtype": "bf16"}, "settings.compute_dtype: None vs 'bf16'"),
+    # options are recorded by the canonical name of the step they set (bnb4-nf4 is bnb4), as a case's steps say
+    ({"technique": {"bnb4-nf4": {"double_quant": True}}}, {}, "settings.technique_options.bnb4: None vs "
+                                                               "{'double_quant': True}"),
+    ({}, {"kld_tokens": "512"}, "settings.kld.tokens: 4096 vs 512"),
+    ({}, {"batch_sizes": "1,8"}, "settings.serving.batch_sizes: [] vs [1, 8]"),
+])
+def test_merge_refuses_shards_run_with_other_technique_or_phase_settings(tmp_path: Path, table: dict[str, Any],
+                                                                         opts: dict[str, Any], reason: str) -> None:
+    """The review's reproduction: shard 2/2 run with --eff-compute-dtype bf16 merged into 'status complete' because
+    the report did not record the compute dtype (nor technique options, calibration, device map, kld/tasks/serving)."""
+    parts = split(grid_report(), 2)
+    for part, settings in zip(parts, (_recorded_settings(tmp_path), _recorded_settings(tmp_path, table, **opts)),
+                              strict=True):
+        part["settings"] = {**settings, "shard": part["settings"]["shard"]}
+    with pytest.raises(MergeError, match="b.json is not a shard of the same run as a.json") as err:
+        merge(parts, ["a.json", "b.json"])
+    assert reason in str(err.value)
+
+
+def test_recorded_settings_name_what_the_techniques_and_phases_ran_with(tmp_path: Path) -> None:
+    settings = _recorded_settings(tmp_path, {"technique": {"bnb4-nf4": {"double_quant": True}}}, compute_dtype="bf16",
+                                  calibration=str(tmp_path / "calib.txt"))
+    assert settings["compute_dtype"] == "bf16" and settings["calibration_path"] == str(tmp_path / "calib.txt")
+    assert settings["technique_options"] == {"bnb4": {"double_quant": True}} and settings["device_map"] is None
+    assert settings["kld"]["tokens"] > 0 and settings["serving"]["batch_sizes"] == []
+    assert settings["tasks"]["tasks"] == [] and settings["accuracy_thresholds"] == {}
+    json.dumps(settings, allow_nan=False)  # JSON as written
+
+
 def test_merge_refuses_a_case_measured_twice_and_marks_a_missing_shard() -> None:
     parts = split(grid_report(), 3)
     with pytest.raises(MergeError, match=r"case .* is in both a.json and b.json"):

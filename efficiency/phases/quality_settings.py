@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from efficiency.defaults import DEFAULT_INPUT_TOKENS, DEFAULT_KLD_TOKENS, DEFAULT_KLD_TOP_K, DEFAULT_OUTPUT_TOKENS
 from efficiency.errors import ConfigError
@@ -48,6 +49,12 @@ class TasksSettings:
     def enabled(self) -> bool:
         return bool(self.tasks)
 
+    def to_dict(self) -> dict[str, Any]:
+        """What the report's settings record: what decides the accuracies measured (the thresholds judge them and
+        are recorded apart, so that changing one leaves the accuracies comparable)."""
+        return {"tasks": list(self.tasks), "tasks_dir": str(self.tasks_dir) if self.tasks_dir else None,
+                "limit": self.limit, "batch_size": self.batch_size, "metric": self.metric}
+
 
 def parse_thresholds(items: list[str] | tuple[str, ...]) -> dict[str, float]:
     """``["arc_easy=2", "eff_facts=5.5"]`` -> ``{"arc_easy": 2.0, "eff_facts": 5.5}`` (ConfigError otherwise)."""
@@ -81,6 +88,9 @@ class KldSettings:
     def enabled(self) -> bool:
         return self.tokens > 0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "top_k": self.top_k}
+
 
 @dataclass(frozen=True)
 class ServingSettings:
@@ -105,6 +115,10 @@ class ServingSettings:
     @property
     def enabled(self) -> bool:
         return bool(self.batch_sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens}
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:

@@ -30,20 +30,21 @@ verdict.
 Fewer runs on a side than ``Criteria.min_runs``: ``insufficient runs`` (the reason says how many are needed),
 never called. Deterministic metrics (perplexity, size, parameters, KL divergence, task accuracy) are judged by the
 threshold alone (a rerun gives the same number). Verdicts, in the order they are decided: ``n/a`` (no value on
-either side), ``not compared`` (a value on one side only, or workload settings that matter for this metric
-differ), ``insufficient runs``, ``unchanged`` (within the threshold), ``not significant`` (beyond the threshold
-but not significantly beyond it), ``regression``, ``improvement``. ``insufficient runs`` and ``not compared`` on a
-gated metric, and a case that could not be compared, are **inconclusive**: a gate can fail on them
-(``--fail-on-inconclusive``).
+either side), ``not compared`` (a value on one side only, or settings that matter for this metric differ: its
+``workload_keys``), ``insufficient runs``, ``unchanged`` (within the threshold), ``not significant`` (beyond the
+threshold but not significantly beyond it), ``regression``, ``improvement``. ``insufficient runs`` and ``not
+compared`` on a gated metric, and a case that could not be compared, are **inconclusive**: a gate can fail on
+them (``--fail-on-inconclusive``).
 
 Whole cases are not compared when the settings that make numbers comparable differ (workload dataset, context,
-stride, max_tokens; device; machine; random weights), or when the case itself measured something else
-(``case_identity``: the model's weights hash or revision): the reason names the difference.
+stride, max_tokens; device; machine; random weights; the run settings every step sees, ``RUN_SETTINGS``: compute
+dtype, calibration file, device map), or when the case itself measured something else (``case_identity``: the
+model's weights hash or revision, the technique options of the case's steps): the reason names the difference.
 
-**Unknown is not different.** What a report does not record (a report written before it was recorded, a local
-model folder without a revision, weight files not found) is unknown on that side and never a reason to refuse on
-its own. Runs pooled on one side must agree on what they record, else that side measured different things and is
-not compared.
+**Unknown is not different.** A setting or identity part a report does not record (one written before it was
+recorded, a local model folder without a revision) is unknown on that side and never a reason to refuse on its
+own: old reports stay comparable with new ones on what both record. Runs pooled on one side must agree on what
+they record, else that side measured different things and is not compared.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ REGRESSION, IMPROVEMENT = "regression", "improvement"
 UNCHANGED, NOT_SIGNIFICANT = "unchanged", "not significant"
 NA, NOT_COMPARED, INSUFFICIENT = "n/a", "not compared", "insufficient runs"
 INCONCLUSIVE = (INSUFFICIENT, NOT_COMPARED)  # on a gated metric: the gate cannot say, it fails closed
+# Settings every technique step of a run sees (the compute dtype bitsandbytes computes in, the calibration text,
+# how a model is split across GPUs): runs that differ in one measured every case differently.
+RUN_SETTINGS = ("compute_dtype", "calibration_path", "device_map")
+# Settings sections a metric's workload_keys may name besides the workload (efficiency.metrics).
+METRIC_SETTINGS = ("baseline", "kld", "tasks", "serving")
 
 
 @dataclass(frozen=True)
@@ -167,15 +173,20 @@ def machine_of(report: Report) -> dict[str, Any]:
 
 
 def comparable_key(report: Report) -> dict[str, Any]:
-    """What must be equal for two runs' cases to be compared at all."""
+    """What must be equal for two runs' cases to be compared at all: workload, random weights, machine and the
+    run settings every technique step sees (:data:`RUN_SETTINGS`). A run setting the report does not record (one
+    written before it was recorded) is absent from the key: unknown, see :func:`differing`."""
     settings = report.get("settings") or {}
     wl = settings.get("workload") or {}
     return {**{k: wl.get(k) for k in ("dataset", "context", "stride", "max_tokens")},
-            "random_weights": bool(settings.get("random_weights")), **machine_of(report)}
+            "random_weights": bool(settings.get("random_weights")), **machine_of(report),
+            **{k: settings[k] for k in RUN_SETTINGS if k in settings}}
 
 
-def _mismatch(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
-    return [f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+def measurement_settings(report: Report) -> dict[str, Any]:
+    """The settings a metric's ``workload_keys`` name: the workload and the sections :data:`METRIC_SETTINGS`."""
+    settings = report.get("settings") or {}
+    return {**(settings.get("workload") or {}), **{k: settings[k] for k in METRIC_SETTINGS if k in settings}}
 
 
 def differing(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
@@ -201,10 +212,13 @@ def pooled(keys: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]
 
 def case_identity(report: Report, case: Case) -> dict[str, Any]:
     """What one case measured beyond its run's settings: the model's weights (sha256 over its weight files) and
-    revision. A part the report does not record (no weight files, a local folder without revision, a report from
-    before they were recorded) is absent: unknown."""
+    revision, and the technique options of the case's own steps. A part the report does not record (no weight
+    files, a local folder without revision, a report from before options were recorded) is absent: unknown."""
     info = case.get("model_info") or {}
     out: dict[str, Any] = {k: str(info[k]) for k in ("weights_sha256", "revision") if info.get(k)}
+    options = (report.get("settings") or {}).get("technique_options")
+    if isinstance(options, Mapping):
+        out["technique_options"] = {s: options[s] for s in case.get("steps") or [] if s in options}
     return out
 
 
@@ -212,6 +226,7 @@ def case_identity(report: Report, case: Case) -> dict[str, Any]:
 _IDENTITY_WORDS: dict[str, tuple[str, str]] = {
     "weights_sha256": ("model weights", "model weights differ (sha {0:.12} vs {1:.12})"),
     "revision": ("model revision", "model revisions differ ({0} vs {1})"),
+    "technique_options": ("technique options", "technique options of the case's steps differ ({0!r} vs {1!r})"),
 }
 
 
@@ -270,7 +285,7 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
     if change is None:
         return out(NA, "base value is 0")
     if workload_diff:
-        return out(NOT_COMPARED, "workload differs: " + "; ".join(workload_diff), change)
+        return out(NOT_COMPARED, "settings differ: " + "; ".join(workload_diff), change)
     beyond = abs(change) > threshold
     direction = REGRESSION if metric.is_worse(change) else IMPROVEMENT
     if metric.deterministic:
@@ -305,11 +320,16 @@ def _cases_by_id(runs: Sequence[Report]) -> dict[str, list[tuple[Report, Case]]]
     return out
 
 
-def _group_key(runs: Sequence[Report]) -> tuple[dict[str, Any] | None, str | None]:
-    keys = [comparable_key(r) for r in runs]
-    if any(k != keys[0] for k in keys[1:]):
-        return None, "the pooled runs do not share settings and machine"
-    return keys[0], None
+def _side_settings(runs: Sequence[Report]) -> tuple[dict[str, Any], list[str]]:
+    return pooled([measurement_settings(r) for r in runs])
+
+
+def _settings_diff(base: tuple[dict[str, Any], list[str]], head: tuple[dict[str, Any], list[str]],
+                   keys: Sequence[str]) -> list[str]:
+    """The metric's settings (``keys``) that differ between the sides, or among one side's pooled runs."""
+    mixed = [f"{k} differs among the pooled {side} runs" for side, (_, m) in (("base", base), ("head", head))
+             for k in keys if k in m]
+    return mixed + differing(base[0], head[0], keys)
 
 
 def _notes(runs: Sequence[Report], side: str) -> list[str]:
@@ -337,24 +357,27 @@ def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: 
     head_runs = [upgrade(r) for r in head_runs]
     per_case = {k: ([upgrade(r) for r in runs], label) for k, (runs, label) in (base_for_case or {}).items()}
     every_base = [*base_runs, *(r for runs, _ in per_case.values() for r in runs)]
-    bkey, berr = _group_key(every_base)
-    hkey, herr = _group_key(head_runs)
-    run_reason = berr or herr
-    if bkey is not None and hkey is not None and run_reason is None:
-        diff = _mismatch(bkey, hkey, list(dict.fromkeys([*bkey, *hkey])))
-        if diff:
-            run_reason = "settings differ: " + "; ".join(diff)
-    bwl = (every_base[0].get("settings") or {}).get("workload") or {}
-    hwl = (head_runs[0].get("settings") or {}).get("workload") or {}
+    run_reason = None
+    bkey, bmixed = pooled([comparable_key(r) for r in every_base])
+    hkey, hmixed = pooled([comparable_key(r) for r in head_runs])
+    for side, mixed in (("base", bmixed), ("head", hmixed)):
+        if mixed and run_reason is None:
+            run_reason = f"the pooled {side} runs do not share settings and machine ({', '.join(mixed)})"
+    diff = differing(bkey, hkey)
+    if diff and run_reason is None:
+        run_reason = "settings differ: " + "; ".join(diff)
     notes = list(dict.fromkeys([*_notes(list({id(r): r for r in every_base}.values()), "base"),
                                 *_notes(head_runs, "head")]))
     bcases, hcases = _cases_by_id(base_runs), _cases_by_id(head_runs)
+    base_settings, head_settings = _side_settings(base_runs), _side_settings(head_runs)
     results: list[CaseComparison] = []
     for case_id in list(dict.fromkeys([*bcases, *per_case, *hcases])):
         label = None
+        case_settings = base_settings
         if case_id in per_case:
             runs, label = per_case[case_id]
             found_base = _cases_by_id(runs).get(case_id, [])
+            case_settings = _side_settings(runs)
         else:
             found_base = bcases.get(case_id, [])
         b = [(r, c) for r, c in found_base if c.get("status") == "measured"]
@@ -374,6 +397,7 @@ def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: 
             results.append(CaseComparison(case_id, False, other, (), label))
             continue
         bc, hc = [c for _, c in b], [c for _, c in h]
-        metrics = tuple(_judge(m, bc, hc, crit, _mismatch(bwl, hwl, m.workload_keys)) for m in METRICS)
+        metrics = tuple(_judge(m, bc, hc, crit, _settings_diff(case_settings, head_settings, m.workload_keys))
+                        for m in METRICS)
         results.append(CaseComparison(case_id, True, None, metrics, label))
     return Comparison(base_label, head_label, crit, tuple(results), tuple(notes))

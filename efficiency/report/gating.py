@@ -95,7 +95,7 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
 
 def head_runs(reports: Sequence[Report], db: Path | None) -> list[Report]:
     """The head side: the given runs and the other stored runs of the first one's commit (clean, complete, same
-    settings and machine), each once, without their cases that measured other model weights than
+    settings and machine), each once, without their cases that measured other weights or technique options than
     the first run's (history.same_cases_only)."""
     out = list(reports)
     if db is None or not Path(db).exists() or not reports:

@@ -11,9 +11,10 @@ older schema are upgraded before they are stored (efficiency.report.schema.upgra
 Baseline rule: runs that are interrupted, failed or incomplete (status other than ``complete``) or measured on
 a dirty working tree (or outside git: no commit, the code version is unknown) are stored but never chosen as
 a baseline unless the caller asks (``include_incomplete`` / ``include_dirty``). ``last`` is chosen per case
-(:func:`last_per_case`): for each case, the latest eligible commit that measured it with the same model weights
-and revision (where both runs record them), all its such eligible runs pooled (a verdict needs several
-independent runs per side, efficiency.report.compare).
+(:func:`last_per_case`): for each case, the latest eligible commit that measured it with the same model weights,
+revision and technique options (where both runs record them), all its such eligible runs pooled (a verdict needs
+several independent runs per side, efficiency.report.compare). Settings match as compare.differing says: on
+what both runs record, so a run stored before a setting was recorded stays a candidate.
 
 The schema is versioned: table ``schema_version`` holds one number, ``MIGRATIONS[i]`` brings a database from
 version i to i+1, and opening runs the missing ones in ONE transaction (``BEGIN IMMEDIATE`` on a connection in
@@ -37,7 +38,7 @@ from typing import Any
 
 from efficiency.defaults import HISTORY_FILENAME, REPORTS_DIRNAME
 from efficiency.metrics import METRICS, NAMES
-from efficiency.report.compare import case_identity, comparable_key, identity_mismatch, machine_of, pooled
+from efficiency.report.compare import case_identity, comparable_key, differing, identity_mismatch, machine_of, pooled
 from efficiency.report.schema import SchemaError, upgrade
 from efficiency.report.structure import read_checked
 
@@ -233,6 +234,12 @@ def _key_json(report: Report) -> str:
     return json.dumps(comparable_key(report), sort_keys=True)
 
 
+def _same_settings(run: Run, key: dict[str, Any]) -> bool:
+    """The stored run's settings and machine match ``key`` (compare.comparable_key) on everything both record: a
+    run stored before a setting was recorded is not excluded for lacking it (compare.differing)."""
+    return not differing(json.loads(run.settings_key), key)
+
+
 @dataclass(frozen=True)
 class Run:
     id: int
@@ -338,7 +345,7 @@ def _candidates(conn: sqlite3.Connection, like: Sequence[Report], include_dirty:
     """Baseline-eligible runs, oldest first, for a head of the runs ``like``: same settings and machine, not one
     of them, not started after the first of them and, for a head on a clean tree, not of the head's commit
     (those runs are the head)."""
-    key = _key_json(like[0])
+    key = comparable_key(like[0])
     digests = {report_hash(r) for r in like}
     starts = [s for r in like if (s := r.get("started_at"))]
     started = min(starts) if starts else None
@@ -346,7 +353,7 @@ def _candidates(conn: sqlite3.Connection, like: Sequence[Report], include_dirty:
     own_commit = git.get("commit") if git.get("dirty") is False else None
     out = []
     for run in runs(conn):
-        if run.settings_key != key or not run.baseline_ok(include_dirty, include_incomplete):
+        if not _same_settings(run, key) or not run.baseline_ok(include_dirty, include_incomplete):
             continue
         if (own_commit and run.commit == own_commit) or _hash_of(conn, run.id) in digests:
             continue
@@ -367,7 +374,7 @@ def last_baseline(conn: sqlite3.Connection, like: Report, include_dirty: bool = 
 def last_per_case(conn: sqlite3.Connection, head: Sequence[Report], include_dirty: bool = False,
                   include_incomplete: bool = False) -> dict[str, tuple[list[Report], str]]:
     """``last`` chosen per case: for each case of the head, the latest eligible commit whose runs measured it with
-    the head's model weights and revision where both record them (compare.case_identity),
+    the head's model weights, revision and technique options where both record them (compare.case_identity),
     with every such eligible run of that commit (pooled: independent runs). A run that measured a case with other
     weights is passed over for that case only: its other cases stay baselines. Cases no eligible run measured
     are absent (the comparison says so)."""
@@ -404,14 +411,14 @@ def same_commit_runs(conn: sqlite3.Connection, report: Report) -> list[Report]:
     commit = git.get("commit")
     if not commit or git.get("dirty") is not False:
         return []
-    key, digest = _key_json(report), report_hash(report)
+    key, digest = comparable_key(report), report_hash(report)
     return [load(conn, r.id) for r in runs(conn, commit) if r.commit == commit and r.baseline_ok()
-            and r.settings_key == key and _hash_of(conn, r.id) != digest]
+            and _same_settings(r, key) and _hash_of(conn, r.id) != digest]
 
 
 def same_cases_only(run: Report, like: Report) -> Report:
     """``run`` without its cases that measured something else than ``like``'s case of the same id (other model
-    weights or revision: compare.case_identity), so that pooling it with ``like`` as
+    weights or revision, other technique options: compare.case_identity), so that pooling it with ``like`` as
     another sample of the same code never mixes two experiments; the other cases stay."""
     mine = {c["id"]: case_identity(like, c) for c in like.get("cases") or []}
     cases = run.get("cases") or []
@@ -436,7 +443,8 @@ def at_commit(conn: sqlite3.Connection, commit: str, include_dirty: bool = False
         why = f" ({len(every)} stored, none complete on a clean tree; see --include-dirty / " \
               "--include-incomplete)" if every else ""
         raise HistoryError(f"no usable run of commit {commit!r} in the history{why}")
-    return [r for r in usable if r.settings_key == usable[-1].settings_key]
+    latest = json.loads(usable[-1].settings_key)
+    return [r for r in usable if _same_settings(r, latest)]
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,12 @@ Version 2 (this one) adds to every measured case ``metrics`` (every registry met
 ``deltas`` keyed by metric name, the ``runtime_only`` score, and the case statuses ``invalid`` and ``oom`` and
 the run status ``incomplete``. Version-1 reports are upgraded on read by :func:`upgrade` (their content is
 kept; what version 1 did not measure stays null); anything older or unversioned is refused.
+
+Settings recorded later within version 2 (``compute_dtype``, ``technique_options`` by canonical step name,
+``calibration_path``, ``device_map``, ``kld``, ``tasks``, ``serving``, ``accuracy_thresholds``) are optional
+additions, not a new version: a report without one was written before it was recorded and readers take it as
+unknown (efficiency.report.compare.differing), never as a difference. No upgrade fills them in: a default would
+claim what the run did not record (an older run may well have used ``--eff-compute-dtype bf16``).
 """
 
 from __future__ import annotations

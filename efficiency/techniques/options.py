@@ -36,6 +36,19 @@ def canonical_options(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
     return out
 
 
+def recorded_options(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The options as a report records them: keyed by canonical step name, the names a case's ``steps`` list, so
+    that a comparison can take the options of each case's own steps; values as JSON. An empty table imports no
+    technique; one that names no technique (refused before any case runs) is recorded as given."""
+    from efficiency.results import jsonable
+
+    try:
+        by_step = canonical_options(options) if options else {}
+    except ConfigError:
+        return {str(name): jsonable(values) for name, values in options.items()}
+    return {name: jsonable(values) for name, values in by_step.items()}
+
+
 def settable_fields(technique: Any) -> dict[str, str]:
     """Option key -> dotted field path, for every field a user may set on ``technique``."""
     out: dict[str, str] = {}

@@ -378,3 +378,48 @@ def test_every_metric_read_from_a_clock_needs_runs_whatever_its_unit() -> None:
     assert set(verdicts(comp, "ppl_tflops").values()) == {INSUFFICIENT}
     assert set(verdicts(comp, "decode_weight_bytes_per_s").values()) == {INSUFFICIENT}
     assert set(verdicts(comp, "peak_bytes").values()) == {INSUFFICIENT}
+
+
+def test_runs_of_another_compute_dtype_or_technique_options_are_not_compared() -> None:
+    """The review's reproduction: dt_b at --eff-compute-dtype bf16 gave 'tiny-gpt2-bnb4 size 12.4 MiB -> 6.2 MiB
+    -49.8% improvement' against a run in the model's dtype."""
+    base, head = load("base"), load("head-noise")
+    base["settings"].update(compute_dtype=None, technique_options={})
+    head["settings"].update(compute_dtype="bf16", technique_options={})
+    comp = compare([base], [head])
+    assert comp.compared == 0 and {c.reason for c in comp.cases} == {"settings differ: compute_dtype None vs 'bf16'"}
+    # a report written before the compute dtype was recorded: unknown, not a difference on its own
+    del base["settings"]["compute_dtype"]
+    assert compare([base], [head]).compared == 4
+    # technique options: the cases whose steps they set, only
+    head["settings"].update(compute_dtype=None, technique_options={"bnb4": {"double_quant": True}})
+    base["settings"]["compute_dtype"] = None
+    by_id = {c.case_id: c for c in compare([base], [head]).cases}
+    assert not by_id["smollm2-135m-bnb4"].compared
+    assert by_id["smollm2-135m-bnb4"].reason == ("technique options of the case's steps differ ({} vs "
+                                                "{'bnb4': {'double_quant': True}})")
+    assert all(by_id[f"smollm2-135m-{t}"].compared for t in ("fp32", "bf16", "bnb8"))
+
+
+def test_optional_phase_settings_stop_their_metrics_only() -> None:
+    base, head = load("base"), load("head-noise")
+    base["settings"].update(serving={"batch_sizes": [1, 8], "input_tokens": 128, "output_tokens": 64},
+                            kld={"tokens": 4096, "top_k": 4096})
+    head["settings"].update(serving={"batch_sizes": [1, 32], "input_tokens": 128, "output_tokens": 64},
+                            kld={"tokens": 512, "top_k": 4096})
+    for run, tps in ((base, 900.0), (head, 2000.0)):
+        for c in run["cases"]:
+            c["serving"] = {"largest": {"tokens_per_s": tps, "j_per_token": None}}
+            c["kld"] = {"mean": 0.01 if run is base else 0.02, "p99": 0.1, "top1_match": 0.9}
+    comp = compare([base] * MIN_RUNS, [head] * MIN_RUNS)
+    for name in ("serving_tokens_per_s", "kld_mean", "kld_p99", "top1_match"):
+        assert set(verdicts(comp, name).values()) == {"not compared"}, name
+    m = next(x for x in comp.cases[0].metrics if x.metric == "serving_tokens_per_s")
+    assert "serving {'batch_sizes': [1, 8]" in m.reason
+    assert set(verdicts(comp, "perplexity").values()) == {"unchanged"}
+    # runs pooled on one side with different batch sizes are not one sample of a batch-size-dependent metric
+    other = copy.deepcopy(base)
+    other["settings"]["workload"]["batch_size"] = 8
+    comp = compare([base, other], [head, head])
+    m = next(x for x in comp.cases[0].metrics if x.metric == "runtime_s")
+    assert m.verdict == "not compared" and "batch_size differs among the pooled base runs" in m.reason

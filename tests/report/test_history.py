@@ -342,3 +342,22 @@ def test_head_pooling_leaves_out_the_cases_of_other_weights(tmp_path: Path) -> N
     pooled = head_runs([one], db)
     assert len(pooled) == 2
     assert [c["id"] for c in pooled[1]["cases"]] == [f"smollm2-135m-{t}" for t in ("fp32", "bf16", "bnb8")]
+
+
+def test_settings_recorded_later_keep_older_runs_baselines_and_stop_differing_ones(tmp_path: Path) -> None:
+    """A run stored before the compute dtype was recorded stays a candidate (unknown); a run that records another
+    compute dtype is never a baseline, nor pooled with the head."""
+    conn = history.connect(tmp_path / "h.sqlite")
+    history.add_report(conn, load("base"))  # a1, no compute_dtype recorded
+    bf16 = _stored("head-noise")  # b2, 11-21
+    bf16["settings"]["compute_dtype"] = "bf16"
+    history.add_report(conn, bf16)
+    head = _stored("head-slow", started_at="2026-11-25T10:00:00+00:00")
+    head["settings"]["compute_dtype"] = None
+    per_case = history.last_per_case(conn, [head])
+    assert set(per_case) == {c["id"] for c in head["cases"]}
+    assert all("a1a1a1a1a1a1" in label for _, label in per_case.values())
+    same = _stored("head-noise", git={"commit": "b2" * 20}, started_at="2026-11-25T10:00:00+00:00")
+    same["settings"]["compute_dtype"] = None
+    assert history.same_commit_runs(conn, same) == []
+    conn.close()
