@@ -10,11 +10,13 @@ once efficiency cases are collected, before any model loads. All state lives in 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,6 +137,7 @@ class PluginState:
     shard: tuple[int, int] | None = None  # --eff-shard I/N
     assignments: list[Any] = field(default_factory=list)  # --eff-devices, controller: devices.Assignment per worker
     assignment: Any = None  # --eff-devices, worker: this worker's devices.Assignment
+    xdist_cases: dict[str, Case] = field(default_factory=dict)  # xdist controller: the workers' node id -> case
 
     @property
     def root(self) -> Path:
@@ -223,7 +226,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
     if hasattr(config, "workerinput"):
-        config.pluginmanager.register(XdistWorkerGroups(), "efficiency-xdist-groups")
+        config.pluginmanager.register(XdistWorker(), "efficiency-xdist-worker")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -252,6 +255,25 @@ def _install_sigterm(state: PluginState) -> None:
         return
     state.previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     state.sigterm_installed = True
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM received inside the block take effect when it ends (main thread only; other threads
+    cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # the handler now in place: KeyboardInterrupt (or the default action)
 
 
 def _configure_devices(config: pytest.Config, state: PluginState) -> None:
@@ -307,20 +329,77 @@ XDIST_IDLE_REASON = ("not measured on the pytest-xdist controller (its workers m
                      "case's net energy uses its own worker's idle reading")
 
 
-class XdistWorkerGroups:
-    """Registered on pytest-xdist workers: runs after xdist's own collection hook (see group_suffix_items)."""
+REPORT_CASES = "efficiency_cases"  # the test report attribute a worker's ended cases travel in (JSON)
+
+
+class XdistWorker:
+    """Registered on pytest-xdist workers: the group suffix after xdist's own collection hook (see
+    group_suffix_items), and each case sent to the controller as soon as it ends."""
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         group_suffix_items(config, items)
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
+        """The cases recorded during this test phase ride on its report: pytest serialises a report's extra
+        attributes and pytest-xdist sends it to the controller at once. A worker's ``workeroutput`` travels only
+        when the worker finishes, which an interrupted or killed worker never does."""
+        report = yield
+        state = item.config.stash.get(state_key, None)
+        cases = state.session.take_outbox() if state is not None and state.session is not None else []
+        if cases:
+            import json
+
+            setattr(report, REPORT_CASES, json.dumps(cases))
+        return report
+
+
+def xdist_case_map(state: PluginState, nodeids: Iterable[str]) -> dict[str, Case]:
+    """On the pytest-xdist controller, which collects nothing itself: the efficiency cases among the node ids a
+    worker selected (after -k / -m). A case's node id is ``<test>[<model>-<technique>]``, with pytest-xdist's
+    ``@<group>`` suffix under --dist loadgroup; the ids are matched against the grid for either device (no
+    device is resolved here, so a run without efficiency cases does not import torch)."""
+    known: dict[str, Case] = {}
+    for device in ("cpu", "cuda"):
+        try:
+            cfg = build_config(state.opts, state.table, state.root, state.config.invocation_params.dir,
+                               device=device)
+        except ConfigError:
+            continue
+        known.update((c.id, c) for c in grid(cfg))
+    found: dict[str, Case] = {}
+    for nodeid in nodeids:
+        match = _PARAM_ID.match(nodeid)
+        if match and match.group(1) in known:
+            found[nodeid] = known[match.group(1)]
+    return found
+
+
+_PARAM_ID = re.compile(r"^.*?\[(.*)\](?:@[^\]]*)?$")
+
 
 class XdistController:
-    """Registered only with pytest-xdist: collects each worker's cases into the controller's one report, and
-    with --eff-devices tells each worker its planned device."""
+    """Registered only with pytest-xdist: collects each worker's cases into the controller's one report as they
+    end, takes SIGTERM as an interrupt like a run without workers once the workers collected efficiency cases,
+    and with --eff-devices tells each worker its planned device."""
 
     def __init__(self, state: PluginState) -> None:
         self.state = state
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: Sequence[str]) -> None:
+        found = xdist_case_map(self.state, ids)
+        if not found:
+            return
+        self.state.xdist_cases.update(found)
+        _install_sigterm(self.state)
+        _controller_report(self.state)  # now, while no worker measures yet
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        cases = getattr(report, REPORT_CASES, None)
+        if cases:
+            _controller_report(self.state)
+            self.state.get_session().merge_worker_cases(cases)
 
     def pytest_configure_node(self, node: Any) -> None:
         if not self.state.assignments:
@@ -332,28 +411,52 @@ class XdistController:
             node.workerinput["efficiency_devices"] = {**a.to_dict(), "worker": node.gateway.id}
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        cases = getattr(node, "workeroutput", {}).get("efficiency_cases")
+        cases = getattr(node, "workeroutput", {}).get("efficiency_cases")  # sent again: kept once
         if cases:
             _controller_report(self.state)
             self.state.get_session().merge_worker_cases(cases)
 
 
+def _queued_worker_cases(config: pytest.Config) -> list[str]:
+    """On an interrupted pytest-xdist controller: the cases that reached it but still wait in pytest-xdist's
+    event queue (the interrupt ended the loop that takes them), so that the report keeps them too."""
+    q = getattr(config.pluginmanager.getplugin("dsession"), "queue", None)
+    if q is None or not hasattr(q, "mutex"):
+        return []
+    with q.mutex:
+        events = list(q.queue)
+    found = []
+    for event in events:
+        name, kwargs = event if isinstance(event, tuple) and len(event) == 2 else ("", {})
+        if name == "testreport":
+            cases = getattr(kwargs.get("rep"), REPORT_CASES, None)
+        elif name == "workerfinished":
+            cases = (getattr(kwargs.get("node"), "workeroutput", None) or {}).get("efficiency_cases")
+        else:
+            continue
+        if cases:
+            found.append(cases)
+    return found
+
+
 def _controller_report(state: PluginState) -> None:
-    """The controller's report, started without an idle-power reading (workers may still be measuring while a
-    first one finishes) and, with --eff-devices, with the worker -> device plan."""
-    session = state.get_session()
-    if session.report:
+    """The controller's report, started without an idle-power reading (workers may be measuring) and, with
+    --eff-devices, with the worker -> device plan. Started once the workers' collection names efficiency cases,
+    before any is measured: the first start resolves the device and may import torch, which must neither take
+    CPU from a measuring worker nor be cut by an interrupt (a half-imported torch leaves no report)."""
+    if state.session is not None and state.session.report:
         return
     from efficiency.devices import SHARED_CPU_REASON
 
-    session._ensure_report(idle_power={"power_w": None, "reason": XDIST_IDLE_REASON})
-    env = session.report["environment"]
-    workers = len(state.config.getoption("tx") or [])
-    env["devices"] = {
-        "workers": [a.to_dict() for a in state.assignments],
-        "dist": state.config.getoption("dist"),
-        "cpu_energy": SHARED_CPU_REASON.format(n=workers) if workers > 1 else None,
-    }
+    with _interrupts_deferred():
+        session = state.get_session()
+        session._ensure_report(idle_power={"power_w": None, "reason": XDIST_IDLE_REASON})
+        workers = len(state.config.getoption("tx") or [])
+        session.report["environment"]["devices"] = {
+            "workers": [a.to_dict() for a in state.assignments],
+            "dist": state.config.getoption("dist"),
+            "cpu_energy": SHARED_CPU_REASON.format(n=workers) if workers > 1 else None,
+        }
 
 
 def _state(config: pytest.Config) -> PluginState:
@@ -632,6 +735,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         hint = deselection_note(state)
         if hint:
             state.notes.append(hint)
+    if state.xdist_cases and session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        _controller_report(state)  # interrupted before a case ended: a report says so, not silence
+        for cases in _queued_worker_cases(session.config):
+            state.get_session().merge_worker_cases(cases)
     if state.session is not None:
         stopped_early = bool(session.shouldfail or session.shouldstop)  # -x / --maxfail
         state.session.finish(int(session.exitstatus), stopped_early=stopped_early)

@@ -58,6 +58,7 @@ class EfficiencySession:
     _baselines: dict[str, dict[str, Any] | _Failed] = field(default_factory=dict)
     _path: Path | None = None
     worker_output: dict[str, Any] | None = None  # set on a pytest-xdist worker: cases go to the controller
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # worker: cases not yet sent to the controller
 
     @property
     def runner(self) -> Any:
@@ -150,15 +151,26 @@ class EfficiencySession:
         self.report["cases"].append(case)
         if self.worker_output is None:
             self._write()
+        else:
+            self.outbox.append(case)
+
+    def take_outbox(self) -> list[dict[str, Any]]:
+        """On a pytest-xdist worker: the cases recorded since the last call (the plugin sends them with the test
+        report, so that the controller has them even if this worker is interrupted or dies later)."""
+        cases, self.outbox = self.outbox, []
+        return cases
 
     def merge_worker_cases(self, cases_json: str) -> None:
-        """On the xdist controller: add the cases a worker measured (sent as JSON when the worker finished)."""
+        """On the xdist controller: add the cases a worker sent (JSON: with a test report as each case ended, and
+        again all of them when the worker finished): a case already here is kept once."""
         import json
 
-        cases = json.loads(cases_json)
-        if cases:
+        cases: list[dict[str, Any]] = json.loads(cases_json)
+        here = {c["id"] for c in self.report.get("cases") or []}
+        new = [c for c in cases if c["id"] not in here]
+        if new:
             self._ensure_report()
-            self.report["cases"].extend(cases)
+            self.report["cases"].extend(new)
             self._write()
 
     def run_status(self, exitstatus: int, stopped_early: bool = False) -> str:

@@ -163,6 +163,43 @@ def test_xdist_workers_cases_end_up_in_one_report(pytester: pytest.Pytester, tin
     result.stdout.fnmatch_lines(["*pytest-efficiency*", "tiny-gpt2-b-bnb8 *"])
 
 
+def _second_model(tiny_dir: Path) -> None:
+    import shutil
+
+    models = tiny_dir / "models"
+    if not (models / "tiny-gpt2-b").exists():
+        shutil.copytree(models / "tiny-gpt2", models / "tiny-gpt2-b")
+
+
+def test_xdist_sigterm_leaves_an_interrupted_report_with_the_cases_workers_ended(pytester: pytest.Pytester,
+                                                                                 tiny_dir: Path) -> None:
+    # CI's cancel: TERM to the controller and its workers while a worker measures its second case. The case the
+    # worker ended before must reach the controller's report at once (the worker never finishes to hand it over).
+    _second_model(tiny_dir)
+    pytester.makeconftest("""
+import os, signal, time
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.callspec.id == "tiny-gpt2-bnb8":
+        report = item.config.rootpath / "run.json"
+        deadline = time.time() + 30
+        while time.time() < deadline and "tiny-gpt2-fp32" not in (report.read_text() if report.exists() else ""):
+            time.sleep(0.2)
+        os.kill(os.getppid(), signal.SIGTERM)  # the controller started this worker
+        os.kill(os.getpid(), signal.SIGTERM)
+""")
+    result, report = run_grid(pytester, tiny_dir, "--eff-models", "tiny-gpt2,tiny-gpt2-b", "--eff-techniques",
+                              "fp32,bnb8", "-n", "2", "--dist", "loadgroup")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()[-2000:]
+    assert report["status"] == "interrupted" and report["finished_at"]
+    status = {c["id"]: c["status"] for c in report["cases"]}
+    assert status["tiny-gpt2-fp32"] == "measured" and "tiny-gpt2-bnb8" not in status
+    assert (pytester.path / "reports" / "history.sqlite").exists()
+
+
+
 # --- a light plugin, inputs and outputs refused up front, exit codes (issues 8, 9, 10) -------------------------
 
 def test_a_run_without_efficiency_cases_does_not_import_torch(pytester: pytest.Pytester) -> None:
