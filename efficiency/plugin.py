@@ -381,8 +381,9 @@ _PARAM_ID = re.compile(r"^.*?\[(.*)\](?:@[^\]]*)?$")
 
 class XdistController:
     """Registered only with pytest-xdist: collects each worker's cases into the controller's one report as they
-    end, takes SIGTERM as an interrupt like a run without workers once the workers collected efficiency cases,
-    and with --eff-devices tells each worker its planned device."""
+    end, knows which cases the workers selected (a case whose worker died is named, and the run is not
+    ``complete``), takes SIGTERM as an interrupt like a run without workers, and with --eff-devices tells each
+    worker its planned device."""
 
     def __init__(self, state: PluginState) -> None:
         self.state = state
@@ -392,6 +393,9 @@ class XdistController:
         if not found:
             return
         self.state.xdist_cases.update(found)
+        self.state.expected |= {c.id for c in found.values()}
+        if self.state.session is not None:
+            self.state.session.expect(self.state.expected)
         _install_sigterm(self.state)
         _controller_report(self.state)  # now, while no worker measures yet
 
@@ -400,6 +404,13 @@ class XdistController:
         if cases:
             _controller_report(self.state)
             self.state.get_session().merge_worker_cases(cases)
+
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport, sched: Any) -> None:
+        case = self.state.xdist_cases.get(crashitem)
+        if case is None:
+            return
+        _controller_report(self.state)
+        self.state.get_session().record_crash(case.id, case.model, case.technique, str(report.longrepr))
 
     def pytest_configure_node(self, node: Any) -> None:
         if not self.state.assignments:

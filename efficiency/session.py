@@ -5,8 +5,8 @@ A case's outcome (``status`` in the report): ``measured`` (deltas, scores, thres
 finite was not, e.g. a NaN perplexity: no score, the test and the gate fail) or ``oom`` (out of device memory,
 with the memory figures; the model is freed before the next case). The report is rewritten atomically after
 each case with status ``running`` and finally ``complete`` / ``incomplete`` (stopped early: ``-x``,
-``--maxfail``, deselected grid cases never ran) / ``interrupted`` / ``failed``; only ``complete`` runs are ever
-a baseline.
+``--maxfail``, a selected case never ended, e.g. its pytest-xdist worker died; ``missing`` names those cases) /
+``interrupted`` / ``failed``; only ``complete`` runs are ever a baseline.
 """
 
 from __future__ import annotations
@@ -162,24 +162,53 @@ class EfficiencySession:
 
     def merge_worker_cases(self, cases_json: str) -> None:
         """On the xdist controller: add the cases a worker sent (JSON: with a test report as each case ended, and
-        again all of them when the worker finished): a case already here is kept once."""
+        again all of them when the worker finished). A case already here is kept, unless it is the record of a
+        worker that died running it: a replacement worker's result takes its place."""
         import json
 
         cases: list[dict[str, Any]] = json.loads(cases_json)
-        here = {c["id"] for c in self.report.get("cases") or []}
-        new = [c for c in cases if c["id"] not in here]
-        if new:
-            self._ensure_report()
-            self.report["cases"].extend(new)
+        if not cases:
+            return
+        self._ensure_report()
+        here = {c["id"]: i for i, c in enumerate(self.report["cases"])}
+        added = False
+        for case in cases:
+            i = here.get(case["id"])
+            if i is None:
+                here[case["id"]] = len(self.report["cases"])
+                self.report["cases"].append(case)
+            elif self.report["cases"][i].get("worker_crash") and not case.get("worker_crash"):
+                self.report["cases"][i] = {**case, "after_worker_crash": self.report["cases"][i]["worker_crash"]}
+            else:
+                continue
+            added = True
+        if added:
             self._write()
+
+    def record_crash(self, case_id: str, model: str, technique: str, message: str) -> None:
+        """On the xdist controller: a worker died while running this case (killed, e.g. by the out-of-memory
+        killer). The case is an ``error`` that never ended, so the run cannot be ``complete``; a case the worker
+        had already sent (it died after the case ended) is kept."""
+        self._ensure_report()
+        if any(c["id"] == case_id for c in self.report["cases"]):
+            return
+        reason = (f"{message}: the worker process died before the case ended (killed by a signal, e.g. the "
+                  "out-of-memory killer); not measured")
+        self.report["cases"].append(unmeasured_case(case_id, model, technique, "error", reason,
+                                                    worker_crash=message))
+        self._write()
+
+    def missing(self) -> list[str]:
+        """The expected cases that did not end (never ran, or their worker died running them)."""
+        done = {c["id"] for c in self.report.get("cases") or [] if not c.get("worker_crash")}
+        return sorted(self.expected - done)
 
     def run_status(self, exitstatus: int, stopped_early: bool = False) -> str:
         if int(exitstatus) == 2:
             return "interrupted"
         if int(exitstatus) not in (0, 1, 5):
             return "failed"
-        done = {c["id"] for c in self.report.get("cases") or []}
-        if stopped_early or (self.expected and not self.expected <= done):
+        if stopped_early or self.missing():
             return "incomplete"
         return "complete"
 
@@ -200,6 +229,9 @@ class EfficiencySession:
         order = {(c.model, c.technique): i for i, c in enumerate(grid(self.cfg))}
         self.report["cases"].sort(key=lambda c: order.get((c["model"], c["technique"]), len(order)))
         self.report["status"] = self.run_status(exitstatus, stopped_early)
+        missing = self.missing()
+        if missing:
+            self.report["missing"] = missing
         self.report["finished_at"] = now_iso()
         _mark_pareto(self.report["cases"])
         self.report["violations"] = [

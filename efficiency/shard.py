@@ -134,6 +134,10 @@ def merge(reports: Sequence[Report], sources: Sequence[str] | None = None) -> Re
     merged["finished_at"] = max(ends) if len(ends) == len(runs) else None
     merged["cases"] = sorted(cases, key=_order(runs[0]))
     merged["violations"] = [v for r in runs for v in r.get("violations") or []]
+    merged.pop("missing", None)
+    missing = sorted({m for r in runs for m in r.get("missing") or []})
+    if missing:
+        merged["missing"] = missing
     merged["merged_from"] = [{"source": name, "shard": (r.get("settings") or {}).get("shard"),
                               "status": r.get("status"), "started_at": r.get("started_at"),
                               "finished_at": r.get("finished_at"),

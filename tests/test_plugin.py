@@ -196,8 +196,32 @@ def pytest_runtest_call(item):
     assert report["status"] == "interrupted" and report["finished_at"]
     status = {c["id"]: c["status"] for c in report["cases"]}
     assert status["tiny-gpt2-fp32"] == "measured" and "tiny-gpt2-bnb8" not in status
+    assert "tiny-gpt2-bnb8" in report["missing"]
     assert (pytester.path / "reports" / "history.sqlite").exists()
 
+
+def test_xdist_worker_killed_mid_case_makes_the_run_incomplete_and_names_the_case(pytester: pytest.Pytester,
+                                                                                   tiny_dir: Path) -> None:
+    # The OOM killer's SIGKILL: pytest-xdist reports the case failed and, under --dist load, never reruns it.
+    _second_model(tiny_dir)
+    pytester.makeconftest("""
+import os, signal
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.callspec.id == "tiny-gpt2-b-bnb8":
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+    result, report = run_grid(pytester, tiny_dir, "--eff-models", "tiny-gpt2,tiny-gpt2-b", "--eff-techniques",
+                              "fp32,bnb8", "-n", "2", "--dist", "load")
+    result.assert_outcomes(passed=3, failed=1)
+    assert report["status"] == "incomplete" and report["missing"] == ["tiny-gpt2-b-bnb8"]
+    status = {c["id"]: c["status"] for c in report["cases"]}
+    assert status == {"tiny-gpt2-fp32": "measured", "tiny-gpt2-bnb8": "measured", "tiny-gpt2-b-fp32": "measured",
+                      "tiny-gpt2-b-bnb8": "error"}
+    crashed = report["cases"][-1]
+    assert "crashed while running" in crashed["reason"] and "not measured" in crashed["reason"]
 
 
 # --- a light plugin, inputs and outputs refused up front, exit codes (issues 8, 9, 10) -------------------------

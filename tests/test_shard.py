@@ -189,3 +189,11 @@ def test_merge_command_end_to_end_gate_and_history(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert f"{paths[1]} is not a shard of the same run" in err and "commit" in err
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_merged_report_names_every_shards_missing_cases() -> None:
+    parts = split(grid_report(), 3)
+    parts[1]["status"], parts[1]["missing"] = "incomplete", [parts[1]["cases"].pop()["id"]]
+    merged = merge(parts)
+    assert merged["status"] == "incomplete" and merged["missing"] == parts[1]["missing"]
+    assert "missing" not in merge(split(grid_report(), 3))

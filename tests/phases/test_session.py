@@ -111,6 +111,26 @@ def test_a_run_stopped_early_is_incomplete_never_complete(tiny_root: Path, one_t
     assert s2.report["status"] == "incomplete"  # a collected case never ran
 
 
+
+def test_xdist_controller_keeps_a_streamed_case_once_and_a_crashed_case_is_not_complete(tiny_root: Path) -> None:
+    # A worker sends each case as it ends and all of them again when it finishes; a case whose worker died is an
+    # error that never ended (the run is not complete) until a replacement worker measures it.
+    s = session(tiny_root)
+    s.expect(["t-fp32", "t-bnb4"])
+    s._ensure_report(idle_power={"power_w": None, "reason": "controller"})
+    fp32 = {"id": "t-fp32", "model": "t", "technique": "fp32", "status": "measured"}
+    s.merge_worker_cases(json.dumps([fp32]))
+    s.record_crash("t-bnb4", "t", "bnb4", "worker 'gw1' crashed while running 'g.py::t[t-bnb4]'")
+    s.record_crash("t-fp32", "t", "fp32", "worker 'gw1' crashed while running 'g.py::t[t-fp32]'")  # it had ended
+    s.merge_worker_cases(json.dumps([fp32]))  # the finished worker's workeroutput
+    assert [(c["id"], c["status"]) for c in s.report["cases"]] == [("t-fp32", "measured"), ("t-bnb4", "error")]
+    assert "crashed while running" in s.report["cases"][1]["reason"]
+    assert s.run_status(1) == "incomplete" and s.missing() == ["t-bnb4"]
+    s.merge_worker_cases(json.dumps([{"id": "t-bnb4", "model": "t", "technique": "bnb4", "status": "measured"}]))
+    assert s.report["cases"][1]["status"] == "measured" and "gw1" in s.report["cases"][1]["after_worker_crash"]
+    assert s.run_status(1) == "complete" and json.loads((tiny_root / "reports").glob("*.json").__next__().read_text())
+
+
 def test_a_failed_phase_group_says_where_its_error_was_raised(tiny_root: Path, monkeypatch: Any,
                                                               one_thread: None) -> None:
     """The opt-6.7b grid on the H200 reported fp8dq's and fp8wo's latency as 'prefill: AssertionError: ', a bare
