@@ -21,13 +21,15 @@ from typing import Any
 def measure_case(model: str, technique: str, *, root: str | Path = ".", log: Callable[[str], None] | None = None,
                  **options: Any) -> dict[str, Any]:
     from efficiency.gate import check_perplexity
+    from efficiency.plugin import canonical_config
     from efficiency.runner import Runner
     from efficiency.score import case_deltas, case_scores
     from efficiency.settings import build_config, read_pyproject
 
     root = Path(root).resolve()
     opts = {**options, "models": model, "techniques": technique}
-    cfg = build_config(opts, read_pyproject(root), root)
+    cfg = canonical_config(build_config(opts, read_pyproject(root), root), list(options.get("threshold") or []))
+    technique = cfg.techniques[0]  # canonical (bnb4-nf4 is bnb4), as the baseline is
     runner = Runner(cfg, log=log or (lambda msg: None))
     base = runner.measure(model, cfg.baseline).to_dict()
     case = base if technique == cfg.baseline else runner.measure(model, technique).to_dict()

@@ -12,6 +12,10 @@ from typing import Any
 MODELS: tuple[str, ...] = ("smollm2-135m",)
 DATASET = "wikitext2"
 
+# Float dtypes by name: the precision techniques, ``--eff-compute-dtype`` and ``@DTYPE`` of quantisers
+# (techniques/precision.py maps them to torch dtypes; the settings check names without importing torch).
+COMPUTE_DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
 # Per device: the grid and the workload. ``max-tokens`` None = the whole test split.
 WORKLOAD: dict[str, dict[str, Any]] = {
     "cpu": {

@@ -3,9 +3,9 @@ table and report writing. Deciding (deltas, scores, thresholds) is done by score
 runner.py.
 
 Light by design: a pytest run that collects no efficiency case never imports torch. The configuration is
-validated at start-up without a device; the device is resolved, and the inputs and outputs are checked, only
-once efficiency cases are collected, before any model loads. All state lives in one :class:`PluginState` under
-:data:`state_key`.
+validated at start-up without a device; the device is resolved, the technique names are made canonical, and the
+inputs and outputs are checked, only once efficiency cases are collected, before any model loads. All state lives
+in one :class:`PluginState` under :data:`state_key`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from efficiency import defaults
-from efficiency.config import ConfigError, SuiteConfig
-from efficiency.settings import build_config, read_pyproject, validate
+from efficiency.config import ConfigError, SuiteConfig, Thresholds
+from efficiency.settings import build_config, cli_threshold_names, read_pyproject, threshold_names_outside, validate
 
 if TYPE_CHECKING:
     from efficiency.session import EfficiencySession
@@ -125,6 +125,7 @@ class PluginState:
     opts: dict[str, Any]
     table: dict[str, Any]
     _cfg: SuiteConfig | None = None
+    canonical: bool = False  # the technique names of _cfg are canonical (canonical_names)
     config_error: ConfigError | None = None
     session: EfficiencySession | None = None
     collected: bool = False  # efficiency cases were collected in this run
@@ -149,6 +150,16 @@ class PluginState:
         if self._cfg is None:
             self._cfg = build_config(self.opts, self.table, self.root, self.config.invocation_params.dir)
         return self._cfg
+
+    def canonical_names(self) -> SuiteConfig:
+        """From here on :attr:`cfg` has canonical technique names (:func:`canonical_config`); called where the grid
+        is first needed (collection, the first case, the xdist controller's first report), never in a run without
+        efficiency cases: the technique registry imports torch."""
+        if not self.canonical:
+            check_measuring_stack()
+            self._cfg = canonical_config(self.cfg, list(self.opts.get("threshold") or []))
+            self.canonical = True
+        return self.cfg
 
     def get_session(self) -> EfficiencySession:
         if self.session is None:
@@ -358,22 +369,29 @@ class XdistWorker:
 def xdist_case_map(state: PluginState, nodeids: Iterable[str]) -> dict[str, Case]:
     """On the pytest-xdist controller, which collects nothing itself: the efficiency cases among the node ids a
     worker selected (after -k / -m). A case's node id is ``<test>[<model>-<technique>]``, with pytest-xdist's
-    ``@<group>`` suffix under --dist loadgroup; the ids are matched against the grid for either device (no
-    device is resolved here, so a run without efficiency cases does not import torch)."""
-    known: dict[str, Case] = {}
+    ``@<group>`` suffix under --dist loadgroup; the ids are matched against the grid for either device. The
+    workers' ids carry canonical technique names (``bnb4-nf4`` is collected as ``bnb4``), which take the technique
+    registry, and so torch, to compute: the names as given are tried first, and the canonical ones only where a
+    node id names a model of the grid, so that a run without efficiency cases resolves no device and imports no
+    torch."""
+    params = [(nodeid, m.group(1)) for nodeid in nodeids if (m := _PARAM_ID.match(nodeid))]
+    configs: list[SuiteConfig] = []
     for device in ("cpu", "cuda"):
         try:
-            cfg = build_config(state.opts, state.table, state.root, state.config.invocation_params.dir,
-                               device=device)
+            configs.append(build_config(state.opts, state.table, state.root, state.config.invocation_params.dir,
+                                        device=device))
         except ConfigError:
             continue
-        known.update((c.id, c) for c in grid(cfg))
-    found: dict[str, Case] = {}
-    for nodeid in nodeids:
-        match = _PARAM_ID.match(nodeid)
-        if match and match.group(1) in known:
-            found[nodeid] = known[match.group(1)]
-    return found
+    known = {c.id: c for cfg in configs for c in grid(cfg)}
+    models = {m for cfg in configs for m in cfg.models}
+    if any(param not in known and any(param.startswith(f"{m}-") for m in models) for _, param in params):
+        cli_thresholds = list(state.opts.get("threshold") or [])
+        for cfg in configs:
+            try:
+                known.update((c.id, c) for c in grid(canonical_config(cfg, cli_thresholds)))
+            except (ConfigError, ImportError):  # the workers refuse it with the reason (no torch: the stack check)
+                continue
+    return {nodeid: known[param] for nodeid, param in params if param in known}
 
 
 _PARAM_ID = re.compile(r"^.*?\[(.*)\](?:@[^\]]*)?$")
@@ -460,6 +478,8 @@ def _controller_report(state: PluginState) -> None:
     from efficiency.devices import SHARED_CPU_REASON
 
     with _interrupts_deferred():
+        if state.session is None:
+            state.canonical_names()  # the settings the report records are the workers' (their grid's names)
         session = state.get_session()
         session._ensure_report(idle_power={"power_w": None, "reason": XDIST_IDLE_REASON})
         workers = len(state.config.getoption("tx") or [])
@@ -480,13 +500,45 @@ def grid(cfg: SuiteConfig) -> list[Case]:
     return [Case(m, t) for m in cfg.models for t in techniques]
 
 
+def canonical_config(cfg: SuiteConfig, cli_thresholds: Sequence[str] = ()) -> SuiteConfig:
+    """``cfg`` with every technique name canonical (``techniques.base.parse(name).name``: ``bnb4-nf4`` -> ``bnb4``,
+    ``fp32 + bnb4`` -> ``fp32+bnb4``): the baseline, the techniques (one that becomes an earlier one is dropped) and
+    the threshold keys (of two spellings of one technique the later in precedence wins: settings.parse_thresholds).
+    Done once, before the grid is built, so that the case ids, the ids the session expects, the limits and the
+    report agree. An unknown name is an UnknownTechnique (a ConfigError), and so is a ``--eff-threshold NAME=PCT``
+    (``cli_thresholds``) whose technique is not in the grid."""
+    from efficiency.techniques.base import UnknownTechnique, parse
+
+    def canonical(name: str) -> str | None:
+        try:
+            return parse(name).name
+        except UnknownTechnique:
+            return None
+
+    baseline = parse(cfg.baseline).name
+    techniques = tuple(dict.fromkeys(parse(name).name for name in cfg.techniques))
+    in_grid = tuple(dict.fromkeys((baseline, *techniques)))
+    outside = [name for name in cli_threshold_names(list(cli_thresholds))
+               if threshold_names_outside((canonical(name) or name,), in_grid)]
+    if outside:
+        raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's grid "
+                          f"({', '.join(in_grid)}) nor a step of one")
+    limits: dict[str, float] = {}
+    for name, pct in cfg.thresholds.per_technique.items():  # in order of precedence
+        key = parse(name).name
+        limits.pop(key, None)
+        limits[key] = pct
+    return replace(cfg, baseline=baseline, techniques=techniques,
+                   thresholds=Thresholds(cfg.thresholds.default_pct, limits))
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "eff_case" not in metafunc.fixturenames:
         return
     state = _state(metafunc.config)
     state.collected = True
     try:
-        cases = grid(state.cfg)
+        cases = grid(state.canonical_names())
     except ConfigError as err:  # reported as a usage error once collection is done
         state.config_error = err
         cases = []
@@ -603,11 +655,7 @@ def check_before_loading(state: PluginState) -> None:
         return
     if state.config_error is not None:
         raise state.config_error
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
-                          f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
-    cfg = state.cfg
+    cfg = state.canonical_names()
     _check_device_sharing(state)
     _check_techniques(cfg)
     from efficiency.models import unknown_model_message
@@ -625,6 +673,13 @@ def check_before_loading(state: PluginState) -> None:
         raise ConfigError(f"calibration file {cfg.calibration_path} does not exist")
     _check_outputs(state)
     state.checked = True
+
+
+def check_measuring_stack() -> None:
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
+                          f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
 
 
 def _check_device_sharing(state: PluginState) -> None:
@@ -653,7 +708,7 @@ def _check_device_sharing(state: PluginState) -> None:
 def _check_techniques(cfg: SuiteConfig) -> None:
     from efficiency.techniques.base import UnknownTechnique, parse
 
-    for name in (*cfg.thresholds.per_technique, *cfg.technique_options):
+    for name in cfg.technique_options:  # the thresholds' names were read by canonical_config
         try:
             parse(name)
         except UnknownTechnique as err:

@@ -83,17 +83,63 @@ def check_table(table: Mapping[str, Any]) -> None:
         elif key not in TOP_KEYS:
             raise _unknown_key(key, "[tool.efficiency]", (*TOP_KEYS, *TABLES))
     for device in ("cpu", "gpu"):
-        for key in table.get(device, {}):
-            if key not in (*DEVICE_KEYS, "thresholds"):
+        for key, value in table.get(device, {}).items():
+            if key == "thresholds":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"[tool.efficiency.{device}] thresholds must be a table, got {value!r}")
+            elif key not in DEVICE_KEYS:
                 raise _unknown_key(key, f"[tool.efficiency.{device}]", DEVICE_KEYS)
     for name, options in dict(table.get("technique", {})).items():
         if not isinstance(options, Mapping):
             raise ConfigError(f"[tool.efficiency.technique.{name!r}] must be a table of options, got {options!r}")
 
 
-def split_names(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return tuple(dict.fromkeys(s.strip() for s in items if s.strip()))
+def _names(value: Any, key: str, source: str) -> tuple[str, ...]:
+    """A list of names, or one string of comma-separated names (the command line's form); each once."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        items = list(value)
+    else:
+        raise ConfigError(f"{source} {key} must be a list of names (or one comma-separated string), got {value!r}")
+    return tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+
+
+def _text(value: Any, key: str, source: str) -> str | None:
+    """A string value (a name, a path), or None when not given."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{source} {key} must be a string, got {value!r}")
+    return value
+
+
+def _flag(value: Any, key: str, source: str) -> bool:
+    """A pyproject switch: a TOML boolean. ``"false"`` is a non-empty string, which ``bool()`` would read as on."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source} {key} must be true or false (a TOML boolean, without quotes), got {value!r}")
+    return value
+
+
+def _compute_dtype(value: Any, source: str) -> str | None:
+    name = _text(value, "compute-dtype", source)
+    if name is not None and name not in defaults.COMPUTE_DTYPES:
+        raise ConfigError(f"{source} compute-dtype must be one of {', '.join(defaults.COMPUTE_DTYPES)}, "
+                          f"got {name!r}")
+    return name
+
+
+def _int_list(value: Any, key: str, source: str) -> tuple[int, ...]:
+    """A list of whole numbers, or one comma-separated string of them (the command line's form)."""
+    from efficiency.phases.quality_settings import parse_int_list
+
+    if isinstance(value, str):
+        try:
+            return parse_int_list(value)
+        except ConfigError as err:
+            raise ConfigError(f"{source} {key}: {err}") from None
+    if isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return tuple(value)
+    raise ConfigError(f"{source} {key} must be a list of whole numbers (or one comma-separated string such as "
+                      f"'1,8,32'), got {value!r}")
 
 
 def _pct(value: Any, what: str) -> float:
@@ -106,12 +152,22 @@ def _pct(value: Any, what: str) -> float:
     return pct
 
 
+def _last(entries: dict[str, Any], name: str, value: Any) -> None:
+    """Set ``name`` and move it to the end: the order of ``entries`` is their precedence."""
+    entries.pop(name, None)
+    entries[name] = value
+
+
 def parse_thresholds(table: Mapping[str, Any], cli: list[str]) -> Thresholds:
     """``cli`` entries are ``NAME=PCT`` (one technique) or ``PCT`` (the default for all). The built-in step limits
     (``defaults.STEP_THRESHOLDS_PCT``) come first, so that the table and the command line override them and the
-    report's settings record them with the rest."""
-    per = {**defaults.STEP_THRESHOLDS_PCT,
-           **{str(k): _pct(v, f"threshold {k}") for k, v in table.items() if k != "default"}}
+    report's settings record them with the rest. ``per_technique`` is in order of precedence (built-in, table,
+    command line): where two spellings name one technique (``bnb4``, ``bnb4-nf4``) the plugin keeps the later
+    (plugin.canonical_config)."""
+    per = dict(defaults.STEP_THRESHOLDS_PCT)
+    for k, v in table.items():
+        if k != "default":
+            _last(per, str(k), _pct(v, f"threshold {k}"))
     default = _pct(table.get("default", defaults.THRESHOLD_PCT), "threshold default")
     for item in cli:
         name, sep, value = item.rpartition("=")
@@ -121,7 +177,7 @@ def parse_thresholds(table: Mapping[str, Any], cli: list[str]) -> Thresholds:
             raise ConfigError(f"--eff-threshold takes NAME=PCT or PCT, got {item!r}") from None
         pct = _pct(pct, f"--eff-threshold {item}")
         if sep:
-            per[name] = pct
+            _last(per, name, pct)
         else:
             default = pct
     return Thresholds(default, per)
@@ -132,7 +188,8 @@ def cli_threshold_names(cli: list[str]) -> tuple[str, ...]:
 
 
 def threshold_names_outside(names: tuple[str, ...], techniques: tuple[str, ...]) -> list[str]:
-    """Names that are neither a technique of the grid nor a step of a pipeline in it."""
+    """Names that are neither a technique of the grid nor a step of a pipeline in it (canonical names: the plugin
+    checks them once it has the registry, plugin.canonical_config)."""
     known = set(techniques) | {step.strip() for t in techniques for step in t.split("+")}
     return [n for n in names if n not in known]
 
@@ -223,8 +280,11 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     of resolving ``--eff-device`` (validation of both device tables without importing torch)."""
     check_table(table)
     check_grid = device is None
+    device_value, device_source = ((opts["device"], "--eff-device") if opts.get("device") else
+                                   (table.get("device"), "[tool.efficiency]"))
+    requested = _text(device_value, "device", device_source)
     if device is None:
-        device = resolve_device(opts.get("device") or table.get("device"))
+        device = resolve_device(requested)
     kind = "gpu" if device.startswith("cuda") else "cpu"
     device_table = dict(table.get(kind, {}))
     merged = {**defaults.WORKLOAD[kind], "models": list(defaults.MODELS), "dataset": defaults.DATASET,
@@ -237,13 +297,22 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
             return value, f"--eff-{key}"
         return merged.get(key), sources.get(key, "default")
 
+    def keyed(key: str) -> tuple[Any, str, str]:
+        """(value, key, source): the arguments of the value checks."""
+        value, source = pick(key)
+        return value, key, source
+
+    def flag(key: str) -> bool:
+        """A switch: on when its option is given, else the pyproject's boolean (off by default)."""
+        return bool(opts.get(key.replace("-", "_"))) or _flag(merged.get(key, False), key, "[tool.efficiency]")
+
     def path_pick(key: str, env: str | None = None) -> Path | None:
         value = opts.get(key.replace("-", "_"))
         if value not in (None, ""):
             return _path(value, cwd)
         if env and os.environ.get(env):
             return _path(os.environ[env], cwd)
-        return _path(merged.get(key), root)
+        return _path(_text(merged.get(key), key, sources.get(key, "default")), root)
 
     ints = {}
     for key in INT_KEYS:
@@ -254,8 +323,8 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     # A default stride longer than a chosen context means "non-overlapping"; an explicit one is validated.
     stride = ints["stride"] if stride_src.startswith("--") else min(ints["stride"], context)
     window, window_src = pick("min-window")
-    dataset, dataset_src = pick("dataset")
-    dataset = str(dataset)
+    dataset_value, dataset_src = pick("dataset")
+    dataset = str(_text(dataset_value, "dataset", dataset_src))
     if dataset != "wikitext2":
         dataset = str(_path(dataset, cwd if dataset_src.startswith("--") else root))
     try:
@@ -273,13 +342,14 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     except ConfigError as err:
         raise ConfigError(f"{err} (from {', '.join(sorted(set(sources.values())))} and the --eff-* options)") \
             from None
-    thresholds_table = {**dict(table.get("thresholds", {})), **dict(device_table.get("thresholds", {}))}
-    compute_dtype, _ = pick("compute-dtype")
+    thresholds_table = dict(table.get("thresholds", {}))
+    for name, value in dict(device_table.get("thresholds", {})).items():
+        _last(thresholds_table, name, value)  # the device's entry takes precedence (parse_thresholds)
     cache_dir = path_pick("cache-dir", "EFFICIENCY_CACHE_DIR") or default_cache_dir()
     cfg = SuiteConfig(
-        models=split_names(pick("models")[0]),
-        techniques=split_names(pick("techniques")[0]),
-        baseline=str(pick("baseline")[0]),
+        models=_names(*keyed("models")),
+        techniques=_names(*keyed("techniques")),
+        baseline=str(_text(*keyed("baseline"))),
         workload=workload,
         thresholds=parse_thresholds(thresholds_table, list(opts.get("threshold") or [])),
         device=device,
@@ -289,9 +359,9 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         cache_dir=cache_dir,
         report_path=_path(opts.get("report"), cwd),
         reports_dir=path_pick("reports-dir") or root / defaults.REPORTS_DIRNAME,
-        random_weights=bool(opts.get("random_weights") or merged.get("random-weights")),
-        strict=bool(opts.get("strict") or merged.get("strict")),
-        compute_dtype=str(compute_dtype) if compute_dtype is not None else None,
+        random_weights=flag("random-weights"),
+        strict=flag("strict"),
+        compute_dtype=_compute_dtype(*pick("compute-dtype")),
         technique_options=technique_options(table),
         **quality_settings(pick, path_pick, table, list(opts.get("accuracy_threshold") or [])),
         device_map=opts.get("device_map") or None,
@@ -299,12 +369,6 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     if check_grid and cfg.device_map and not cfg.device.startswith("cuda"):
         raise ConfigError(f"--eff-device-map {cfg.device_map} splits a model across CUDA GPUs, but this run is on "
                           f"{cfg.device}: drop it, or run on a GPU machine")
-    if check_grid:
-        outside = threshold_names_outside(cli_threshold_names(list(opts.get("threshold") or [])),
-                                          (cfg.baseline, *cfg.techniques))
-        if outside:
-            raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's "
-                              f"grid ({', '.join((cfg.baseline, *cfg.techniques))}) nor a step of one")
     return cfg
 
 
@@ -314,14 +378,13 @@ def quality_settings(pick: Any, path_pick: Any, table: Mapping[str, Any], cli_th
         KldSettings,
         ServingSettings,
         TasksSettings,
-        parse_int_list,
         parse_thresholds,
     )
 
-    tasks_value, _ = pick("tasks")
+    tasks_value, tasks_src = pick("tasks")
     limit, limit_src = pick("task-limit")
     kld_tokens, kld_src = pick("kld-tokens")
-    sizes, _ = pick("batch-sizes")
+    sizes, sizes_src = pick("batch-sizes")
     thresholds = {**{str(k): _pct(v, f"accuracy threshold {k}") for k, v in
                      dict(table.get("accuracy-thresholds", {})).items()}, **parse_thresholds(cli_thresholds)}
     serving: dict[str, Any] = {}
@@ -330,13 +393,13 @@ def quality_settings(pick: Any, path_pick: Any, table: Mapping[str, Any], cli_th
         if value is not None:
             serving[field_name] = _int(value, key, source)
     return {
-        "tasks": TasksSettings(tasks=split_names(tasks_value) if tasks_value else (),
+        "tasks": TasksSettings(tasks=_names(tasks_value, "tasks", tasks_src) if tasks_value is not None else (),
                                tasks_dir=path_pick("tasks-dir"),
                                limit=_int(limit, "task-limit", limit_src) if limit is not None else None,
                                thresholds=thresholds),
         "kld": KldSettings(**({"tokens": _int(kld_tokens, "kld-tokens", kld_src)} if kld_tokens is not None else {})),
-        "serving": ServingSettings(batch_sizes=(parse_int_list(sizes) if isinstance(sizes, str)
-                                                else tuple(int(x) for x in sizes)) if sizes else (), **serving),
+        "serving": ServingSettings(batch_sizes=_int_list(sizes, "batch-sizes", sizes_src) if sizes is not None else (),
+                                   **serving),
     }
 
 

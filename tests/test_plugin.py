@@ -10,6 +10,9 @@ from typing import Any
 import pytest
 
 from conftest import SHARED_DATA, save_tiny_gpt2
+from efficiency.config import ConfigError
+from efficiency.plugin import canonical_config, grid
+from efficiency.settings import build_config
 
 GRID_TEST = """
 def test_efficiency(eff_case, eff_session, benchmark):
@@ -278,6 +281,9 @@ def test_unwritable_outputs_are_refused_before_any_model_loads(pytester: pytest.
      "*unknown key 'max_tokens' in ?tool.efficiency? (now spelled max-tokens)*"),
     ("[tool.efficiency.thresholds]\nbnb44 = 5\n", "*unknown technique 'bnb44'*"),
     ("[tool.efficiency]\nmin-window = nan\n", "*min-window must be a finite number*"),
+    # before: INTERNALERROR (exit 3), and a quoted "false" switched random weights, and with them the gate, off
+    ("[tool.efficiency]\ntasks = 5\n", "*?tool.efficiency? tasks must be a list of names*got 5*"),
+    ('[tool.efficiency]\nrandom-weights = "false"\n', "*?tool.efficiency? random-weights must be true or false*"),
 ])
 def test_config_errors_are_usage_errors(pytester: pytest.Pytester, tiny_dir: Path, pyproject: str,
                                         message: str) -> None:
@@ -285,6 +291,45 @@ def test_config_errors_are_usage_errors(pytester: pytest.Pytester, tiny_dir: Pat
     result, _ = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_technique_names_are_made_canonical_once(tmp_path: Path) -> None:
+    """Aliases and spaces became case ids the session did not expect (the run was 'incomplete') and thresholds
+    that matched no case (bnb4-nf4=0 left bnb4 at the default 25%)."""
+    opts = {"device": "cpu", "baseline": " fp32", "techniques": "fp32,bnb4-nf4,bnb4, fp32 + bnb4",
+            "threshold": ["bnb4-nf4=0", "fp32 + bnb4=3"]}
+    cfg = canonical_config(build_config(opts, {}, tmp_path), opts["threshold"])
+    assert cfg.baseline == "fp32" and cfg.techniques == ("fp32", "bnb4", "fp32+bnb4")
+    assert [c.id for c in grid(cfg)] == ["smollm2-135m-fp32", "smollm2-135m-bnb4", "smollm2-135m-fp32+bnb4"]
+    assert cfg.thresholds.limit_for("bnb4") == 0 and cfg.thresholds.limit_for("fp32+bnb4") == 3
+    # of two spellings of one technique the one of higher precedence wins: the command line over the table
+    for table_name, cli_name in (("bnb4", "bnb4-nf4"), ("bnb4-nf4", "bnb4")):
+        opts = {"device": "cpu", "techniques": "fp32,bnb4", "threshold": [f"{cli_name}=0"]}
+        cfg = canonical_config(build_config(opts, {"thresholds": {table_name: 30}}, tmp_path), opts["threshold"])
+        assert cfg.thresholds.limit_for("bnb4") == 0
+
+
+def test_threshold_for_a_technique_outside_the_grid_is_an_error(tmp_path: Path) -> None:
+    opts = {"device": "cpu", "techniques": "fp32,bnb4", "threshold": ["bnb44=5"]}
+    # the grid once: before, the baseline was listed twice (fp32, fp32, bnb4)
+    with pytest.raises(ConfigError, match=r"--eff-threshold for 'bnb44': not a technique of this run's grid "
+                                          r"\(fp32, bnb4\) nor a step of one"):
+        canonical_config(build_config(opts, {}, tmp_path), opts["threshold"])
+    # a step of a pipeline in the grid is fine, in any spelling
+    opts = {"device": "cpu", "techniques": "fp32,ah90+bnb4-nf4", "threshold": ["ah90=5", "bnb4-nf4=2"]}
+    cfg = canonical_config(build_config(opts, {}, tmp_path), opts["threshold"])
+    assert cfg.thresholds.limit_for("ah90") == 5 and cfg.thresholds.limit_for("ah90+bnb4") == 7
+
+
+def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4-nf4,bnb4, fp32 + bnb4", "-v",
+                              "--eff-threshold", "bnb4-nf4=0", "--eff-threshold", "fp32 + bnb4=1000")
+    result.stdout.fnmatch_lines(["*test_efficiency?tiny-gpt2-fp32? PASSED*", "*test_efficiency?tiny-gpt2-bnb4? *",
+                                 "*test_efficiency?tiny-gpt2-fp32+bnb4? PASSED*"])
+    assert report["status"] == "complete"  # before: 'incomplete', the expected ids were never measured
+    assert report["settings"]["techniques"] == ["fp32", "bnb4", "fp32+bnb4"]
+    limits = {c["id"]: c["threshold"]["limit_pct"] for c in report["cases"]}
+    assert limits == {"tiny-gpt2-fp32": 25.0, "tiny-gpt2-bnb4": 0.0, "tiny-gpt2-fp32+bnb4": 1000.0}
 
 
 def test_command_line_threshold_outside_the_grid_is_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
-from efficiency.techniques.precision import check_dtype_on_device, dtype_from_name
+from efficiency.techniques.precision import DTYPE_PATTERN, check_dtype_on_device, dtype_from_name
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -138,13 +138,13 @@ class BnbQuant(TechniqueBase):
         return model
 
 
-@register(r"bnb8(?:@(fp32|fp16|bf16))?", "bnb8[@fp16|@bf16|@fp32]",
+@register(rf"bnb8(?:@({DTYPE_PATTERN}))?", "bnb8[@fp16|@bf16|@fp32]",
           examples=("bnb8", "bnb8@fp16", "bnb8@bf16", "bnb8@fp32"))
 def _bnb8(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(8, compute=m.group(1))
 
 
-@register(r"bnb4(-fp4|-nf4)?(?:@(fp32|fp16|bf16))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]",
+@register(rf"bnb4(-fp4|-nf4)?(?:@({DTYPE_PATTERN}))?", "bnb4 | bnb4-fp4 [@fp16|@bf16|@fp32]",
           examples=("bnb4", "bnb4-nf4", "bnb4-fp4", "bnb4@bf16", "bnb4-fp4@fp16", "bnb4-nf4@fp32"))
 def _bnb4(m: re.Match[str]) -> BnbQuant:
     return BnbQuant(4, quant_type="fp4" if m.group(1) == "-fp4" else "nf4", compute=m.group(2))

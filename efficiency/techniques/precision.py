@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
+from efficiency.defaults import COMPUTE_DTYPES
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+assert tuple(DTYPES) == COMPUTE_DTYPES, "defaults.COMPUTE_DTYPES names the dtypes the settings accept"
+DTYPE_PATTERN = "|".join(COMPUTE_DTYPES)  # a dtype name in a technique name's pattern
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -49,6 +52,6 @@ class Precision(TechniqueBase):
         return model.to(self.dtype)
 
 
-@register(r"fp32|fp16|bf16", "fp32 | fp16 | bf16", examples=("fp32", "fp16", "bf16"))
+@register(DTYPE_PATTERN, " | ".join(COMPUTE_DTYPES), examples=COMPUTE_DTYPES)
 def _precision(m: re.Match[str]) -> Precision:
     return Precision(m.group(0))
