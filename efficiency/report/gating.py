@@ -12,6 +12,7 @@ pooled with the other stored runs of its commit (:func:`head_runs`), the baselin
 from __future__ import annotations
 
 import glob
+import os
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ class Baseline:
 
 def report_files(spec: str) -> list[Path] | None:
     """The report files a spec names: one path, a glob pattern, or several joined by commas; None when the spec
-    is not a file spec (a commit or 'last'). A named file that does not exist is an error."""
+    is not a file spec (a commit or 'last'). A named file that does not exist is an error: a part that ends with
+    ``.json`` or holds a path separator names a file (a commit or 'last' never does)."""
     parts = [p for p in spec.split(",") if p]
     paths: list[Path] = []
     for part in parts:
@@ -54,8 +56,9 @@ def report_files(spec: str) -> list[Path] | None:
             paths += found
         elif Path(part).is_file():
             paths.append(Path(part))
-        elif Path(part).suffix == ".json" or len(parts) > 1:
-            raise history.HistoryError(f"report {part} does not exist")
+        elif Path(part).suffix == ".json" or len(parts) > 1 or "/" in part or os.sep in part:
+            raise history.HistoryError(f"report {part} " + ("is not a file" if Path(part).exists() else
+                                                              "does not exist"))
         else:
             return None
     return paths or None

@@ -95,7 +95,10 @@ def write_with_fallback(targets: list[Path], data: dict[str, Any], fallback: Pat
 
 def check_writable(path: Path, is_dir: bool) -> str | None:
     """None when a file can be created in ``path`` (a folder, created if missing) or written at ``path`` (a
-    file); else why not. Checked by creating and removing a temporary file, the only test that is reliable."""
+    file, which an existing folder is not); else why not. Checked by creating and removing a temporary file, the
+    only test that is reliable."""
+    if not is_dir and path.is_dir():
+        return "it is a folder: give the path of a file"
     folder = path if is_dir else path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from efficiency.defaults import HISTORY_FILENAME
+from efficiency.errors import ConfigError
 from efficiency.report import history
 from efficiency.report.compare import Criteria, compare
 from efficiency.report.gating import Baseline, head_runs, report_files, resolve
@@ -35,6 +36,40 @@ def history_path(value: str | None, reports_dir: Path) -> Path | None:
     if value is None or value == "":
         return Path(reports_dir) / HISTORY_FILENAME
     return None if value.lower() in ("off", "none", "no") else Path(value).expanduser()
+
+
+def check_fail_pct(fail_pct: float) -> None:
+    """``--eff-fail-on-regression PCT``, checked at start-up by the rule the comparison applies (Criteria)."""
+    try:
+        Criteria(runtime_pct=fail_pct)
+    except ValueError:
+        raise ConfigError(f"--eff-fail-on-regression takes a finite percentage >= 0 (the runtime/energy increase "
+                          f"that fails the session), got {fail_pct:g}") from None
+
+
+def check_baseline_spec(history_opt: str | None, compare_spec: str | None, fail_pct: float | None,
+                        reports_dir: Path) -> None:
+    """What can be known before the run about the baseline of ``--eff-compare`` / ``--eff-fail-on-regression``
+    (which compares with ``last`` by default): the report files a spec names exist (gating.report_files), and
+    ``last`` or a commit has a history to be looked up in. The lookup itself waits for the run's end."""
+    spec = compare_spec or ("last" if fail_pct is not None else None)
+    if not spec:
+        return
+    what = f"--eff-compare {spec}" if compare_spec else "--eff-fail-on-regression (without --eff-compare: 'last')"
+    try:
+        files = report_files(spec)
+    except history.HistoryError as err:
+        raise ConfigError(f"{what}: {err}; give an existing report file, 'last' or a commit of the history") \
+            from None
+    if files is not None:
+        return
+    db = history_path(history_opt, reports_dir)
+    if db is None:
+        raise ConfigError(f"{what}: {spec!r} is looked up in the history, but --eff-history is off: drop "
+                          "--eff-history off, or compare with a report file (--eff-compare PATH.json)")
+    if spec != "last" and not db.exists():
+        raise ConfigError(f"{what}: {spec!r} is not a report file, and there is no history at {db} to look it up "
+                          "as a commit")
 
 
 def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, compare_spec: str | None,

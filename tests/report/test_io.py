@@ -103,3 +103,6 @@ def test_check_writable_names_the_problem(tmp_path: Path) -> None:
     blocked.write_text("x")
     assert io.check_writable(blocked / "reports", is_dir=True)
     assert io.check_writable(blocked / "r.json", is_dir=False)
+    # a file target that is an existing folder: before, accepted up front and the write failed after the run
+    assert io.check_writable(tmp_path / "new", is_dir=False) == "it is a folder: give the path of a file"
+    assert io.check_writable(tmp_path / "new" / "r.json", is_dir=False) is None

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from conftest import make_reports
+from efficiency.errors import ConfigError
 from efficiency.report import history
 from efficiency.report.compare import MIN_RUNS
-from efficiency.report.tracking import finish
+from efficiency.report.tracking import check_baseline_spec, check_fail_pct, finish
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures" / "reports"
@@ -100,6 +101,33 @@ def test_bad_compare_target_without_gating_is_reported_not_raised(tmp_path: Path
                                     "history: nothing compared"]
     lines, failed = finish(load("head-slow"), tmp_path, None, str(tmp_path / "nope.json"), None)
     assert not failed and "does not exist" in lines[-1]
+
+
+def test_what_the_baseline_needs_is_checked_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, these failed only at the run's end, after the whole grid was measured."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.json").write_text("{}")
+    db = tmp_path / "history.sqlite"
+    for ok in ((None, "base.json", 5.0), ("off", str(tmp_path / "base.json"), 5.0), (None, "last", None),
+               (None, None, 5.0), ("off", None, None)):
+        check_baseline_spec(*ok, tmp_path)
+    history_with(db, load("base"))
+    check_baseline_spec(None, "a1b2c3", None, tmp_path)  # a commit: looked up at the end, in an existing history
+    for (hist, spec, pct), message in (
+            (("off", None, 5.0), r"--eff-fail-on-regression \(without --eff-compare: 'last'\): 'last' is looked up in "
+                                 r"the history, but --eff-history is off"),
+            (("off", "last", None), r"--eff-compare last: 'last' is looked up in the history, but --eff-history is "
+                                    r"off"),
+            ((None, "nope.json", None), r"--eff-compare nope.json: report nope.json does not exist"),
+            ((None, "old/run", None), r"report old/run does not exist"),  # a path separator: a file, not a commit
+            ((None, "a1b2c3", None), r"'a1b2c3' is not a report file, and there is no history at .*other"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_baseline_spec(hist, spec, pct, tmp_path / "other")
+    check_fail_pct(0.0)
+    for bad in (float("nan"), -5.0, float("inf")):
+        with pytest.raises(ConfigError, match=r"--eff-fail-on-regression takes a finite percentage >= 0"):
+            check_fail_pct(bad)
 
 
 def test_case_missing_from_the_baseline_fails_closed(tmp_path: Path) -> None:
