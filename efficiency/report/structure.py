@@ -18,6 +18,8 @@ from efficiency.report.schema import SchemaError, upgrade
 CASE_SECTIONS = ("perplexity", "runtime", "energy", "latency", "memory", "size", "threshold", "deltas",
                  "scores", "baseline", "pareto", "metrics", "phases")
 CASE_STRINGS = ("id", "model", "technique", "status")
+# Perplexities a reader divides by or compares (gate.check_perplexity): exp(mean NLL), never 0 or below.
+CASE_PERPLEXITIES = (("perplexity", "value"), ("baseline", "perplexity"))
 
 
 def _where(source: object, place: str, what: str, value: Any) -> ReportError:
@@ -55,6 +57,12 @@ def check_structure(report: Any, source: object = "report") -> dict[str, Any]:
                 raise _where(source, f"cases[{i}].{key}", "a string", case.get(key))
         for key in CASE_SECTIONS:
             _dict_or_none(case.get(key), source, f"cases[{i}].{key}")
+        for section, key in CASE_PERPLEXITIES:
+            value = (case.get(section) or {}).get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value > 0):
+                raise ReportError(f"report {source} is broken: cases[{i}].{section}.{key} must be a perplexity (a "
+                                  f"positive number) or null, not {value!r}")
     violations = report.get("violations")
     if violations is not None and not (isinstance(violations, list)
                                        and all(isinstance(v, dict) and isinstance(v.get("message"), str)

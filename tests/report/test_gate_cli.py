@@ -261,6 +261,21 @@ def test_a_structurally_broken_report_is_exit_2_naming_the_file_in_every_command
         assert str(bad) in err and "Traceback" not in err, (what, argv, err)
 
 
+@pytest.mark.parametrize(("section", "key"), [("baseline", "perplexity"), ("perplexity", "value")])
+@pytest.mark.parametrize("value", [0, -3.5, "29.9"])
+def test_a_perplexity_that_is_not_positive_is_exit_2_naming_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str, key: str, value: Any) -> None:
+    """Before, a baseline perplexity of 0 ended `efficiency gate` in an AssertionError (gate.check_perplexity)."""
+    bad = json.loads(Path(f("base")).read_text())
+    bad["cases"][1][section][key] = value
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps(bad))
+    code, _, err = run(capsys, "gate", str(path))
+    assert code == 2 and "Traceback" not in err
+    assert f"report {path} is broken: cases[1].{section}.{key} must be a perplexity (a positive number) or null, " \
+           f"not {value!r}" in err
+
+
 def test_a_structurally_broken_nested_value_never_gives_a_traceback(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Random type damage deep inside cases: every command exits 0, 1 or 2, never with an exception."""
