@@ -227,6 +227,25 @@ def pytest_runtest_call(item):
     assert "crashed while running" in crashed["reason"] and "not measured" in crashed["reason"]
 
 
+def test_xdist_controller_expects_the_canonical_ids_its_workers_collect(pytester: pytest.Pytester,
+                                                                         tiny_dir: Path) -> None:
+    """Workers collect ``bnb4-nf4`` as ``tiny-gpt2-bnb4``; a controller that matched node ids against the names as
+    given expected no case, so a run that lost one to a killed worker was still ``complete``."""
+    pytester.makeconftest("""
+import os, signal
+import pytest
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    if item.callspec.id == "tiny-gpt2-bnb4":
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+    result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4-nf4", "-n", "2", "--dist", "load")
+    result.assert_outcomes(passed=1, failed=1)
+    assert report["status"] == "incomplete" and report["missing"] == ["tiny-gpt2-bnb4"]
+    assert [c["id"] for c in report["cases"]] == ["tiny-gpt2-fp32", "tiny-gpt2-bnb4"]
+
+
 # --- a light plugin, inputs and outputs refused up front, exit codes (issues 8, 9, 10) -------------------------
 
 def test_a_run_without_efficiency_cases_does_not_import_torch(pytester: pytest.Pytester) -> None:
