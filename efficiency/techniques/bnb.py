@@ -27,7 +27,9 @@ def is_conv1d(module: Any) -> bool:
 
 
 def default_filter(module: nn.Module, name: str) -> bool:
-    """Linear (or GPT-2 Conv1D) layers inside the transformer blocks; embeddings and the LM head stay."""
+    """Every Linear (or GPT-2 Conv1D) layer except the LM head, as transformers' bitsandbytes integration chooses
+    by default: the blocks' layers and, in OPT models whose embedding width differs from the hidden size
+    (opt-350m), ``project_in`` / ``project_out`` too; embeddings and the LM head stay."""
     return (isinstance(module, nn.Linear) or is_conv1d(module)) and not name.endswith("lm_head")
 
 

@@ -291,6 +291,10 @@ class TorchaoQuant(TechniqueBase):
     def apply(self, model: Any, ctx: Context) -> Any:
         torchao, quantize_ = require_torchao()
         if self.kind == "int4wo" and next(model.parameters()).dtype != torch.bfloat16:
+            claimed = ctx.info.get("dtype")
+            if claimed not in (None, "bf16"):  # fp16+int4wo would run bf16 while the report says fp16
+                raise UnsupportedTechnique(f"{self.name}: its kernels take bf16 activations, but an earlier step made "
+                                           f"the model {claimed}; use bf16+{self.name}, or {self.name} alone")
             model = model.to(torch.bfloat16)  # the int4 kernels take bf16 activations
         converted = conv1d_to_linear(model)
         widths = input_widths(model)

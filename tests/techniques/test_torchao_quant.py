@@ -21,6 +21,17 @@ def _ctx() -> Context:
     return Context(device="cpu", tokenizer=None, model_name="tiny", cache_dir=Path("."))
 
 
+def test_int4wo_after_another_dtype_step_is_refused_not_run_in_bf16() -> None:
+    """Before: fp16+int4wo cast the model to bf16 for the int4 kernels while the report's dtype said fp16."""
+    ctx = _ctx()
+    pipeline = parse("fp16+int4wo-g32")
+    model = tiny_model("llama").to(pipeline.load_dtype(ctx, torch.float32))
+    with pytest.raises(UnsupportedTechnique, match=r"earlier step made the model fp16; use bf16\+int4wo-g32"):
+        pipeline.apply(model, ctx)
+    bf16 = parse("bf16+int4wo-g32")
+    assert next(bf16.apply(tiny_model("llama"), _ctx()).parameters()).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 @pytest.mark.parametrize("name,max_rel,max_bytes_ratio", [("int8wo", 1e-3, 0.45), ("int8dq", 1e-3, 0.45),
                                                           ("fp8wo", 1e-3, 0.45), ("int4wo-g32", 2e-3, 0.45),
