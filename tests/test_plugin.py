@@ -203,19 +203,24 @@ def pytest_runtest_call(item):
     assert (pytester.path / "reports" / "history.sqlite").exists()
 
 
-def test_xdist_worker_killed_mid_case_makes_the_run_incomplete_and_names_the_case(pytester: pytest.Pytester,
-                                                                                   tiny_dir: Path) -> None:
-    # The OOM killer's SIGKILL: pytest-xdist reports the case failed and, under --dist load, never reruns it.
-    _second_model(tiny_dir)
-    pytester.makeconftest("""
+def _kill_worker_in(pytester: pytest.Pytester, case_id: str) -> None:
+    """A conftest whose worker process dies (SIGKILL, as the OOM killer sends) when it starts running ``case_id``."""
+    pytester.makeconftest(f"""
 import os, signal
 import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item):
-    if item.callspec.id == "tiny-gpt2-b-bnb8":
+    if item.callspec.id == {case_id!r}:
         os.kill(os.getpid(), signal.SIGKILL)
 """)
+
+
+def test_xdist_worker_killed_mid_case_makes_the_run_incomplete_and_names_the_case(pytester: pytest.Pytester,
+                                                                                   tiny_dir: Path) -> None:
+    # The OOM killer's SIGKILL: pytest-xdist reports the case failed and, under --dist load, never reruns it.
+    _second_model(tiny_dir)
+    _kill_worker_in(pytester, "tiny-gpt2-b-bnb8")
     result, report = run_grid(pytester, tiny_dir, "--eff-models", "tiny-gpt2,tiny-gpt2-b", "--eff-techniques",
                               "fp32,bnb8", "-n", "2", "--dist", "load")
     result.assert_outcomes(passed=3, failed=1)
@@ -231,15 +236,7 @@ def test_xdist_controller_expects_the_canonical_ids_its_workers_collect(pytester
                                                                          tiny_dir: Path) -> None:
     """Workers collect ``bnb4-nf4`` as ``tiny-gpt2-bnb4``; a controller that matched node ids against the names as
     given expected no case, so a run that lost one to a killed worker was still ``complete``."""
-    pytester.makeconftest("""
-import os, signal
-import pytest
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_call(item):
-    if item.callspec.id == "tiny-gpt2-bnb4":
-        os.kill(os.getpid(), signal.SIGKILL)
-""")
+    _kill_worker_in(pytester, "tiny-gpt2-bnb4")
     result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32,bnb4-nf4", "-n", "2", "--dist", "load")
     result.assert_outcomes(passed=1, failed=1)
     assert report["status"] == "incomplete" and report["missing"] == ["tiny-gpt2-bnb4"]
