@@ -307,12 +307,15 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         return bool(opts.get(key.replace("-", "_"))) or _flag(merged.get(key, False), key, "[tool.efficiency]")
 
     def path_pick(key: str, env: str | None = None) -> Path | None:
+        # The pyproject value is checked even where the option or the environment overrides it: a broken
+        # pyproject.toml must fail on every machine, not only where no EFFICIENCY_* variable is set.
+        configured = _text(merged.get(key), key, sources.get(key, "default"))
         value = opts.get(key.replace("-", "_"))
         if value not in (None, ""):
             return _path(value, cwd)
         if env and os.environ.get(env):
             return _path(os.environ[env], cwd)
-        return _path(_text(merged.get(key), key, sources.get(key, "default")), root)
+        return _path(configured, root)
 
     ints = {}
     for key in INT_KEYS:
