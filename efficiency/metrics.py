@@ -65,7 +65,6 @@ class Metric:
     path: tuple[str, ...]  # where the value is in a report case
     kind: Kind = "info"
     samples_path: tuple[str, ...] | None = None  # per-round values; None: one value per run
-    per_run_samples: bool = False  # the value itself is one sample per run (energy windows span all rounds)
     # settings that must match for this metric to be compared: keys of settings.workload, or the settings sections
     # "baseline", "kld", "tasks", "serving" (efficiency.report.compare.measurement_settings)
     workload_keys: tuple[str, ...] = ()
@@ -120,7 +119,7 @@ METRICS: tuple[Metric, ...] = (
            kind="regression", samples_path=("runtime", "rounds_s"), workload_keys=("batch_size",),
            pareto_tolerance_pct=3.0, short="time s", deterministic=False),
     Metric("energy_j", "energy (J)", "J", "lower", ("energy", "energy_j"),
-           kind="regression", per_run_samples=True,
+           kind="regression",
            workload_keys=("batch_size",), pareto_tolerance_pct=3.0, short="energy J", deterministic=False),
     Metric("j_per_token", "energy per token (J)", "J", "lower", ("energy", "j_per_token"),
            workload_keys=("batch_size",), deterministic=False),
@@ -130,11 +129,11 @@ METRICS: tuple[Metric, ...] = (
            samples_path=("latency", "prefill_s_all"), workload_keys=("prefill_tokens",), short="prefill ms",
            formatter=fmt_ms, deterministic=False),
     Metric("decode_s_per_token", "decode per token (s)", "s", "lower", ("latency", "decode_s_per_token"),
-           samples_path=("latency", "decode_s_per_token_all"), per_run_samples=True,
+           samples_path=("latency", "decode_s_per_token_all"),
            workload_keys=("prefill_tokens", "decode_tokens"), short="decode ms/tok",
            formatter=fmt_ms, deterministic=False),
     Metric("decode_j_per_token", "decode energy per token (J)", "J", "lower",
-           ("latency", "decode_j_per_token"), per_run_samples=True,
+           ("latency", "decode_j_per_token"),
            workload_keys=("prefill_tokens", "decode_tokens"), deterministic=False),
     Metric("decode_weight_bytes_per_s", "decode weight bandwidth (B/s)", "B/s", "higher",
            ("latency", "weight_bytes_per_s"), workload_keys=("prefill_tokens", "decode_tokens"),

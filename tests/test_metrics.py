@@ -29,8 +29,8 @@ def test_every_metric_says_whether_a_rerun_gives_the_same_number() -> None:
     deterministic = {m.name for m in metrics.METRICS if m.deterministic}
     assert deterministic == {"perplexity", "size_bytes", "parameters", "kld_mean", "kld_p99", "top1_match",
                              "task_acc_mean"}
-    for m in metrics.METRICS:  # anything with per-round or per-run samples is measured, never deterministic
-        assert not (m.deterministic and (m.samples_path or m.per_run_samples or m.kind == "regression")), m.name
+    for m in metrics.METRICS:  # anything with per-round samples, or gated as a regression, is measured
+        assert not (m.deterministic and (m.samples_path or m.kind == "regression")), m.name
     with pytest.raises(TypeError, match="deterministic"):
         metrics.Metric("new", "new", "", "lower", ("x",))  # type: ignore[call-arg]
 
