@@ -21,10 +21,9 @@ from typing import Any
 def measure_case(model: str, technique: str, *, root: str | Path = ".", log: Callable[[str], None] | None = None,
                  **options: Any) -> dict[str, Any]:
     from efficiency.gate import check_perplexity
-    from efficiency.plugin import canonical_config
     from efficiency.runner import Runner
     from efficiency.score import case_deltas, case_scores
-    from efficiency.settings import build_config, read_pyproject
+    from efficiency.settings import build_config, canonical_config, read_pyproject
 
     root = Path(root).resolve()
     opts = {**options, "models": model, "techniques": technique}

@@ -17,15 +17,15 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from efficiency import defaults
-from efficiency.config import ConfigError, SuiteConfig, Thresholds
-from efficiency.settings import build_config, cli_threshold_names, read_pyproject, threshold_names_outside, validate
+from efficiency.config import ConfigError, SuiteConfig
+from efficiency.settings import build_config, canonical_config, read_pyproject, validate
 
 if TYPE_CHECKING:
     from efficiency.session import EfficiencySession
@@ -502,38 +502,6 @@ def grid(cfg: SuiteConfig) -> list[Case]:
     """Every model x technique, the baseline first for each model (it is measured once and reused)."""
     techniques = [cfg.baseline] + [t for t in cfg.techniques if t != cfg.baseline]
     return [Case(m, t) for m in cfg.models for t in techniques]
-
-
-def canonical_config(cfg: SuiteConfig, cli_thresholds: Sequence[str] = ()) -> SuiteConfig:
-    """``cfg`` with every technique name canonical (``techniques.base.parse(name).name``: ``bnb4-nf4`` -> ``bnb4``,
-    ``fp32 + bnb4`` -> ``fp32+bnb4``): the baseline, the techniques (one that becomes an earlier one is dropped) and
-    the threshold keys (of two spellings of one technique the later in precedence wins: settings.parse_thresholds).
-    Done once, before the grid is built, so that the case ids, the ids the session expects, the limits and the
-    report agree. An unknown name is an UnknownTechnique (a ConfigError), and so is a ``--eff-threshold NAME=PCT``
-    (``cli_thresholds``) whose technique is not in the grid."""
-    from efficiency.techniques.base import UnknownTechnique, parse
-
-    def canonical(name: str) -> str | None:
-        try:
-            return parse(name).name
-        except UnknownTechnique:
-            return None
-
-    baseline = parse(cfg.baseline).name
-    techniques = tuple(dict.fromkeys(parse(name).name for name in cfg.techniques))
-    in_grid = tuple(dict.fromkeys((baseline, *techniques)))
-    outside = [name for name in cli_threshold_names(list(cli_thresholds))
-               if threshold_names_outside((canonical(name) or name,), in_grid)]
-    if outside:
-        raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's grid "
-                          f"({', '.join(in_grid)}) nor a step of one")
-    limits: dict[str, float] = {}
-    for name, pct in cfg.thresholds.per_technique.items():  # in order of precedence
-        key = parse(name).name
-        limits.pop(key, None)
-        limits[key] = pct
-    return replace(cfg, baseline=baseline, techniques=techniques,
-                   thresholds=Thresholds(cfg.thresholds.default_pct, limits))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ def parse_thresholds(table: Mapping[str, Any], cli: list[str]) -> Thresholds:
     (``defaults.STEP_THRESHOLDS_PCT``) come first, so that the table and the command line override them and the
     report's settings record them with the rest. ``per_technique`` is in order of precedence (built-in, table,
     command line): where two spellings name one technique (``bnb4``, ``bnb4-nf4``) the plugin keeps the later
-    (plugin.canonical_config)."""
+    (canonical_config)."""
     per = dict(defaults.STEP_THRESHOLDS_PCT)
     for k, v in table.items():
         if k != "default":
@@ -189,7 +190,7 @@ def cli_threshold_names(cli: list[str]) -> tuple[str, ...]:
 
 def threshold_names_outside(names: tuple[str, ...], techniques: tuple[str, ...]) -> list[str]:
     """Names that are neither a technique of the grid nor a step of a pipeline in it (canonical names: the plugin
-    checks them once it has the registry, plugin.canonical_config)."""
+    checks them once it has the registry, canonical_config)."""
     known = set(techniques) | {step.strip() for t in techniques for step in t.split("+")}
     return [n for n in names if n not in known]
 
@@ -410,3 +411,33 @@ def validate(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, cwd:
     """Every check that needs no device: the table's keys and both device variants of the values (no torch)."""
     for device in ("cpu", "cuda"):
         build_config(opts, table, root, cwd, device=device)
+
+
+def canonical_config(cfg: SuiteConfig, cli_thresholds: Sequence[str] = ()) -> SuiteConfig:
+    """``cfg`` with every technique name canonical (``techniques.base.parse(name).name``: ``bnb4-nf4`` -> ``bnb4``,
+    ``fp32 + bnb4`` -> ``fp32+bnb4``): the baseline, the techniques (one that becomes an earlier one is dropped) and
+    the threshold keys (of two spellings of one technique the later in precedence wins: settings.parse_thresholds).
+    Done once, before the grid is built, so that the case ids, the ids the session expects, the limits and the
+    report agree. An unknown name is an UnknownTechnique (a ConfigError), and so is a ``--eff-threshold NAME=PCT``
+    (``cli_thresholds``) whose technique is not in the grid."""
+    from efficiency.techniques.base import UnknownTechnique, parse
+
+    def canonical(name: str) -> str | None:
+        try:
+            return parse(name).name
+        except UnknownTechnique:
+            return None
+
+    baseline = parse(cfg.baseline).name
+    techniques = tuple(dict.fromkeys(parse(name).name for name in cfg.techniques))
+    in_grid = tuple(dict.fromkeys((baseline, *techniques)))
+    outside = [name for name in cli_threshold_names(list(cli_thresholds))
+               if threshold_names_outside((canonical(name) or name,), in_grid)]
+    if outside:
+        raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's grid "
+                          f"({', '.join(in_grid)}) nor a step of one")
+    limits: dict[str, float] = {}
+    for name, pct in cfg.thresholds.per_technique.items():  # in order of precedence
+        _last(limits, parse(name).name, pct)
+    return replace(cfg, baseline=baseline, techniques=techniques,
+                   thresholds=Thresholds(cfg.thresholds.default_pct, limits))

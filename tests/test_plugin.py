@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO, SHARED_DATA, save_tiny_gpt2
 from efficiency.config import ConfigError
-from efficiency.plugin import canonical_config, grid
-from efficiency.settings import build_config
+from efficiency.plugin import grid
+from efficiency.settings import build_config, canonical_config
 
 GRID_TEST = """
 def test_efficiency(eff_case, eff_session, benchmark):

@@ -132,7 +132,7 @@ def test_typed_lists_accept_the_command_lines_strings_and_toml_lists(tmp_path: P
 
 
 def test_threshold_order_is_their_precedence(tmp_path: Path) -> None:
-    """The plugin keeps the later of two spellings of one technique (plugin.canonical_config): the command line
+    """The plugin keeps the later of two spellings of one technique (settings.canonical_config): the command line
     after the device table after the top table after the built-in step limits."""
     table = {"thresholds": {"bnb8": 5, "bnb4": 30, "int8wo": 9}, "cpu": {"thresholds": {"bnb8": 6}}}
     cfg = build_config({**CPU, "threshold": ["bnb4=7"]}, table, tmp_path)
