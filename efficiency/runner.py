@@ -102,9 +102,9 @@ class Runner:
             reason = split_unsupported(pipeline.name.split("+"))
             if reason:
                 raise UnsupportedTechnique(reason)
+        self.corpus()  # fail on missing data before spending time on the model, its skeleton included
         pipeline.check_layers(functools.cache(lambda: skeleton(source, cfg.cache_dir, self.log)))
         dtype = pipeline.load_dtype(probe_ctx, default_dtype)
-        self.corpus()  # fail on missing data before spending time on the model
 
         case_id = f"{model_name}-{pipeline.name}"
         self.log(f"{case_id}: loading {source.describe()} as {str(dtype).removeprefix('torch.')}")

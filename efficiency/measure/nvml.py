@@ -21,8 +21,7 @@ from efficiency.measure.sample import (
     _Window,
     counter_uncertainty_j,
     implausible_power,
-    no_tick_reason,
-    zero_reading_reason,
+    zero_energy_reason,
 )
 
 
@@ -48,8 +47,7 @@ def _nvml_close(nvml: Any) -> None:
 def _refusal(energy_j: float, window_s: float, n_gpus: int, what: str) -> str | None:
     """Why a GPU reading is refused (0 J, or implausible power), else None."""
     if energy_j == 0:
-        reason = zero_reading_reason if window_s >= NVML_UPDATE_PERIOD_S else no_tick_reason
-        return reason(what, window_s, NVML_UPDATE_PERIOD_S)
+        return zero_energy_reason(what, window_s, NVML_UPDATE_PERIOD_S)
     return implausible_power(energy_j, window_s, NVML_UPDATE_PERIOD_S, MAX_GPU_POWER_W, n_gpus)
 
 

@@ -20,8 +20,7 @@ from efficiency.measure.sample import (
     _Window,
     counter_uncertainty_j,
     implausible_power,
-    no_tick_reason,
-    zero_reading_reason,
+    zero_energy_reason,
 )
 
 # Top-level RAPL zones only: `intel-rapl:0:0` is a sub-zone of package 0 and `intel-rapl-mmio:0` repeats it.
@@ -115,8 +114,7 @@ class RaplMeter:
         refused = implausible_power(energy_j, window_s, RAPL_UPDATE_PERIOD_S, MAX_CPU_PACKAGE_POWER_W,
                                     len(self._zones))
         if energy_j == 0:
-            reason = zero_reading_reason if window_s >= RAPL_UPDATE_PERIOD_S else no_tick_reason
-            refused = reason("RAPL package counter", window_s, RAPL_UPDATE_PERIOD_S)
+            refused = zero_energy_reason("RAPL package counter", window_s, RAPL_UPDATE_PERIOD_S)
         if refused:
             return EnergySample(None, window_s, self.method, None, self.domains, refused)
         caveat = _short_window_caveat(window_s, RAPL_UPDATE_PERIOD_S, "RAPL counter", _SHORT_WINDOW_EFFECT)

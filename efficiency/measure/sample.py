@@ -209,6 +209,13 @@ def no_tick_reason(what: str, window_s: float, period_s: float) -> str:
             "update period: the energy is unknown, not 0 (a longer --eff-min-window measures it)")
 
 
+def zero_energy_reason(what: str, window_s: float, period_s: float) -> str:
+    """Why a real meter's 0 J reading is refused: a counter stuck over at least one update period, or one that did
+    not tick in a shorter window."""
+    reason = zero_reading_reason if window_s >= period_s else no_tick_reason
+    return reason(what, window_s, period_s)
+
+
 def zero_reading_reason(what: str, window_s: float, period_s: float) -> str:
     """Why a real meter read exactly 0 J over at least one update period."""
     return (f"{what} did not advance in {window_s:.3g} s (update period ~{period_s * 1000:g} ms): a powered "
