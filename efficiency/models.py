@@ -351,11 +351,9 @@ def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, 
         return None
     if source.kind not in (SourceKind.LOCAL_HF, SourceKind.RANDOM_CONFIG):
         return None
-    from transformers import AutoConfig
-
     try:
-        return AutoConfig.from_pretrained(source.location)
-    except (OSError, ValueError):
+        return read_config(source, cache_dir)
+    except ModelUnavailable:
         return None  # the case says why when it loads
 
 
@@ -425,16 +423,23 @@ def skeleton(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | 
     ``Pipeline.check_layers`` reads before a case loads the model). ModelUnavailable when the config cannot be read,
     as ``load`` would raise."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(source, cache_dir, log)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def read_config(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | None = None) -> Any:
+    """The model's config, from where ``load`` would read it; ModelUnavailable when it cannot be read."""
+    from transformers import AutoConfig
 
     try:
         location, kwargs = _pretrained_location(source, cache_dir, log)
-        config = AutoConfig.from_pretrained(location, **kwargs)
+        return AutoConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelUnavailable(f"could not read the config of {source.name!r} from {source.describe()}: {err}") \
             from err
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
