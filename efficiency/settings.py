@@ -274,6 +274,24 @@ def technique_options(table: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _source_rank(source: str) -> int:
+    """How specific a setting's source is: the built-in default < ``[tool.efficiency]`` < its device table <
+    the command line."""
+    if source.startswith("--"):
+        return 3
+    return 2 if source.startswith("[tool.efficiency.") else 1 if source == "[tool.efficiency]" else 0
+
+
+def _stride(stride: int, stride_source: str, context: int, context_source: str) -> int:
+    """The stride of the perplexity windows. One set where the context was chosen more specifically (the default
+    512 under ``--eff-context 256``) means "non-overlapping" and is capped at the context; one set at the same level
+    as the context or a more specific one is the user's and is validated (``stride = 1024`` beside ``context =
+    512`` in one table was capped silently before)."""
+    if stride > context and _source_rank(stride_source) < _source_rank(context_source):
+        return context
+    return stride
+
+
 def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, cwd: Path | None = None,
                  device: str | None = None) -> SuiteConfig:
     """``opts``: option values by name without the ``eff_`` prefix, underscores for dashes (None = not given).
@@ -323,9 +341,7 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         value, source = pick(key)
         ints[key] = _int(value, key, source)
     context = ints["context"]
-    stride_opt, stride_src = pick("stride")
-    # A default stride longer than a chosen context means "non-overlapping"; an explicit one is validated.
-    stride = ints["stride"] if stride_src.startswith("--") else min(ints["stride"], context)
+    stride = _stride(ints["stride"], pick("stride")[1], context, pick("context")[1])
     window, window_src = pick("min-window")
     dataset_value, dataset_src = pick("dataset")
     dataset = str(_text(dataset_value, "dataset", dataset_src))

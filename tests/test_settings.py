@@ -98,6 +98,28 @@ def test_command_line_errors(tmp_path: Path, opts: dict[str, Any], message: str)
         build_config({**CPU, **opts}, {}, tmp_path)
 
 
+@pytest.mark.parametrize("table", [
+    {"context": 512, "stride": 1024},
+    {"cpu": {"context": 512, "stride": 1024}},
+    {"context": 512, "cpu": {"stride": 1024}},
+])
+def test_a_stride_set_beside_its_context_is_validated_not_capped(tmp_path: Path, table: dict[str, Any]) -> None:
+    """Before, ``stride = 1024`` next to ``context = 512`` in pyproject.toml became 512 without a word."""
+    with pytest.raises(ConfigError, match=r"stride must be in \[1, context=512\], got 1024"):
+        build_config(CPU, table, tmp_path)
+
+
+@pytest.mark.parametrize(("opts", "table"), [
+    ({"context": 256}, {"stride": 512}),            # the option chose the context; the project's stride is capped
+    ({}, {"stride": 512, "cpu": {"context": 256}}),  # the device table chose it
+    ({"context": 256}, {}),                          # the built-in stride
+])
+def test_a_stride_set_less_specifically_than_the_context_means_non_overlapping(
+        tmp_path: Path, opts: dict[str, Any], table: dict[str, Any]) -> None:
+    cfg = build_config({**CPU, **opts}, table, tmp_path)
+    assert (cfg.workload.context, cfg.workload.stride) == (256, 256)
+
+
 @pytest.mark.parametrize("key", ["random-weights", "strict"])
 @pytest.mark.parametrize("value", ["false", "no", "true", 0, 1])
 def test_pyproject_switches_are_toml_booleans(tmp_path: Path, key: str, value: Any) -> None:
