@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from efficiency.config import SuiteConfig
-from efficiency.data import Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
+from efficiency.data import CALIBRATION_KEY, Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
 from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve, skeleton
 from efficiency.results import CaseResult
@@ -136,10 +136,18 @@ class Runner:
         def load_model(name: str) -> Any:
             return self.load_named(name, dtype).model
 
-        return Context(
+        def calibration() -> Corpus:
+            # The text a technique calibrated on is part of what the case measured: compare tells cases apart by
+            # its hash (report.compare.case_identity), not by the file's path, which differs between machines.
+            corpus = self.calibration()
+            ctx.info[CALIBRATION_KEY] = corpus.sha256
+            return corpus
+
+        ctx = Context(
             device=self.cfg.device, tokenizer=tokenizer, model_name=model_name, cache_dir=self.cfg.cache_dir,
-            calibration=self.calibration, load_model=load_model, log=self.log, compute_dtype=self.cfg.compute_dtype,
+            calibration=calibration, load_model=load_model, log=self.log, compute_dtype=self.cfg.compute_dtype,
         )
+        return ctx
 
     def _measure_loaded(
         self, model: Any, loaded: LoadedModel, pipeline: Pipeline, ctx: Context, apply_s: float, benchmark: Any

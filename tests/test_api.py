@@ -23,3 +23,21 @@ def test_measure_case_on_a_tiny_local_model(tmp_path: Path, one_thread: None) ->
         (case["metrics"]["perplexity"] / case["baseline"]["perplexity"] - 1) * 100)
     assert case["metrics"]["size_bytes"] > 0 and case["scores"]["runtime_only"]["status"] in ("ok", "free",
                                                                                                "no-saving")
+
+
+def test_a_case_that_calibrates_records_the_hash_of_the_text_it_read(tmp_path: Path, one_thread: None) -> None:
+    """Compare tells such cases apart by this hash (report.compare.case_identity), not by the file's path."""
+    import hashlib
+
+    from efficiency.api import measure_case
+
+    save_tiny_gpt2(tmp_path / "m" / "t", n_positions=64, n_embd=32)
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    calibration = "A different text to calibrate on, of a few hundred tokens. " * 30
+    (tmp_path / "calib.txt").write_text(calibration)
+    (tmp_path / "pyproject.toml").write_text('[tool.efficiency.technique."ah90"]\nn_sequences = 2\nseq_len = 16\n')
+    case = measure_case("t", "ah90", root=tmp_path, model_dir=str(tmp_path / "m"), dataset=str(tmp_path / "text.txt"),
+                        calibration=str(tmp_path / "calib.txt"), device="cpu", max_tokens="200", context=32,
+                        stride=32, rounds=2, decode_tokens=3, prefill_tokens=8, cache_dir=str(tmp_path / "cache"))
+    assert case["status"] == "measured"
+    assert case["technique_info"]["calibration_sha256"] == hashlib.sha256(calibration.encode()).hexdigest()

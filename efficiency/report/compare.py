@@ -38,8 +38,9 @@ them (``--fail-on-inconclusive``).
 
 Whole cases are not compared when the settings that make numbers comparable differ (workload dataset, context,
 stride, max_tokens; device; machine; random weights; the run settings every step sees, ``RUN_SETTINGS``: compute
-dtype, calibration file, device map), or when the case itself measured something else (``case_identity``: the
-model's weights hash or revision, the technique options of the case's steps): the reason names the difference.
+dtype, device map), or when the case itself measured something else (``case_identity``: the model's weights hash
+or revision, the technique options of the case's steps, the calibration text they read, by its hash): the reason
+names the difference.
 
 **Unknown is not different.** A setting or identity part a report does not record (one written before it was
 recorded, a local model folder without a revision) is unknown on that side and never a reason to refuse on its
@@ -54,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from efficiency.data import CALIBRATION_KEY
 from efficiency.defaults import ALPHA, INFO_COMPARE_PCT, PERPLEXITY_COMPARE_PCT, REGRESSION_THRESHOLD_PCT
 from efficiency.metrics import METRICS, Metric
 from efficiency.report.schema import upgrade
@@ -70,9 +72,10 @@ REGRESSION, IMPROVEMENT = "regression", "improvement"
 UNCHANGED, NOT_SIGNIFICANT = "unchanged", "not significant"
 NA, NOT_COMPARED, INSUFFICIENT = "n/a", "not compared", "insufficient runs"
 INCONCLUSIVE = (INSUFFICIENT, NOT_COMPARED)  # on a gated metric: the gate cannot say, it fails closed
-# Settings every technique step of a run sees (the compute dtype bitsandbytes computes in, the calibration text,
-# how a model is split across GPUs): runs that differ in one measured every case differently.
-RUN_SETTINGS = ("compute_dtype", "calibration_path", "device_map")
+# Settings every technique step of a run sees (the compute dtype bitsandbytes computes in, how a model is split
+# across GPUs): runs that differ in one measured every case differently. The calibration text is a case's, by its
+# hash (case_identity): its file's path says nothing of its content and differs between machines.
+RUN_SETTINGS = ("compute_dtype", "device_map")
 # Settings sections a metric's workload_keys may name besides the workload (efficiency.metrics).
 METRIC_SETTINGS = ("baseline", "kld", "tasks", "serving")
 
@@ -212,13 +215,17 @@ def pooled(keys: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]
 
 def case_identity(report: Report, case: Case) -> dict[str, Any]:
     """What one case measured beyond its run's settings: the model's weights (sha256 over its weight files) and
-    revision, and the technique options of the case's own steps. A part the report does not record (no weight
-    files, a local folder without revision, a report from before options were recorded) is absent: unknown."""
+    revision, the technique options of the case's own steps, and the calibration text they read (its sha256). A
+    part the report does not record (no weight files, a local folder without revision, a report from before options
+    were recorded, a case that read no calibration text) is absent: unknown."""
     info = case.get("model_info") or {}
     out: dict[str, Any] = {k: str(info[k]) for k in ("weights_sha256", "revision") if info.get(k)}
     options = (report.get("settings") or {}).get("technique_options")
     if isinstance(options, Mapping):
         out["technique_options"] = {s: options[s] for s in case.get("steps") or [] if s in options}
+    calibration = (case.get("technique_info") or {}).get(CALIBRATION_KEY)
+    if calibration:
+        out[CALIBRATION_KEY] = str(calibration)
     return out
 
 
@@ -227,6 +234,7 @@ _IDENTITY_WORDS: dict[str, tuple[str, str]] = {
     "weights_sha256": ("model weights", "model weights differ (sha {0:.12} vs {1:.12})"),
     "revision": ("model revision", "model revisions differ ({0} vs {1})"),
     "technique_options": ("technique options", "technique options of the case's steps differ ({0!r} vs {1!r})"),
+    CALIBRATION_KEY: ("calibration text", "calibration texts differ (sha {0:.12} vs {1:.12})"),
 }
 
 

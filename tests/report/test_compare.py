@@ -401,6 +401,21 @@ def test_runs_of_another_compute_dtype_or_technique_options_are_not_compared() -
     assert all(by_id[f"smollm2-135m-{t}"].compared for t in ("fp32", "bf16", "bnb8"))
 
 
+def test_the_calibration_text_is_compared_by_its_hash_in_the_cases_that_read_it() -> None:
+    """Before, runs were refused whole when --eff-calibration named another path (the same file on another machine
+    included), and accepted when one path held another text."""
+    base, head = load("base"), load("head-noise")
+    base["settings"]["calibration_path"] = "/ci/a/calib.txt"
+    head["settings"]["calibration_path"] = "/home/me/calib.txt"
+    for run, sha in ((base, "a" * 64), (head, "a" * 64)):
+        next(c for c in run["cases"] if c["id"] == "smollm2-135m-bnb4")["technique_info"]["calibration_sha256"] = sha
+    assert compare([base], [head]).compared == 4  # the same text at two paths
+    next(c for c in head["cases"] if c["id"] == "smollm2-135m-bnb4")["technique_info"]["calibration_sha256"] = "b" * 64
+    by_id = {c.case_id: c for c in compare([base], [head]).cases}
+    assert by_id["smollm2-135m-bnb4"].reason == "calibration texts differ (sha aaaaaaaaaaaa vs bbbbbbbbbbbb)"
+    assert all(by_id[f"smollm2-135m-{t}"].compared for t in ("fp32", "bf16", "bnb8"))  # they read none
+
+
 def test_optional_phase_settings_stop_their_metrics_only() -> None:
     base, head = load("base"), load("head-noise")
     base["settings"].update(serving={"batch_sizes": [1, 8], "input_tokens": 128, "output_tokens": 64},
