@@ -76,8 +76,6 @@ INCONCLUSIVE = (INSUFFICIENT, NOT_COMPARED)  # on a gated metric: the gate canno
 # across GPUs): runs that differ in one measured every case differently. The calibration text is a case's, by its
 # hash (case_identity): its file's path says nothing of its content and differs between machines.
 RUN_SETTINGS = ("compute_dtype", "device_map")
-# Settings sections a metric's workload_keys may name besides the workload (efficiency.metrics).
-METRIC_SETTINGS = ("baseline", "kld", "tasks", "serving")
 
 
 @dataclass(frozen=True)
@@ -187,9 +185,11 @@ def comparable_key(report: Report) -> dict[str, Any]:
 
 
 def measurement_settings(report: Report) -> dict[str, Any]:
-    """The settings a metric's ``workload_keys`` name: the workload and the sections :data:`METRIC_SETTINGS`."""
+    """Where a metric's ``workload_keys`` (efficiency.metrics) are looked up: the workload's fields and the other
+    settings sections (``baseline``, ``kld``, ``tasks``, ``serving``, ...), so the metric registry alone says which
+    settings a metric depends on."""
     settings = report.get("settings") or {}
-    return {**(settings.get("workload") or {}), **{k: settings[k] for k in METRIC_SETTINGS if k in settings}}
+    return {**{k: v for k, v in settings.items() if k != "workload"}, **(settings.get("workload") or {})}
 
 
 def differing(a: Mapping[str, Any], b: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
