@@ -212,6 +212,12 @@ class Pipeline:
         if execution and execution != [len(self.steps) - 1]:
             raise UnknownTechnique(f"'{self.steps[execution[0]].name}' must be the last step of a pipeline, and "
                                    f"only once: got {self.name!r} (e.g. 'bf16+compile')")
+        names = [step.name for step in self.steps]
+        repeated = next((n for n in names if names.count(n) > 1), None)
+        if repeated is not None:
+            # Each step's report entry is keyed by its name: a second one would overwrite the first's figures.
+            raise UnknownTechnique(f"'{repeated}' appears {names.count(repeated)} times in {self.name!r}: a pipeline "
+                                   "names each step once")
 
     @property
     def name(self) -> str:

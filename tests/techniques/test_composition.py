@@ -74,5 +74,15 @@ def test_pipeline_counts_applied_steps_for_later_ones(tmp_path: Path) -> None:
             return model
 
     ctx = Context("cpu", None, "tiny", tmp_path)
-    Pipeline((Probe(), Probe(), Probe())).apply(object(), ctx)
+    Pipeline((Probe("probe1"), Probe("probe2"), Probe("probe3"))).apply(object(), ctx)
     assert seen == [0, 1, 2] and ctx.steps_done == 3
+
+
+@pytest.mark.parametrize("name", ["mag50+mag50", "ah90+bnb4+ah90", "mag50+bnb4-nf4+bnb4"])
+def test_a_step_named_twice_is_refused_when_the_name_is_read(name: str) -> None:
+    """Each step's report entry is keyed by its name: before, the second ``mag50`` overwrote the first's entry, so
+    the report described one pruning pass of two."""
+    from efficiency.techniques.base import UnknownTechnique
+
+    with pytest.raises(UnknownTechnique, match=r"appears 2 times in .*: a pipeline names each step once"):
+        parse(name)
