@@ -7,6 +7,7 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from efficiency.report.history import trend_series
 from efficiency.score import pareto_front
 
 if TYPE_CHECKING:
@@ -174,9 +175,9 @@ def trend_plot(points: Sequence[TrendPoint], metric: str) -> bytes:
         return png(fig)
     x_of = {r: i for i, r in enumerate(runs)}
     labels = {p.run.id: (p.run.commit or "nogit")[:7] + ("" if p.run.baseline_ok() else "*") for p in points}
-    several = len({p.run.settings_key for p in points}) > 1  # never join points measured differently
-    for i, (case_id, key) in enumerate(dict.fromkeys((p.case_id, p.run.settings_key) for p in points)):
-        group = [p for p in points if (p.case_id, p.run.settings_key) == (case_id, key)]
+    lines = trend_series(points)  # never join points measured differently
+    several = len(lines) > len({case_id for case_id, _ in lines})
+    for i, (case_id, group) in enumerate(lines):
         mine = [(x_of[p.run.id], p.value, p.run.baseline_ok()) for p in group if p.value is not None]
         color = COLORS[i % len(COLORS)]
         label = case_id + (f" [{group[0].run.settings}]" if several and group else "")

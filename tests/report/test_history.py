@@ -361,3 +361,20 @@ def test_settings_recorded_later_keep_older_runs_baselines_and_stop_differing_on
     same["settings"]["compute_dtype"] = None
     assert history.same_commit_runs(conn, same) == []
     conn.close()
+
+
+def test_a_trend_line_does_not_break_where_the_report_gained_a_setting() -> None:
+    """Before, each distinct stored settings key drew a line of its own: the runs written before compute_dtype was
+    recorded and those after it were two lines of one case, though compare and the gate compare them."""
+    old = {"dataset": "wikitext2", "context": 512, "device": "cpu"}
+    new = {**old, "compute_dtype": None}
+    other = {**new, "context": 256}
+
+    def point(run_id: int, key: dict[str, Any], case_id: str = "m-fp32") -> history.TrendPoint:
+        run = history.Run(run_id, f"{run_id:07d}", False, "complete", None, json.dumps(key), None)
+        return history.TrendPoint(run, case_id, float(run_id))
+
+    points = [point(1, old), point(2, new), point(3, other), point(4, new), point(4, new, "m-bnb4")]
+    lines = history.trend_series(points)
+    assert [(case, [p.run.id for p in group]) for case, group in lines] == [
+        ("m-fp32", [1, 2, 4]), ("m-fp32", [3]), ("m-bnb4", [4])]
