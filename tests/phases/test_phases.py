@@ -197,6 +197,16 @@ def test_the_compile_warm_up_of_a_pass_shows_its_progress_without_an_eta(monkeyp
     ctx = SimpleNamespace(log=lines.append, case_id="m-fp8wo+compile", shared={"evaluator": Evaluator()},
                           tokens=[0] * 8192, context=1024, device="cpu")
     monkeypatch.setattr("efficiency.techniques.compile.compiled_state", lambda model: object())
+    from efficiency.techniques import progress
+
+    shows_eta: dict[str, bool] = {}
+    real_init = progress.Progress.__init__
+
+    def init(self: Any, log: Any, label: str, *args: Any, **kwargs: Any) -> None:
+        real_init(self, log, label, *args, **kwargs)
+        shows_eta[label.split(": ", 1)[1]] = self.show_eta
+
+    monkeypatch.setattr(progress.Progress, "__init__", init)
     phase = QualityPhase()
     phase.setup(object(), ctx)  # type: ignore[arg-type]
     phase.run(object(), ctx)  # type: ignore[arg-type]
@@ -204,7 +214,8 @@ def test_the_compile_warm_up_of_a_pass_shows_its_progress_without_an_eta(monkeyp
     timed = [line for line in lines if ": perplexity pass: " in line]
     assert warm_up[0].startswith("m-fp8wo+compile: compiling and warming up the perplexity pass: 1/15 windows (7%)")
     assert not any("ETA" in line for line in warm_up) and "15/15 windows (100%)" in warm_up[-1]
-    assert "ETA" in timed[0] and timed[0].startswith("m-fp8wo+compile: perplexity pass: 1/15 windows")
+    assert timed[0].startswith("m-fp8wo+compile: perplexity pass: 1/15 windows")
+    assert shows_eta == {"compiling and warming up the perplexity pass": False, "perplexity pass": True}
 
 
 def test_net_energy_is_per_round_of_the_window_and_null_when_idle_exceeds_gross() -> None:
