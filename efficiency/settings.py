@@ -308,7 +308,8 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     device_table = dict(table.get(kind, {}))
     merged = {**defaults.WORKLOAD[kind], "models": list(defaults.MODELS), "dataset": defaults.DATASET,
               **{k: v for k, v in table.items() if k not in TABLES}, **device_table}
-    sources = {k: (f"[tool.efficiency.{kind}]" if k in device_table else "[tool.efficiency]") for k in merged}
+    sources = {k: f"[tool.efficiency.{kind}]" if k in device_table else "[tool.efficiency]" if k in table
+               else "default" for k in merged}
 
     def pick(key: str) -> tuple[Any, str]:
         value = opts.get(key.replace("-", "_"))

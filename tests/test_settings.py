@@ -113,6 +113,7 @@ def test_a_stride_set_beside_its_context_is_validated_not_capped(tmp_path: Path,
     ({"context": 256}, {"stride": 512}),            # the option chose the context; the project's stride is capped
     ({}, {"stride": 512, "cpu": {"context": 256}}),  # the device table chose it
     ({"context": 256}, {}),                          # the built-in stride
+    ({}, {"context": 256}),                          # the built-in stride under the project's context
 ])
 def test_a_stride_set_less_specifically_than_the_context_means_non_overlapping(
         tmp_path: Path, opts: dict[str, Any], table: dict[str, Any]) -> None:
