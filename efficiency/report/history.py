@@ -456,19 +456,22 @@ class TrendPoint:
 
 def trend_series(points: Sequence[TrendPoint]) -> list[tuple[str, list[TrendPoint]]]:
     """The lines of a trend plot: per case, the points whose runs measured it the same way, in order. Two runs'
-    settings join when nothing both record differs (compare.differing: a key one run does not record, because it
+    settings join when nothing both record differs (compare.pooled: a key one run does not record, because it
     was written before the key existed, is unknown, not a difference), as compare and the gate treat them; before,
     each distinct stored key was a line of its own, so a series broke wherever the report gained a setting."""
-    lines: list[tuple[str, dict[str, Any], list[TrendPoint]]] = []
+    lines: list[tuple[str, dict[str, Any], list[TrendPoint]]] = []  # case, its runs' pooled key, its points
     for point in points:
         key = json.loads(point.run.settings_key)
-        line = next((ln for ln in lines if ln[0] == point.case_id and not differing(ln[1], key)), None)
-        if line is None:
-            lines.append((point.case_id, dict(key), [point]))
+        for i, (case_id, line_key, group) in enumerate(lines):
+            if case_id != point.case_id:
+                continue
+            joined, mixed = pooled([line_key, key])
+            if not mixed:
+                group.append(point)
+                lines[i] = (case_id, joined, group)
+                break
         else:
-            for k, v in key.items():
-                line[1].setdefault(k, v)
-            line[2].append(point)
+            lines.append((point.case_id, key, [point]))
     return [(case_id, group) for case_id, _, group in lines]
 
 
