@@ -30,6 +30,7 @@ CALIBRATION_RELPATH = Path("wikitext-2") / "valid.txt"
 # they read one.
 CALIBRATION_KEY = "calibration_sha256"
 
+
 def check_text_file(path: Path, min_tokens: int, what: str) -> None:
     """Refuse, before any model loads, a text file that is missing, empty, not UTF-8, or certainly shorter than
     ``min_tokens`` tokens. The length test is conservative: a token of a byte-level tokenizer covers at least one

@@ -205,12 +205,17 @@ def test_local_config_reads_smollm2_once_converted_and_not_before(tmp_path: Path
     assert config is not None and max_positions(config) == 64
 
 
+def _gguf_cut_after_its_magic_bytes(models: Path) -> None:
+    """``models/broken/weights.Q4_0.gguf``: the four magic bytes and nothing else."""
+    folder = models / "broken"
+    folder.mkdir(parents=True)
+    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+
+
 def test_local_config_of_a_damaged_gguf_is_left_to_its_case(tmp_path: Path) -> None:
     from efficiency.models import local_config
 
-    folder = tmp_path / "models" / "broken"
-    folder.mkdir(parents=True)
-    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+    _gguf_cut_after_its_magic_bytes(tmp_path / "models")
     assert local_config("broken", (tmp_path / "models",), False, tmp_path / "cache") is None
 
 
@@ -221,9 +226,7 @@ def test_a_gguf_cut_short_is_an_unavailable_model_with_its_reason(tmp_path: Path
 
     from efficiency.models import read_config
 
-    folder = tmp_path / "models" / "broken"
-    folder.mkdir(parents=True)
-    (folder / "weights.Q4_0.gguf").write_bytes(b"GGUF")
+    _gguf_cut_after_its_magic_bytes(tmp_path / "models")
     source = resolve("broken", (tmp_path / "models",))
     with pytest.raises(ModelUnavailable, match=r"could not read the config of 'broken'.*unpack"):
         read_config(source, tmp_path / "cache")
