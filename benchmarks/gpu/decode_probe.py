@@ -12,8 +12,9 @@ head not compiled in passes without cache), ``noepi`` (bias and activation not f
 techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclasses),
 ``guards`` (dynamo's guards evaluated on every decode step); attention backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
-SDPA kernels off: inductor writes the attention); gemlite settings ``glmax`` (its full autotuning grid
-for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from
+SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
+inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``); gemlite settings ``glmax`` (its full
+autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from
 torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
 
@@ -132,10 +133,13 @@ def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float,
                                             "share": v / total if total else None} for n, v, c in rows]}
 
 
-def _choose_attention(flags: list[str]) -> None:
-    """Turn off the fused SDPA backends that the flags name (process-wide: each variant has its own process)."""
+def _choose_backends(flags: list[str]) -> None:
+    """Turn off the fused SDPA backends that the flags name and choose the BLAS library (process-wide: each
+    variant has its own process)."""
     import torch
 
+    if "blaslt" in flags:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
     if {"flash", "effat", "math"} & set(flags):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if {"effat", "math"} & set(flags):
@@ -151,7 +155,7 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
     from efficiency.techniques.compile import compiled_state
 
     dev = a.device
-    _choose_attention(_flags(a.one))
+    _choose_backends(_flags(a.one))
     model, row = _model(a.model, a.one, dev)
     weight_bytes, params = weights_read_per_token(model)
     row.update(variant=a.one, model=a.model, device=device_name(dev), torch=torch.__version__,
