@@ -13,9 +13,10 @@ techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclass
 ``guards`` (dynamo's guards evaluated on every decode step); attention backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
-inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``); gemlite settings ``glmax`` (its full
-autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and ``prof`` (a kernel table from
-torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
+inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``combo`` (inductor's combo kernels:
+independent small kernels, e.g. a layer's key and value cache writes, launched as one); gemlite settings
+``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and
+``prof`` (a kernel table from torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
 
 - ``--what decode``: batch-1 greedy decode of ``--new`` tokens after a ``--prompt``-token prompt, as the suite's
@@ -140,6 +141,10 @@ def _choose_backends(flags: list[str]) -> None:
 
     if "blaslt" in flags:
         torch.backends.cuda.preferred_blas_library("cublaslt")
+    if "combo" in flags:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.combo_kernels = True
     if {"flash", "effat", "math"} & set(flags):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if {"effat", "math"} & set(flags):
