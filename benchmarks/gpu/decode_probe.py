@@ -13,8 +13,9 @@ techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclass
 ``guards`` (dynamo's guards evaluated on every decode step); attention backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
-inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``combo`` (inductor's combo kernels:
-independent small kernels, e.g. a layer's key and value cache writes, launched as one); gemlite settings
+inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
+``combo_kernels`` off: inductor's combo kernels, on by default in decode; until 53b7e70 the probe's ``combo`` flag
+turned them on process-wide); gemlite settings
 ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and
 ``prof`` (a kernel table from torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
@@ -85,7 +86,8 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "fuse_projections": "nofuse" not in flags, "compile_head": "nohead" not in flags,
                               "unwrap_subclasses": "nounwrap" not in flags,
                               "fuse_bias_activation": "noepi" not in flags,
-                              "skip_repeat_guards": "guards" not in flags}
+                              "skip_repeat_guards": "guards" not in flags,
+                              "combo_kernels": "nocombo" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)
@@ -141,10 +143,6 @@ def _choose_backends(flags: list[str]) -> None:
 
     if "blaslt" in flags:
         torch.backends.cuda.preferred_blas_library("cublaslt")
-    if "combo" in flags:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.combo_kernels = True
     if {"flash", "effat", "math"} & set(flags):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if {"effat", "math"} & set(flags):

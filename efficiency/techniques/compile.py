@@ -55,12 +55,13 @@ CACHE_BUCKET_TOKENS = 256
 
 
 def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool,
-                     freezing: bool) -> dict[str, Any]:
+                     freezing: bool, combo_kernels: bool = False) -> dict[str, Any]:
     """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
     ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``). ``freezing`` treats the
-    weights as constants of the graph (inference only)."""
+    weights as constants of the graph (inference only); ``combo_kernels`` launches independent small Triton
+    kernels (a layer's key and value cache writes, say) as one."""
     return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
-            "max_autotune": max_autotune, "freezing": freezing}
+            "max_autotune": max_autotune, "freezing": freezing, "combo_kernels": combo_kernels}
 
 
 # What a step applied before ``compile`` asks of it, in the step's report entry (so that the report shows it):
@@ -374,6 +375,11 @@ class Compile(TechniqueBase):
     # Pass tensor-subclass weights (torchao's) to the compiled graphs as plain tensors (unwrap_weight_subclasses):
     # on, measured on the H200 (docs/results.md section 5i): opt-6.7b int4wo decode 4.02 -> 3.03 ms/token.
     unwrap_subclasses: bool = True
+    # Inductor's combo kernels in the compiled decode step, on a GPU (Triton kernels; the passes keep them off,
+    # unmeasured there): independent small kernels of a step launched as one. On, measured on the H100
+    # (docs/results.md section 5n, side by side in one call): opt-6.7b batch-1 decode 5.791 -> 5.699 ms/token in
+    # bf16, int4wo 3.013 -> 2.870.
+    combo_kernels: bool = True
     # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards_checked_once):
     # on, measured on the H200 (docs/results.md section 5i): gpt2-xl int4wo-g64 decode 3.63 -> 2.52 ms/token.
     skip_repeat_guards: bool = True
@@ -402,7 +408,8 @@ class Compile(TechniqueBase):
         if tuning is None:
             tuning = bool(asked.get("coordinate_descent_tuning", False))
         if self.backend == "inductor":  # what earlier steps ask for, then this step's own settings on top
-            decode_options = {**asked, **inductor_options(cuda_graphs, tuning, self.max_autotune, self.freezing)}
+            decode_options = {**asked, **inductor_options(cuda_graphs, tuning, self.max_autotune, self.freezing,
+                                                          self.combo_kernels and ctx.is_cuda)}
             forward_options = {**asked, **inductor_options(False, tuning, self.max_autotune, self.freezing)}
         else:  # other backends take no inductor options
             decode_options = forward_options = None
