@@ -14,7 +14,7 @@ techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclass
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
 inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
-``combo_kernels`` off: inductor's combo kernels, on by default in decode; until 53b7e70 the probe's ``combo`` flag
+``combo_kernels`` off: inductor's combo kernels, on by default in decode; before 89ea07a the probe's ``combo`` flag
 turned them on process-wide); gemlite settings
 ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and
 ``prof`` (a kernel table from torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.

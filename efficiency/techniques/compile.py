@@ -377,8 +377,8 @@ class Compile(TechniqueBase):
     unwrap_subclasses: bool = True
     # Inductor's combo kernels in the compiled decode step, on a GPU (Triton kernels; the passes keep them off,
     # unmeasured there): independent small kernels of a step launched as one. On, measured on the H100
-    # (docs/results.md section 5n, side by side in one call): opt-6.7b batch-1 decode 5.791 -> 5.699 ms/token in
-    # bf16, int4wo 3.013 -> 2.870.
+    # (docs/results.md section 5n, each pair side by side in one call): opt-6.7b batch-1 decode 5.791 -> 5.699
+    # ms/token in bf16, int4wo 3.013 -> 2.870.
     combo_kernels: bool = True
     # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards_checked_once):
     # on, measured on the H200 (docs/results.md section 5i): gpt2-xl int4wo-g64 decode 3.63 -> 2.52 ms/token.

@@ -221,7 +221,8 @@ def test_progress_is_throttled_and_has_an_eta() -> None:
 
 def test_the_eta_leaves_out_the_first_units_one_time_costs() -> None:
     """The eager fp16 pass of results 5m: a first window of 7 s (CUDA's start-up), then 0.024 s a window. Before,
-    the first line said ETA 14m42s (7 s x 126) for a pass that ended 3 s later."""
+    that pass's first line said ETA 14m25s, and the old rule gives this test's 7 s first window ETA 14m42s
+    (7 s x 126), for a pass that ended 3 s later."""
     now = [0.0]
     lines: list[str] = []
     p = Progress(lines.append, "opt-1.3b-fp16: perplexity pass", 127, "windows", every_s=1.0, clock=lambda: now[0])
