@@ -15,7 +15,10 @@ FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-effici
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
 inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
 ``combo_kernels`` off: inductor's combo kernels, on by default in decode; before 89ea07a the probe's ``combo`` flag
-turned them on process-wide); gemlite settings
+turned them on process-wide), ``pdl`` (inductor's Triton kernels launched with programmatic dependent launch,
+Hopper and later: ``torch._inductor.config.triton.enable_pdl``), ``flex`` (the model's attention through
+FlexAttention, ``set_attn_implementation("flex_attention")``: under compile, inductor's split-KV decoding kernel for
+one query); gemlite settings
 ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and
 ``prof`` (a kernel table from torch.profiler after the timed rounds, outside them), e.g. ``bf16+compile@cdt.ma.prof``.
 Each variant runs in its own process (fresh compiler state and GPU memory) under the time left of ``--budget-s``:
@@ -96,6 +99,8 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     dtype = pipeline.load_dtype(ctx, torch.bfloat16)
     config = AutoConfig.from_pretrained(Path(os.environ["EFFICIENCY_DATA_DIR"]) / "architectures" / name)
     model = _random_model(config, dtype, device, {}).eval()
+    if "flex" in flags:
+        model.set_attn_implementation("flex_attention")
     t0 = time.perf_counter()
     model = pipeline.apply(model, ctx)
     _sync()
@@ -137,12 +142,16 @@ def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float,
 
 
 def _choose_backends(flags: list[str]) -> None:
-    """Turn off the fused SDPA backends that the flags name and choose the BLAS library (process-wide: each
+    """Turn off the fused SDPA backends that the flags name, choose the BLAS library and turn on PDL (process-wide: each
     variant has its own process)."""
     import torch
 
     if "blaslt" in flags:
         torch.backends.cuda.preferred_blas_library("cublaslt")
+    if "pdl" in flags:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.enable_pdl = True
     if {"flash", "effat", "math"} & set(flags):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if {"effat", "math"} & set(flags):
@@ -236,6 +245,13 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def _error_text(stderr: str) -> str:
+    """The lines of a failed variant's stderr that name the error (a compiler's warnings can fill its tail),
+    then the tail itself."""
+    named = [ln for ln in stderr.splitlines() if "Error" in ln or "error:" in ln or "Exception" in ln]
+    return "\n".join(named[-8:])[-2000:] + "\n...\n" + stderr[-1500:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -273,7 +289,7 @@ def main() -> None:
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
             found = [ln for ln in p.stdout.splitlines() if ln.startswith("PROBE-ROW ")]
-            row = json.loads(found[-1][10:]) if found else {"variant": variant, "error": p.stderr[-3000:]}
+            row = json.loads(found[-1][10:]) if found else {"variant": variant, "error": _error_text(p.stderr)}
             hints = [ln for ln in p.stderr.splitlines() if "cudagraph" in ln.lower() or "skipping" in ln.lower()]
             row["perf_hints"] = hints[-5:]
         except subprocess.TimeoutExpired:
