@@ -15,8 +15,9 @@ FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-effici
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
 inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
 ``combo_kernels`` off: inductor's combo kernels, on by default in decode; before 89ea07a the probe's ``combo`` flag
-turned them on process-wide), ``pdl`` (inductor's Triton kernels launched with programmatic dependent launch,
-Hopper and later: ``torch._inductor.config.triton.enable_pdl``), ``flex`` (the model's attention through
+turned them on process-wide), ``nopdl`` (compile's ``pdl`` off: programmatic dependent launch of inductor's
+Triton kernels, on by default from compute capability 9.0; in the lease of docs/results.md 5o the probe's ``pdl``
+flag turned it on process-wide), ``flex`` (the model's attention through
 FlexAttention, ``set_attn_implementation("flex_attention")``: under compile, inductor's split-KV decoding kernel for
 one query); gemlite settings
 ``glmax`` (its full autotuning grid for the GEMV kernels) and ``glcg`` (candidates timed in CUDA graphs); and
@@ -90,7 +91,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "unwrap_subclasses": "nounwrap" not in flags,
                               "fuse_bias_activation": "noepi" not in flags,
                               "skip_repeat_guards": "guards" not in flags,
-                              "combo_kernels": "nocombo" not in flags}
+                              "combo_kernels": "nocombo" not in flags, "pdl": "nopdl" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)
@@ -142,16 +143,12 @@ def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float,
 
 
 def _choose_backends(flags: list[str]) -> None:
-    """Turn off the fused SDPA backends that the flags name, choose the BLAS library and turn on PDL (process-wide: each
+    """Turn off the fused SDPA backends that the flags name and choose the BLAS library (process-wide: each
     variant has its own process)."""
     import torch
 
     if "blaslt" in flags:
         torch.backends.cuda.preferred_blas_library("cublaslt")
-    if "pdl" in flags:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.enable_pdl = True
     if {"flash", "effat", "math"} & set(flags):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if {"effat", "math"} & set(flags):
@@ -248,7 +245,7 @@ def one(a: argparse.Namespace) -> dict[str, Any]:
 def _error_text(stderr: str) -> str:
     """The lines of a failed variant's stderr that name the error (a compiler's warnings can fill its tail),
     then the tail itself."""
-    named = [ln for ln in stderr.splitlines() if "Error" in ln or "error:" in ln or "Exception" in ln]
+    named = [ln for ln in stderr.splitlines() if any(w in ln for w in ("Error", "error:", "Exception", "Unsupported"))]
     return "\n".join(named[-8:])[-2000:] + "\n...\n" + stderr[-1500:]
 
 

@@ -24,6 +24,10 @@ What a deployment runs instead of eager Hugging Face passes:
   GPT-2's ``c_fc`` + tanh-GELU (on a GPU) become one ``torch._addmm_activation`` (techniques/epilogue.py).
 - **fused projections** (``fuse_projections``, on): before the first quantisation step (else before this one)
   the projections that read one input (q/k/v, gate/up) become one linear layer (techniques/fusion.py).
+- **fewer gaps between kernels on a GPU**: the decode step's independent small kernels launched as one
+  (``combo_kernels``, on), and inductor's Triton kernels launched before the kernel they depend on ends, waiting
+  for it on the GPU (programmatic dependent launch, ``pdl``, on; compute capability 9.0 and later, where the
+  report says why not elsewhere).
 
 Compilation happens at the first call of each shape, which the phases make in their untimed setup (warm-up); the
 report gives it as each phase's ``setup_s``. The static cache's length is the prompt plus the new tokens rounded
@@ -55,13 +59,36 @@ CACHE_BUCKET_TOKENS = 256
 
 
 def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool,
-                     freezing: bool, combo_kernels: bool = False) -> dict[str, Any]:
+                     freezing: bool, combo_kernels: bool = False, pdl: bool = False) -> dict[str, Any]:
     """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
     ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``). ``freezing`` treats the
     weights as constants of the graph (inference only); ``combo_kernels`` launches independent small Triton
-    kernels (a layer's key and value cache writes, say) as one."""
-    return {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
-            "max_autotune": max_autotune, "freezing": freezing, "combo_kernels": combo_kernels}
+    kernels (a layer's key and value cache writes, say) as one; ``pdl`` launches inductor's Triton kernels with
+    programmatic dependent launch (named only when on: a torch without the setting refuses its name)."""
+    options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
+               "max_autotune": max_autotune, "freezing": freezing, "combo_kernels": combo_kernels}
+    return {**options, PDL_OPTION: True} if pdl else options
+
+
+PDL_OPTION = "triton.enable_pdl"
+PDL_MIN_CAPABILITY = (9, 0)  # Hopper: inductor emits PDL code from compute capability 9.0 on, none before
+
+
+def pdl_unavailable(ctx: Context) -> str | None:
+    """Why programmatic dependent launch cannot apply to a case's compiled graphs, None when it can: a CUDA device
+    of compute capability 9.0 or later (where inductor emits it) and a torch whose inductor has the setting."""
+    import torch._inductor.config as inductor_config
+
+    if not ctx.is_cuda:
+        return "a CUDA feature (the launch of a kernel before the one it depends on ends), not on this device"
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return f"torch {torch.__version__}'s inductor has no {PDL_OPTION}"
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(torch.device(ctx.device))
+        if capability < PDL_MIN_CAPABILITY:
+            return (f"compute capability {capability[0]}.{capability[1]}: inductor emits it from "
+                    f"{PDL_MIN_CAPABILITY[0]}.{PDL_MIN_CAPABILITY[1]} (Hopper) on")
+    return None
 
 
 # What a step applied before ``compile`` asks of it, in the step's report entry (so that the report shows it):
@@ -380,6 +407,13 @@ class Compile(TechniqueBase):
     # (docs/results.md section 5n, each pair side by side in one call): opt-6.7b batch-1 decode 5.791 -> 5.699
     # ms/token in bf16, int4wo 3.013 -> 2.870.
     combo_kernels: bool = True
+    # Programmatic dependent launch of inductor's Triton kernels (``triton.enable_pdl``; compute capability 9.0
+    # and later): a kernel is launched while the one before it finishes and waits for its results on the GPU, so
+    # the gaps between kernels shrink. On, in decode and in the passes, measured on the H100 (docs/results.md
+    # section 5o, with the setting's environment variable, side by side): opt-6.7b batch-1 decode 5.698 -> 5.519
+    # ms/token in bf16 (probe), 5.702 -> 5.520 through the suite's grid; int4wo 2.881 -> 2.772 (probe); the
+    # opt-1.3b perplexity pass unchanged within its spread.
+    pdl: bool = True
     # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards_checked_once):
     # on, measured on the H200 (docs/results.md section 5i): gpt2-xl int4wo-g64 decode 3.63 -> 2.52 ms/token.
     skip_repeat_guards: bool = True
@@ -407,10 +441,13 @@ class Compile(TechniqueBase):
         tuning = self.coordinate_descent_tuning
         if tuning is None:
             tuning = bool(asked.get("coordinate_descent_tuning", False))
+        pdl_why_not = pdl_unavailable(ctx) if self.pdl else None
+        pdl = self.pdl and pdl_why_not is None
         if self.backend == "inductor":  # what earlier steps ask for, then this step's own settings on top
             decode_options = {**asked, **inductor_options(cuda_graphs, tuning, self.max_autotune, self.freezing,
-                                                          self.combo_kernels and ctx.is_cuda)}
-            forward_options = {**asked, **inductor_options(False, tuning, self.max_autotune, self.freezing)}
+                                                          self.combo_kernels and ctx.is_cuda, pdl)}
+            forward_options = {**asked, **inductor_options(False, tuning, self.max_autotune, self.freezing,
+                                                           pdl=pdl)}
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
@@ -453,6 +490,11 @@ class Compile(TechniqueBase):
             "weights_with_constant_attributes": ({kind: f"{', '.join(names)} held as class constants, which dynamo "
                                                   "cannot pass to the rebuild (techniques/unwrap.py)"
                                                   for kind, names in constants.items()} or None),
+            "programmatic_dependent_launch": ("off (pdl = false)" if not self.pdl else
+                                              f"off: {pdl_why_not}" if pdl_why_not else
+                                              "on: inductor's Triton kernels launch before the kernel they depend on "
+                                              f"ends ({PDL_OPTION})" if self.backend == "inductor" else
+                                              f"off: an inductor setting, not for backend {self.backend!r}"),
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else
