@@ -1,5 +1,6 @@
-"""benchmarks/gpu/deploy_table.py's serving table: the speed-up is tokens/s over the baseline's at the same batch
-size, and a report without a serving sweep gets no serving table (hand-made reports, no measurement)."""
+"""benchmarks/gpu/deploy_table.py: the serving speed-up is tokens/s over the baseline's at the same batch size, a
+report without a serving sweep gets no serving table, and decode and the pass show their spread and decode energy
+its uncertainty (hand-made reports, no measurement)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,27 @@ def test_real_weights_get_perplexity_next_to_speed_and_random_weights_do_not() -
     assert "| smol-bf16+compile | 20.000 | +0.0% | 0.0000 | 100.0% |" in text
     random = [{**c, "random_weights": True} for c in (base, low)]
     assert "Quality" not in "\n".join(table(_report(random)))
+
+
+def test_decode_and_the_pass_show_their_spread_and_decode_energy_its_uncertainty() -> None:
+    """Medians alone hid the rounds' spread and the energy window's uncertainty, which decide whether two cases
+    differ (docs/results.md 5o quotes both); the table now shows median [min, max] (rounds) and J +- uncertainty."""
+    case = _case("m-bf16+compile", True, None)
+    case["latency"].update(decode_s_per_token=0.00552, decode_s_per_token_all=[0.005517, 0.00552, 0.005523],
+                           decode_j_per_token=2.5875)
+    case["runtime"].update(median_s=0.3183, rounds_s=[0.3262, 0.3158, 0.3107, 0.3209])
+    # 489 J over the window, +- 93.4 J: per token the same share, 2.5875 x 93.4 / 489 = 0.494
+    case["phases"] = {"decode": {"window": {"energy": {"gpu": {"energy_j": 489.0, "uncertainty_j": 93.4}}}}}
+    row = next(line for line in _module().table(_report([case])) if line.startswith("| m-bf16+compile |"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[1] == "5.520 [5.517, 5.523] (3)"
+    assert cells[4] == "2.59 +- 0.49"
+    assert cells[8] == "0.3183 [0.3107, 0.3262] (4)"
+
+
+def test_decode_energy_without_a_window_uncertainty_is_the_value_alone() -> None:
+    case = _case("m-bf16+compile", True, None)
+    case["latency"]["decode_j_per_token"] = 2.5875
+    assert _module().decode_energy(case) == "2.59"
+    case["latency"]["decode_j_per_token"] = None
+    assert _module().decode_energy(case) == "n/a"

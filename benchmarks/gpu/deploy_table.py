@@ -1,8 +1,9 @@
 """Tables for docs/results.md from `run.sh deploy` reports: `python benchmarks/gpu/deploy_table.py REPORT.json...`
 
-Per model: batch-1 decode (ms and J per generated token, speed-up over the compiled bf16 baseline, the host's share
-of each round with a note under the table where the host set the pace, achieved weight bandwidth and its fraction
-of the device's peak), the perplexity pass (median s, MFU), the untimed setup (compile and warm-up) and the kernel
+Per model: batch-1 decode (ms per generated token as the median [min, max] (rounds) of the rounds, J per generated
+token +- the energy window's uncertainty, speed-up over the compiled bf16 baseline, the host's share of each round
+with a note under the table where the host set the pace, achieved weight bandwidth and its fraction of the device's
+peak), the perplexity pass (median [min, max] s, MFU), the untimed setup (compile and warm-up) and the kernel
 each technique ran. For a model with real weights, a table of perplexity next to it. With a serving sweep
 (`DEPLOY_BATCH_SIZES`), a table per batch size: output tokens per second, time per output token and joules per
 output token, with the speed-up over the baseline at the same batch size.
@@ -17,6 +18,30 @@ from typing import Any
 
 def f(v: Any, spec: str = "{:.3g}") -> str:
     return "n/a" if v is None else spec.format(v)
+
+
+def spread(median: float | None, rounds: list[float] | None, scale: float = 1.0) -> str:
+    """``median [min, max] (n)`` of a phase's rounds, four significant digits; the median alone without rounds."""
+    if median is None:
+        return "n/a"
+    if not rounds:
+        return f"{median * scale:.3g}"
+    return (f"{median * scale:#.4g} [{min(rounds) * scale:#.4g}, {max(rounds) * scale:#.4g}] "
+            f"({len(rounds)})")
+
+
+def decode_energy(case: dict[str, Any]) -> str:
+    """J per generated token +- its share of the decode window's uncertainty (the window's energy and its
+    uncertainty scale alike: uncertainty_j x J/token / energy_j); the value alone where the window has none."""
+    per_token = (case.get("latency") or {}).get("decode_j_per_token")
+    if not per_token:
+        return "n/a"
+    window = (((case.get("phases") or {}).get("decode") or {}).get("window") or {})
+    gpu = ((window.get("energy") or {}).get("gpu") or {})
+    energy, uncertainty = gpu.get("energy_j"), gpu.get("uncertainty_j")
+    if not energy or uncertainty is None:
+        return f"{per_token:.3g}"
+    return f"{per_token:.3g} +- {uncertainty * per_token / energy:.2g}"
 
 
 def kernel(case: dict[str, Any]) -> str:
@@ -37,8 +62,9 @@ def table(report: dict[str, Any]) -> list[str]:
              f"{wl['decode_tokens']} new tokens, batch 1; perplexity pass {wl['max_tokens']} tokens, context "
              f"{wl['context']}, stride {wl['stride']}, batch {wl['batch_size']}"
              + (f" ({env['git']['note']})" if env.get("git", {}).get("note") else ""), "",
-             "| case | decode ms/token | speed-up | host % | decode mJ/token | weight GB/s | % of peak BW | floor ms | "
-             "pass s | MFU % | setup s | kernel |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| case | decode ms/token, median [min, max] (rounds) | speed-up | host % | decode J/token | "
+             "weight GB/s | % of peak BW | floor ms | pass s, median [min, max] (rounds) | MFU % | setup s | kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cases = report["cases"]
     base = next((c for c in cases if c.get("is_baseline") and c.get("status") == "measured"), None)
     base_tok = (base or {}).get("latency", {}).get("decode_s_per_token")
@@ -58,14 +84,15 @@ def table(report: dict[str, Any]) -> list[str]:
         mfu_dtype = rt.get("mfu_compute_dtype")
         mfu_of = f" ({mfu_dtype})" if rt.get("mfu_pct") is not None and mfu_dtype not in ("bfloat16", "float16") else ""
         lines.append(
-            f"| {c['id']} | {f(tok * 1e3 if tok else None)} | "
+            f"| {c['id']} | {spread(tok, lat.get('decode_s_per_token_all'), 1e3)} | "
             f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
             f"{f(share * 100 if share is not None else None, '{:.0f}')} | "
-            f"{f(lat['decode_j_per_token'] * 1e3 if lat.get('decode_j_per_token') else None)} | "
+            f"{decode_energy(c)} | "
             f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
             f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
-            f"{f(rt.get('median_s'))} | {f(rt.get('mfu_pct'), '{:.0f}')}{mfu_of} | {setup:.0f} | {kernel(c)} |")
+            f"{spread(rt.get('median_s'), rt.get('rounds_s'))} | {f(rt.get('mfu_pct'), '{:.1f}')}{mfu_of} | "
+            f"{setup:.0f} | {kernel(c)} |")
     return lines + ([""] + notes if notes else []) + quality_table(cases) + serving_table(cases, base)
 
 
