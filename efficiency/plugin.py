@@ -651,14 +651,15 @@ def check_before_loading(state: PluginState) -> None:
 
 
 def _check_sequence_lengths(cfg: SuiteConfig) -> None:
-    """The generation workloads fit the positions of each model whose config is local (models.local_config); else
-    the model loads and the latency (or serving) phase fails on it, leaving the case without those figures."""
-    from efficiency.models import local_config, max_positions
+    """The generation workloads fit the positions of each model whose config can be read without loading it
+    (models.config_up_front: local, or fetched alone from the hub); else the model loads and the latency (or
+    serving) phase fails on it, leaving the case without those figures."""
+    from efficiency.models import config_up_front, max_positions
 
     wl = cfg.workload
     model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
     for name in cfg.models:
-        config = local_config(name, model_dirs, cfg.random_weights, cfg.cache_dir)
+        config = config_up_front(name, model_dirs, cfg.random_weights, cfg.cache_dir)
         if config is None:
             continue
         positions = max_positions(config)

@@ -159,6 +159,90 @@ def save_tiny_gpt2(folder: Path, n_positions: int = 128, n_embd: int = 64) -> No
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(folder)
 
 
+class FakeHub:
+    """A local HTTP server that answers as the Hugging Face hub does for one repository's files (``resolve``: HEAD
+    and GET with the commit and ETag headers huggingface_hub reads; anything else 404), recording each request, so
+    that the real hub-loading code runs against files on this machine. ``HF_ENDPOINT`` points at it and the hub is
+    online for the test (the environment reaches a subprocess; huggingface_hub's constants, read at import, are
+    patched for this one)."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, repo: str, files: dict[str, bytes]) -> None:
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, with_body: bool) -> None:
+                hub.requests.append((self.command, self.path))
+                prefix = f"/{repo}/resolve/"
+                name = self.path.split("?")[0].removeprefix(prefix).split("/", 1)[-1]
+                body = files.get(name) if self.path.startswith(prefix) else None
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's names)
+                self._answer(False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(True)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def files_fetched(self) -> set[str]:
+        return {path.split("?")[0].rsplit("/", 1)[-1] for method, path in self.requests
+                if method == "GET" and "/resolve/" in path}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """``fake_hub(repo, files)``: a :class:`FakeHub` serving ``files`` ({name: bytes}) as ``repo``, with an empty
+    HF cache under tmp_path and the hub online."""
+    import huggingface_hub.constants as hf_constants
+
+    hubs: list[FakeHub] = []
+
+    def start(repo: str, files: dict[str, bytes]) -> FakeHub:
+        hub = FakeHub(repo, files)
+        hubs.append(hub)
+        cache = tmp_path / "hf-home" / "hub"
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        return hub
+
+    yield start
+    for hub in hubs:
+        hub.server.shutdown()
+        hub.server.server_close()
+
+
 def make_reports() -> Any:
     """fixtures/make_reports.py as a module (the one generator of stored and simulated reports)."""
     import importlib.util

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -254,3 +255,35 @@ def test_a_gguf_cut_short_is_an_unavailable_model_with_its_reason(tmp_path: Path
         read_config(source, tmp_path / "cache")
     with pytest.raises(ModelUnavailable, match=r"could not load 'broken'"):
         load(source, "cpu", torch.float32, tmp_path / "cache")
+
+
+def _tiny_hub_config(n_positions: int) -> bytes:
+    from transformers import GPT2Config
+
+    return GPT2Config(n_positions=n_positions, n_embd=64, n_layer=2, n_head=4).to_json_string().encode()
+
+
+def test_a_hub_models_config_is_read_up_front_without_its_weights(fake_hub: Any, tmp_path: Path) -> None:
+    """A hub model not in the HF cache had no config before it loaded, so a workload longer than its positions was
+    found only after its weights were downloaded (the case then lacked its latency figures). Its config.json alone
+    now comes from the hub at the start (a local server answering as the hub does)."""
+    from efficiency.models import config_up_front, local_config
+
+    hub = fake_hub("org/tiny-hub", {"config.json": _tiny_hub_config(96), "model.safetensors": b"not fetched"})
+    assert local_config("org/tiny-hub", (), False, tmp_path / "cache") is None  # no network there, by design
+    config = config_up_front("org/tiny-hub", (), False, tmp_path / "cache")
+    assert config is not None and config.n_positions == 96
+    assert hub.files_fetched() == {"config.json"}
+    # in the HF cache now: the next run (and the case's load) reads it without the network
+    assert local_config("org/tiny-hub", (), False, tmp_path / "cache").n_positions == 96
+
+
+def test_no_config_up_front_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    from efficiency.models import config_up_front
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: the case skips, saying why
+    assert config_up_front("org/tiny-hub", (), False, tmp_path / "cache") is None

@@ -388,6 +388,27 @@ def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
     assert not report and "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
+def test_a_hub_model_longer_than_its_positions_is_refused_before_its_weights_download(
+        pytester: pytest.Pytester, tiny_dir: Path, fake_hub: Any) -> None:
+    """A hub model not in the HF cache: its config.json alone comes from the hub at the start (a local server
+    answering as the hub does), and a decode workload past its positions is a usage error before any weight is
+    fetched; before, the run downloaded the model and its case lacked latency figures."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_positions=96, n_embd=64, n_layer=2, n_head=4).to_json_string().encode()
+    hub = fake_hub("org/tiny-hub", {"config.json": config, "model.safetensors": b"must not be fetched"})
+    pytester.makepyfile(test_grid=GRID_TEST)
+    result = pytester.runpytest_subprocess(
+        "--rootdir", str(pytester.path), "-p", "no:cacheprovider", "--benchmark-disable", "--eff-quiet",
+        "--eff-models", "org/tiny-hub", "--eff-techniques", "fp32", "--eff-dataset", str(tiny_dir / "corpus.txt"),
+        "--eff-max-tokens", "300", "--eff-context", "64", "--eff-stride", "32", "--eff-prefill-tokens", "16",
+        "--eff-decode-tokens", "90", "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*model 'org/tiny-hub' takes at most 96 positions, but the latency workload needs "
+                                 "16 prompt tokens (--eff-prefill-tokens, at most --eff-context) + 90 generated*"])
+    assert hub.files_fetched() == {"config.json"} and not (pytester.path / "run.json").exists()
+
+
 def test_tasks_without_lm_eval_are_a_usage_error(pytester: pytest.Pytester, tiny_dir: Path) -> None:
     pytester.makeconftest("import sys\nsys.modules['lm_eval'] = None\n")
     result, report = run_grid(pytester, tiny_dir, "--eff-techniques", "fp32", "--eff-tasks", "eff_facts")
