@@ -289,6 +289,9 @@ def _provenance(source: ModelSource, model: Any, folder: Path | None, cache_dir:
             folder = Path(found).parent if isinstance(found, str) else None
         except ImportError:
             folder = None
+        if revision is None and folder is not None and folder.parent.name == "snapshots":
+            # transformers 5 no longer sets config._commit_hash: the HF cache names each snapshot by its commit
+            revision = folder.name
     files = _weight_files(folder, source.gguf_file) if folder is not None else []
     return (str(revision) if revision else None), weights_sha256(files, cache_dir)
 

@@ -217,8 +217,11 @@ class FakeHub:
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     """``fake_hub(repo, files)``: a :class:`FakeHub` serving ``files`` ({name: bytes}) as ``repo``, with an empty
-    HF cache under tmp_path and the hub online."""
+    HF cache under tmp_path and the hub online (every place huggingface_hub keeps the endpoint points at it, then back).
+    """
     import huggingface_hub.constants as hf_constants
+    import huggingface_hub.hf_api as hf_api  # its module-level HfApi keeps the endpoint it was built with
+    import transformers.utils.hub as transformers_hub  # so does transformers' shared HfApi, once built
 
     hubs: list[FakeHub] = []
 
@@ -235,6 +238,8 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
                             hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
+        monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)  # rebuilt at its next use
         return hub
 
     yield start

@@ -111,6 +111,7 @@ def test_hub_id_loads_from_the_local_hf_cache_offline(tmp_path: Path, monkeypatc
     assert source.kind is SourceKind.HF_CACHE and source.location == "facebook/opt-125m"
     loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
     assert loaded.model.config.hidden_size == 32
+    assert loaded.revision == "0" * 40  # the snapshot's commit: transformers 5 left config._commit_hash unset
 
 
 def test_hub_reachability_probe_is_fast_and_real(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,3 +288,23 @@ def test_no_config_up_front_when_the_hub_is_unreachable(monkeypatch: pytest.Monk
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: the case skips, saying why
     assert config_up_front("org/tiny-hub", (), False, tmp_path / "cache") is None
+
+
+def test_a_hub_model_downloads_and_loads_through_the_real_hub_code(fake_hub: Any, tmp_path: Path) -> None:
+    """The hub path end to end, on files of this machine: resolve finds the model neither local nor cached, the
+    hub reachable, and load fetches config, tokenizer and weights through huggingface_hub as it would from the hub
+    (a local server answering as the hub does); the revision loaded is the hub's commit."""
+    import torch
+
+    from conftest import save_tiny_gpt2
+
+    folder = tmp_path / "tiny"
+    save_tiny_gpt2(folder)
+    hub = fake_hub("org/tiny-hub", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    source = resolve("org/tiny-hub", (), False, tmp_path / "cache")
+    assert source.kind is SourceKind.HUB and source.location == "org/tiny-hub"
+    loaded = load(source, "cpu", torch.float32, tmp_path / "cache")
+    assert loaded.model.config.n_positions == 128 and loaded.tokenizer("the cat")["input_ids"]
+    assert {"config.json", "model.safetensors"} <= hub.files_fetched()
+    assert loaded.revision == hub.COMMIT and loaded.weights_sha256  # the report's provenance
+    assert resolve("org/tiny-hub", (), False, tmp_path / "cache").kind is SourceKind.HF_CACHE  # cached now
