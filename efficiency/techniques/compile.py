@@ -440,8 +440,9 @@ class Compile(TechniqueBase):
         tuning = self.coordinate_descent_tuning
         if tuning is None:
             tuning = bool(asked.get("coordinate_descent_tuning", False))
-        pdl_why_not = pdl_unavailable(ctx) if self.pdl else None
-        pdl = self.pdl and pdl_why_not is None
+        pdl_off = ("pdl = false" if not self.pdl else f"an inductor setting, not for backend {self.backend!r}"
+                   if self.backend != "inductor" else pdl_unavailable(ctx))  # why not, None when on
+        pdl = pdl_off is None
         if self.backend == "inductor":  # what earlier steps ask for, then this step's own settings on top
             decode_options = {**asked, **inductor_options(cuda_graphs, tuning, self.max_autotune, self.freezing,
                                                           self.combo_kernels and ctx.is_cuda, pdl)}
@@ -489,11 +490,8 @@ class Compile(TechniqueBase):
             "weights_with_constant_attributes": ({kind: f"{', '.join(names)} held as class constants, which dynamo "
                                                   "cannot pass to the rebuild (techniques/unwrap.py)"
                                                   for kind, names in constants.items()} or None),
-            "programmatic_dependent_launch": ("off (pdl = false)" if not self.pdl else
-                                              f"off: {pdl_why_not}" if pdl_why_not else
-                                              "on: inductor's Triton kernels launch before the kernel they depend on "
-                                              f"ends ({PDL_OPTION})" if self.backend == "inductor" else
-                                              f"off: an inductor setting, not for backend {self.backend!r}"),
+            "programmatic_dependent_launch": (f"off: {pdl_off}" if pdl_off else "on: inductor's Triton kernels "
+                                              f"launch before the kernel they depend on ends ({PDL_OPTION})"),
             "inductor": None if eager_why else forward_options,  # the passes' settings, None when they run eager
             "coordinate_descent_tuning": ("set" if self.coordinate_descent_tuning is not None else
                                           "automatic: " + ("on, asked for by an earlier step" if tuning else

@@ -314,40 +314,38 @@ def test_compile_tunes_the_matmuls_that_inductor_writes() -> None:
     assert options["coordinate_descent_tuning"] is False and why == "set"
 
 
+def _compile_options(step: Compile, device: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(the decode step's inductor options, the passes', the step's report entry) of ``step`` applied to a tiny OPT
+    on ``device`` (nothing compiles before the first call, so a GPU device needs no GPU here)."""
+    ctx = Context(device=device, tokenizer=None, model_name="tiny", cache_dir=Path("."))
+    ctx.info["order"] = ["compile"]
+    state = compiled_state(step.apply(tiny_model("opt"), ctx))
+    assert state is not None and state.step_options is not None
+    return state.step_options, ctx.info["compile"]["inductor"], ctx.info["compile"]
+
+
 def test_the_compiled_decode_step_launches_independent_kernels_as_one_on_a_gpu_only() -> None:
     """Inductor's combo kernels cut opt-6.7b's batch-1 decode on the H100 from 5.791 to 5.699 ms/token in bf16 and
     from 3.013 to 2.870 with int4wo (docs/results.md 5n). They are Triton kernels, so a GPU's decode step asks for
     them and nothing else does: not the CPU's, not the passes; ``combo_kernels = false`` turns them off."""
-    def options(step: Compile, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        ctx = Context(device=device, tokenizer=None, model_name="tiny", cache_dir=Path("."))
-        ctx.info["order"] = ["compile"]
-        state = compiled_state(step.apply(tiny_model("opt"), ctx))  # nothing compiles before the first call
-        assert state is not None and state.step_options is not None
-        return state.step_options, ctx.info["compile"]["inductor"]
-
-    decode, passes = options(Compile(), "cuda:0")
+    decode, passes, _ = _compile_options(Compile(), "cuda:0")
     assert decode["combo_kernels"] is True and passes["combo_kernels"] is False
-    assert options(Compile(), "cpu")[0]["combo_kernels"] is False
-    assert options(Compile(combo_kernels=False), "cuda:0")[0]["combo_kernels"] is False
+    assert _compile_options(Compile(), "cpu")[0]["combo_kernels"] is False
+    assert _compile_options(Compile(combo_kernels=False), "cuda:0")[0]["combo_kernels"] is False
 
 
 def test_the_compiled_graphs_launch_with_pdl_on_a_gpu_only_and_the_report_says_why_not() -> None:
     """Programmatic dependent launch cut opt-6.7b's batch-1 bf16 decode on the H100 from 5.702 to 5.520 ms/token
     through the grid (docs/results.md 5o). It is inductor's Triton launch setting, so a GPU's decode step and passes
     ask for it, the CPU's do not, ``pdl = false`` turns it off, and the report says which and why."""
-    def options(step: Compile, device: str) -> tuple[dict[str, Any], dict[str, Any], str]:
-        ctx = Context(device=device, tokenizer=None, model_name="tiny", cache_dir=Path("."))
-        ctx.info["order"] = ["compile"]
-        state = compiled_state(step.apply(tiny_model("opt"), ctx))
-        assert state is not None and state.step_options is not None
-        return state.step_options, ctx.info["compile"]["inductor"], ctx.info["compile"]["programmatic_dependent_launch"]
-
-    decode, passes, said = options(Compile(), "cuda:0")  # no GPU here: capability unknown, the setting applies
+    decode, passes, info = _compile_options(Compile(), "cuda:0")  # no GPU here: capability unknown, it applies
+    said = info["programmatic_dependent_launch"]
     assert decode[PDL_OPTION] is True and passes[PDL_OPTION] is True and said.startswith("on")
-    decode, passes, said = options(Compile(), "cpu")
+    decode, passes, info = _compile_options(Compile(), "cpu")
+    said = info["programmatic_dependent_launch"]
     assert PDL_OPTION not in decode and PDL_OPTION not in passes and said.startswith("off: a CUDA feature")
-    decode, _, said = options(Compile(pdl=False), "cuda:0")
-    assert PDL_OPTION not in decode and said == "off (pdl = false)"
+    decode, _, info = _compile_options(Compile(pdl=False), "cuda:0")
+    assert PDL_OPTION not in decode and info["programmatic_dependent_launch"] == "off: pdl = false"
 
 
 def test_pdl_is_refused_below_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -392,7 +390,8 @@ def test_the_inductor_settings_a_quantiser_asks_for_exist_in_this_torch(kind: st
 
     gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
     asked = TorchaoQuant(kind).inductor_options(gpu)
-    torch.compile(lambda x: x + 1, options={**asked, **inductor_options(True, True, False, False, True, True)})
+    torch.compile(lambda x: x + 1, options={**asked, **inductor_options(True, True, False, False, combo_kernels=True,
+                                                                                 pdl=True)})
     with pytest.raises(RuntimeError, match="option"):  # the check this test relies on
         torch.compile(lambda x: x + 1, options={"no_such_inductor_option": True})
 
