@@ -15,13 +15,16 @@ import json
 import sys
 from typing import Any
 
+from efficiency.metrics import BY_NAME
+
 
 def f(v: Any, spec: str = "{:.3g}") -> str:
     return "n/a" if v is None else spec.format(v)
 
 
-def spread(median: float | None, rounds: list[float] | None, scale: float = 1.0) -> str:
-    """``median [min, max] (n)`` of a phase's rounds, four significant digits; the median alone without rounds."""
+def spread(median: float | None, rounds: list[float], scale: float = 1.0) -> str:
+    """``median [min, max] (n)`` of a phase's rounds (the metric registry's ``round_samples``), four significant
+    digits; the median alone without rounds."""
     if median is None:
         return "n/a"
     if not rounds:
@@ -84,15 +87,15 @@ def table(report: dict[str, Any]) -> list[str]:
         mfu_dtype = rt.get("mfu_compute_dtype")
         mfu_of = f" ({mfu_dtype})" if rt.get("mfu_pct") is not None and mfu_dtype not in ("bfloat16", "float16") else ""
         lines.append(
-            f"| {c['id']} | {spread(tok, lat.get('decode_s_per_token_all'), 1e3)} | "
+            f"| {c['id']} | {spread(tok, BY_NAME['decode_s_per_token'].round_samples(c), 1e3)} | "
             f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "
             f"{f(share * 100 if share is not None else None, '{:.0f}')} | "
             f"{decode_energy(c)} | "
             f"{f(lat['weight_bytes_per_s'] / 1e9 if lat.get('weight_bytes_per_s') else None, '{:.0f}')} | "
             f"{f(lat.get('roofline_pct'), '{:.0f}')} | "
             f"{f(lat['roofline_floor_s_per_token'] * 1e3 if lat.get('roofline_floor_s_per_token') else None)} | "
-            f"{spread(rt.get('median_s'), rt.get('rounds_s'))} | {f(rt.get('mfu_pct'), '{:.1f}')}{mfu_of} | "
-            f"{setup:.0f} | {kernel(c)} |")
+            f"{spread(rt.get('median_s'), BY_NAME['runtime_s'].round_samples(c))} | "
+            f"{f(rt.get('mfu_pct'), '{:.1f}')}{mfu_of} | {setup:.0f} | {kernel(c)} |")
     return lines + ([""] + notes if notes else []) + quality_table(cases) + serving_table(cases, base)
 
 
