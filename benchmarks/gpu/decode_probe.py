@@ -10,7 +10,9 @@ A variant is a pipeline of the suite, optionally followed by ``@`` and flags joi
 ``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM
 head not compiled in passes without cache), ``noepi`` (bias and activation not fused into the matmul's epilogue,
 techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclasses),
-``guards`` (dynamo's guards evaluated on every decode step); attention backends ``flash`` (cuDNN's SDPA off, so
+``guards`` (dynamo's guards evaluated on every decode step), ``whole`` (compile's ``pass_regions = "model"``: the
+passes compile the model's body as one graph, not block by block), ``mk`` (compile's ``multi_kernel``: inductor's
+persistent and looped reductions both compiled, the faster run); attention backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
 inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
@@ -91,7 +93,9 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "unwrap_subclasses": "nounwrap" not in flags,
                               "fuse_bias_activation": "noepi" not in flags,
                               "skip_repeat_guards": "guards" not in flags,
-                              "combo_kernels": "nocombo" not in flags, "pdl": "nopdl" not in flags}
+                              "combo_kernels": "nocombo" not in flags, "pdl": "nopdl" not in flags,
+                              "pass_regions": "model" if "whole" in flags else "blocks",
+                              "multi_kernel": "mk" in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)
