@@ -52,6 +52,41 @@ def swap_modules(model: nn.Module, make: Callable[[nn.Module, str], nn.Module], 
     return len(targets)
 
 
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace GPT-2's ``Conv1D`` (weight stored (in, out)) by ``nn.Linear`` with the same function."""
+
+    def make(mod: nn.Module, name: str) -> nn.Module:
+        conv: Any = mod
+        w = conv.weight.detach()  # (in, out) in Conv1D
+        bias = conv.bias
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return lin
+
+    return swap_modules(model, make, lambda m, n: is_conv1d(m))
+
+
+def linear_to_conv1d(model: nn.Module) -> int:
+    """Store plain ``nn.Linear`` layers with a bias (not the LM head, not quantised) as transformers' ``Conv1D``:
+    the same function, the weight stored (in, out), so that the matmul reads it without a transpose."""
+    from transformers.pytorch_utils import Conv1D
+
+    def plain(mod: nn.Module, name: str) -> bool:
+        return (type(mod) is nn.Linear and mod.bias is not None and type(mod.weight) is nn.Parameter
+                and not name.endswith("lm_head"))
+
+    def make(mod: nn.Module, name: str) -> nn.Module:
+        lin: Any = mod
+        conv = Conv1D(lin.out_features, lin.in_features)
+        conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
+        conv.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return conv
+
+    return swap_modules(model, make, plain)
+
+
 def _require_bnb() -> Any:
     try:
         import bitsandbytes

@@ -52,6 +52,7 @@ import torch
 from efficiency.config import ConfigError
 from efficiency.models import cache_argument, max_positions
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, declared_by_steps, register
+from efficiency.techniques.bnb import linear_to_conv1d
 from efficiency.techniques.epilogue import fuse_bias_activations
 from efficiency.techniques.unwrap import unwrap_weight_subclasses
 
@@ -190,7 +191,7 @@ class CompiledExecution:
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
                  forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool,
                  compile_passes: bool = True, min_decode_batch: tuple[int, str] | None = None,
-                 skip_repeat_guards: bool = True, pass_regions: str = "blocks") -> None:
+                 skip_repeat_guards: bool = True) -> None:
         self.model = model
         self.skip_repeat_guards = skip_repeat_guards
         self.min_decode_batch = min_decode_batch
@@ -202,17 +203,11 @@ class CompiledExecution:
         # compiled graph per input shape), so that compile time is one block's, not the whole model's per shape.
         # The LM head is a region of its own: inductor pads a matmul whose sizes break the tensor cores' alignment
         # (GPT-2's 50,257-token vocabulary ran in align-1 CUTLASS kernels, 13% of gpt2-xl's pass on the H200).
-        # ``pass_regions = "model"``: the body (the base model: embeddings, blocks, final norm) as one region
-        # instead, so that inductor fuses across the blocks' seams (a block's last residual add with the next
-        # block's first layer norm), at the cost of compiling every block.
         container, blocks = repeated_blocks(model)
         self.blocks = blocks if compile_passes else []
-        self.body_name = body_name(model) if pass_regions == "model" and compile_passes else None
         self.head_name = output_head_name(model) if compile_head and compile_passes else None
         self.head = getattr(model, self.head_name) if self.head_name else None
-        places: list[tuple[Any, str, Any]] = (
-            [(model, self.body_name, getattr(model, self.body_name))] if self.body_name else
-            [(container, str(i), b) for i, b in enumerate(self.blocks)])
+        places: list[tuple[Any, str, Any]] = [(container, str(i), b) for i, b in enumerate(self.blocks)]
         if self.head_name:
             places.append((model, self.head_name, self.head))
         # (owner, attribute, eager module, compiled module): swapped in for a pass without cache, then back
@@ -361,17 +356,6 @@ def repeated_blocks(model: Any) -> tuple[Any, list[Any]]:
     return best, list(best or ())
 
 
-PASS_REGIONS = ("blocks", "model")  # what the passes without cache compile: each decoder block, or the whole body
-
-
-def body_name(model: Any) -> str | None:
-    """The attribute of ``model`` that holds its body (Hugging Face's ``base_model_prefix``: ``transformer`` in
-    GPT-2, ``model`` in OPT and Llama), None when there is none (then the passes compile the blocks)."""
-    prefix = getattr(model, "base_model_prefix", None)
-    body = getattr(model, prefix, None) if isinstance(prefix, str) and prefix else None
-    return prefix if isinstance(body, torch.nn.Module) and body is not model else None
-
-
 def output_head_name(model: Any) -> str | None:
     """The attribute of ``model`` that holds its output embedding (``lm_head``), None when it is not a direct
     child (then the head runs uncompiled)."""
@@ -434,19 +418,16 @@ class Compile(TechniqueBase):
     # Evaluate dynamo's guards on the first step of each decode call only (CompiledExecution._guards_checked_once):
     # on, measured on the H200 (docs/results.md section 5i): gpt2-xl int4wo-g64 decode 3.63 -> 2.52 ms/token.
     skip_repeat_guards: bool = True
-    # What the passes without cache (perplexity, prefill) compile: "blocks" (each decoder block, one compiled graph
-    # shared by all: one block's compile time) or "model" (the body as one graph, fused across the blocks' seams).
-    pass_regions: str = "blocks"
-    # Inductor's multi-kernel in the passes (``triton.multi_kernel``): a reduction (a layer norm over 1,600 or 2,048
-    # features) compiled both as a persistent and as a looped kernel, the faster chosen at its first run.
-    multi_kernel: bool = False
+    # Inductor's multi-kernel in the passes without cache (``triton.multi_kernel``): a reduction (a layer norm over
+    # 1,600 or 2,048 features) compiled both as a persistent and as a looped kernel, the faster run.
+    multi_kernel: bool = True
+    # Plain linear layers with a bias stored (in, out) (as GPT-2's Conv1D: bnb.linear_to_conv1d), so that the
+    # matmul reads the weight without a transpose.
+    weights_in_out: bool = False
     name: str = "compile"
     family = "execution"
 
     def check(self, ctx: Context) -> None:
-        if self.pass_regions not in PASS_REGIONS:
-            raise ConfigError(f"compile: pass_regions must be one of {', '.join(PASS_REGIONS)}, "
-                              f"got {self.pass_regions!r}")
         if not torch._dynamo.is_dynamo_supported():
             raise UnsupportedTechnique("torch.compile is not supported on this Python / platform")
         if self.backend == "inductor" and not ctx.is_cuda and shutil.which("cc") is None \
@@ -480,13 +461,14 @@ class Compile(TechniqueBase):
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False
+        converted = linear_to_conv1d(model) if self.weights_in_out else 0
         epilogues = fuse_bias_activations(model) if self.fuse_bias_activation else {}
         unwrapped, wrapped, constants = unwrap_weight_subclasses(model) if self.unwrap_subclasses else (0, {}, {})
         eager_why = eager_passes_asked(ctx.info)
         min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
                                   self.compile_head, compile_passes=eager_why is None, min_decode_batch=min_batch,
-                                  skip_repeat_guards=self.skip_repeat_guards, pass_regions=self.pass_regions)
+                                  skip_repeat_guards=self.skip_repeat_guards)
         # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
         # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
@@ -498,9 +480,8 @@ class Compile(TechniqueBase):
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
                       f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
             "forward": (f"eager, asked for by an earlier step: {eager_why}" if eager_why else
-                        f"regional torch.compile(dynamic=False) of "
-                        f"{f'the body ({state.body_name!r}, all {len(state.blocks)} decoder blocks in one graph)' if state.body_name else f'the {len(state.blocks)} decoder blocks'}"
-                        f" and {'the LM head' if state.head_name else 'no LM head'} for passes without cache "
+                        f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
+                        f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
                         "(perplexity, prefill)"),
             "decode_min_batch": (f"{min_batch[0]}, asked for by an earlier step: {min_batch[1]}" if min_batch
                                  else None),
@@ -512,6 +493,8 @@ class Compile(TechniqueBase):
             "bias_activation_epilogues": (epilogues or "none fused: no plain linear layer with a bias before a ReLU "
                                           "(or a tanh-GELU on a GPU)") if self.fuse_bias_activation else
                                          "off (fuse_bias_activation = false)",
+            "weights_in_out": (f"{converted} linear layers stored (in, out) as Conv1D" if converted
+                               else None if self.weights_in_out else "off (weights_in_out = false)"),
             "unwrapped_weights": (f"{unwrapped} tensor-subclass weights passed to the compiled graphs as their plain "
                                   "inner tensors (torchao's UnwrapTensorSubclass)" if unwrapped else
                                   None if self.unwrap_subclasses else "off (unwrap_subclasses = false)"),

@@ -117,50 +117,6 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
     assert state.head_name == "lm_head" and model.lm_head is state.head
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
-def test_the_body_compiled_as_one_region_gives_the_same_perplexity_and_is_put_back(family: str,
-                                                                                   one_thread: Any) -> None:
-    """``pass_regions = "model"``: the body is one region (one graph per input shape, not one shared by the
-    blocks), swapped in for the pass only; the report names it."""
-    from torch._dynamo.utils import counters
-
-    from efficiency.measure.perplexity import _batches
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = tiny_model(family)
-    body = getattr(model, model.base_model_prefix)
-    ids = torch.randint(0, 128, (200,))
-    eager = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
-    ctx = _ctx(["compile"])
-    model = Compile(backend="eager", pass_regions="model").apply(model, ctx)
-    ev = PerplexityEvaluator(ids, 64, 32, 4)
-    compiled = ev.run(model, "cpu")
-    state = compiled_state(model)
-    assert state is not None and state.body_name == model.base_model_prefix
-    assert state.calls["compiled_forward"] > 0
-    assert abs(compiled.perplexity - eager.perplexity) / eager.perplexity < 1e-6
-    shapes = {(len(g), g[0].length) for g in _batches(ev.plan, 4)}
-    assert 0 < counters["stats"]["unique_graphs"] <= 2 * len(shapes)  # body + head
-    assert getattr(model, model.base_model_prefix) is body  # put back after the pass
-    assert f"the body ('{model.base_model_prefix}'" in ctx.info["compile"]["forward"]
-
-
-def test_pass_regions_must_be_blocks_or_model() -> None:
-    with pytest.raises(ConfigError, match="pass_regions must be one of blocks, model, got 'layers'"):
-        Compile(pass_regions="layers").check(_ctx(["compile"]))
-
-
-def test_multi_kernel_is_asked_of_the_passes_only() -> None:
-    from efficiency.techniques.compile import MULTI_KERNEL_OPTION
-
-    for on in (True, False):
-        ctx = _ctx(["compile"])
-        state = compiled_state(Compile(multi_kernel=on).apply(tiny_model("opt"), ctx))
-        assert state is not None and MULTI_KERNEL_OPTION not in (state.step_options or {})  # never in decode
-        assert (ctx.info["compile"]["inductor"].get(MULTI_KERNEL_OPTION) == 1) is on
-
-
 def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
     """int8wo with bf16 activations: inductor lowers its dequantising matmul to aten._weight_int8pack_mm. Its CUDA
     kernel ran opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section

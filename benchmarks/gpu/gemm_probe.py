@@ -1,0 +1,102 @@
+"""Development probe: the perplexity pass's big kernels alone, each weight layout and attention backend side by side.
+
+The pass's kernel table (decode_probe.py ``--what ppl`` with ``prof``) showed gpt2-xl's matmuls with 1,600 inputs
+running well below its 6,400-input ones. This times each matmul of a model's decoder block at the pass's row count
+(``--rows``, 64 windows of 1,024 tokens) as the model stores its weight (GPT-2's ``Conv1D``: (in, out); ``nn.Linear``:
+(out, in)) and in the other layout, with its bias (and the activation fused in the epilogue where the block has
+one), and causal attention through each fused SDPA backend, at the block's heads and head size.
+
+`python benchmarks/gpu/gemm_probe.py OUT.json --model gpt2-xl`
+
+Median [min, max] of ``--rounds`` CUDA-event timings after 3 warm-up calls; TFLOP/s from 2 x rows x in x out (attention:
+causal, 2 x 2 x batch x heads x T^2 x head size / 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _time_ms(fn: Any, rounds: int) -> list[float]:
+    import torch
+
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import AutoConfig
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model", default="gpt2-xl")
+    ap.add_argument("--rows", type=int, default=65536)
+    ap.add_argument("--rounds", type=int, default=20)
+    a = ap.parse_args()
+    cfg = AutoConfig.from_pretrained(Path(os.environ["EFFICIENCY_DATA_DIR"]) / "architectures" / a.model)
+    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    ffn = int(getattr(cfg, "ffn_dim", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
+    heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+    act = "gelu" if "gpt2" in cfg.model_type else "relu"
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x_in = {k: torch.randn(a.rows, k, device=dev, dtype=dt, generator=g) * 0.1 for k in {hidden, ffn}}
+    rows: list[dict[str, Any]] = []
+
+    def record(what: str, times: list[float], flop: float) -> None:
+        med = statistics.median(times)
+        rows.append({"what": what, "ms": med, "ms_min": min(times), "ms_max": max(times), "tflops": flop / med / 1e9})
+        print(f"{what:58s} {med:8.3f} ms [{min(times):.3f}, {max(times):.3f}]  {flop / med / 1e9:6.1f} TFLOP/s",
+              flush=True)
+
+    shapes = [("qkv", hidden, 3 * hidden, None), ("attn out", hidden, hidden, None), ("mlp in", hidden, ffn, act),
+              ("mlp out", ffn, hidden, None)]
+    for name, k, n, activation in shapes:
+        x = x_in[k]
+        w_out_in = torch.randn(n, k, device=dev, dtype=dt, generator=g) * 0.02  # nn.Linear's layout
+        w_in_out = w_out_in.t().contiguous()  # GPT-2 Conv1D's layout
+        bias = torch.randn(n, device=dev, dtype=dt, generator=g) * 0.02
+        flop = 2.0 * a.rows * k * n
+        for layout, w in (("(in, out), Conv1D", w_in_out), ("(out, in), Linear", w_out_in.t())):
+            def fn(w: Any = w, x: Any = x, bias: Any = bias, activation: str | None = activation) -> Any:
+                if activation:
+                    return torch._addmm_activation(bias, x, w, use_gelu=activation == "gelu")
+                return torch.addmm(bias, x, w)
+
+            record(f"{name} {k}x{n} {layout}{' +' + activation if activation else ''}", _time_ms(fn, a.rounds), flop)
+    head = hidden // heads
+    batch = a.rows // 1024
+    q, kk, v = (torch.randn(batch, 1024, heads, head, device=dev, dtype=dt, generator=g).transpose(1, 2)
+                for _ in range(3))
+    flop = 2.0 * 2 * batch * heads * 1024 * 1024 * head / 2
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                times = _time_ms(lambda: F.scaled_dot_product_attention(q, kk, v, is_causal=True), a.rounds)
+            record(f"attention causal {batch}x{heads}x1024x{head} {backend.name}", times, flop)
+        except RuntimeError as e:
+            rows.append({"what": f"attention {backend.name}", "error": str(e)[:300]})
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "rows_of_tokens": a.rows, "device": torch.cuda.get_device_name(),
+                                 "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
