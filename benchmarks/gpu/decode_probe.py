@@ -10,10 +10,10 @@ A variant is a pipeline of the suite, optionally followed by ``@`` and flags joi
 ``ma`` (max-autotune), ``fz`` (freezing), ``nofuse`` (projections not fused, techniques/fusion.py), ``nohead`` (LM
 head not compiled in passes without cache), ``noepi`` (bias and activation not fused into the matmul's epilogue,
 techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclasses),
-``guards`` (dynamo's guards evaluated on every decode step), ``mk`` (compile's ``multi_kernel``: inductor's
-persistent and looped reductions both compiled for the passes, the faster run), ``lin`` (compile's
-``linear_layout``: GPT-2's Conv1D layers as nn.Linear), ``fq`` (compile's ``fold_query_scale``);
-attention backends ``flash`` (cuDNN's SDPA off, so
+``guards`` (dynamo's guards evaluated on every decode step), ``nomk`` (compile's ``multi_kernel`` off: the passes'
+reductions compiled one way only; in the lease of docs/results.md 5p, before it became the default, ``mk`` turned it
+on, and the flags ``whole``, ``lin``, ``fq`` and ``nn`` tried settings that were measured and dropped); attention
+backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
 inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
@@ -32,7 +32,8 @@ Each variant runs in its own process (fresh compiler state and GPU memory) under
   ``new - 1``; eager, (median t(generate new) - median t(generate 1)) / (new - 1). A compiled variant also reports
   that difference (``ms_per_token_difference``): it carries the eager prefill's spread (docs/results.md 5h).
 - ``--what ppl``: the perplexity pass (context 1024, stride 512, automatic batch) over ``--tokens`` random ids,
-  median of ``--rounds`` passes after a warm-up (3 before 5p), MFU by the suite's FLOP count (efficiency.measure.roofline.pass_flops).
+  median of ``--rounds`` passes after a warm-up (3 before docs/results.md 5p), MFU by the suite's FLOP count
+  (efficiency.measure.roofline.pass_flops).
 
 The kernel table (``prof``) gives each kernel's GPU time per generated token (decode: the profile of ``new`` tokens
 minus that of 1, over ``new - 1``) or per pass (ppl), with the share of the total, top 30.
@@ -95,7 +96,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "fuse_bias_activation": "noepi" not in flags,
                               "skip_repeat_guards": "guards" not in flags,
                               "combo_kernels": "nocombo" not in flags, "pdl": "nopdl" not in flags,
-                              "multi_kernel": "nomk" not in flags, "weights_in_out": "nn" in flags}
+                              "multi_kernel": "nomk" not in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)

@@ -68,25 +68,6 @@ def conv1d_to_linear(model: nn.Module) -> int:
     return swap_modules(model, make, lambda m, n: is_conv1d(m))
 
 
-def linear_to_conv1d(model: nn.Module) -> int:
-    """Store plain ``nn.Linear`` layers with a bias (not the LM head, not quantised) as transformers' ``Conv1D``:
-    the same function, the weight stored (in, out), so that the matmul reads it without a transpose."""
-    from transformers.pytorch_utils import Conv1D
-
-    def plain(mod: nn.Module, name: str) -> bool:
-        return (type(mod) is nn.Linear and mod.bias is not None and type(mod.weight) is nn.Parameter
-                and not name.endswith("lm_head"))
-
-    def make(mod: nn.Module, name: str) -> nn.Module:
-        lin: Any = mod
-        conv = Conv1D(lin.out_features, lin.in_features)
-        conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
-        conv.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        return conv
-
-    return swap_modules(model, make, plain)
-
-
 def _require_bnb() -> Any:
     try:
         import bitsandbytes

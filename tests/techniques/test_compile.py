@@ -348,6 +348,18 @@ def test_the_compiled_graphs_launch_with_pdl_on_a_gpu_only_and_the_report_says_w
     assert PDL_OPTION not in decode and info["programmatic_dependent_launch"] == "off: pdl = false"
 
 
+def test_the_passes_compile_reductions_both_ways_on_a_gpu_only() -> None:
+    """Inductor's multi-kernel cut gpt2-xl's perplexity pass on the H100 from 0.810 to 0.776 s (docs/results.md
+    5p): its layer norms over 1,600 features ran as looped reductions. Triton's, so a GPU's passes ask for it; not
+    the decode step (CUDA graphs), not the CPU's; ``multi_kernel = false`` turns it off."""
+    from efficiency.techniques.compile import MULTI_KERNEL_OPTION
+
+    decode, passes, _ = _compile_options(Compile(), "cuda:0")
+    assert passes[MULTI_KERNEL_OPTION] == 1 and MULTI_KERNEL_OPTION not in decode
+    assert MULTI_KERNEL_OPTION not in _compile_options(Compile(), "cpu")[1]
+    assert MULTI_KERNEL_OPTION not in _compile_options(Compile(multi_kernel=False), "cuda:0")[1]
+
+
 def test_pdl_is_refused_below_compute_capability_9(monkeypatch: pytest.MonkeyPatch) -> None:
     """An A100 (8.0) or an L4 (8.9) would run without it whatever the options say: the report must not say on."""
     from efficiency.techniques.compile import pdl_unavailable
