@@ -52,22 +52,6 @@ def swap_modules(model: nn.Module, make: Callable[[nn.Module, str], nn.Module], 
     return len(targets)
 
 
-def conv1d_to_linear(model: nn.Module) -> int:
-    """Replace GPT-2's ``Conv1D`` (weight stored (in, out)) by ``nn.Linear`` with the same function."""
-
-    def make(mod: nn.Module, name: str) -> nn.Module:
-        conv: Any = mod
-        w = conv.weight.detach()  # (in, out) in Conv1D
-        bias = conv.bias
-        lin = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype)
-        lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return lin
-
-    return swap_modules(model, make, lambda m, n: is_conv1d(m))
-
-
 def _require_bnb() -> Any:
     try:
         import bitsandbytes

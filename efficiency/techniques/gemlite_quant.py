@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from efficiency.techniques.base import Context, TechniqueBase, UnsupportedTechnique, register
-from efficiency.techniques.bnb import conv1d_to_linear, default_filter, swap_modules
-from efficiency.techniques.torchao_quant import input_widths, refuse_misfit_groups
+from efficiency.techniques.bnb import default_filter, swap_modules
+from efficiency.techniques.torchao_quant import conv1d_to_linear, input_widths, refuse_misfit_groups
 
 
 def require_gemlite() -> Any:

@@ -36,7 +36,7 @@ from torch import nn
 
 from efficiency.measure.ops import aten_ops_called, describe_quantised_matmul
 from efficiency.techniques.base import MATMUL_DTYPE_KEY, Context, TechniqueBase, UnsupportedTechnique, register
-from efficiency.techniques.bnb import conv1d_to_linear, default_filter
+from efficiency.techniques.bnb import default_filter, is_conv1d, swap_modules
 from efficiency.techniques.compile import EAGER_PASSES_KEY, INDUCTOR_OPTIONS_KEY, MIN_DECODE_BATCH_KEY
 
 KERNELS_CUDA = {
@@ -81,6 +81,22 @@ def require_torchao() -> Any:
     except Exception as err:  # ImportError, or a native library built for another torch
         raise UnsupportedTechnique(f"torchao is not usable here: {type(err).__name__}: {err}") from err
     return torchao, quantize_
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace GPT-2's ``Conv1D`` (weight stored (in, out)) by ``nn.Linear`` with the same function."""
+
+    def make(mod: nn.Module, name: str) -> nn.Module:
+        conv: Any = mod
+        w = conv.weight.detach()  # (in, out) in Conv1D
+        bias = conv.bias
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return lin
+
+    return swap_modules(model, make, lambda m, n: is_conv1d(m))
 
 
 OUTPUT_BIAS = "bias_after_matmul"  # where move_bias_after_matmul keeps a layer's bias

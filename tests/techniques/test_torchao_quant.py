@@ -179,8 +179,7 @@ def test_gemlite_int4_refuses_a_misfit_group_on_the_model_in_hand(monkeypatch: p
 def test_the_widths_checked_on_the_config_are_the_widths_quantised() -> None:
     """GPT-2's Conv1D stores its weight (in, out): the config check reads the same input widths as the quantiser,
     which reads them after turning Conv1D into nn.Linear."""
-    from efficiency.techniques.bnb import conv1d_to_linear
-    from efficiency.techniques.torchao_quant import input_widths
+    from efficiency.techniques.torchao_quant import conv1d_to_linear, input_widths
 
     model = tiny_model("gpt2")
     before = input_widths(model)
