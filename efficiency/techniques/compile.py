@@ -65,15 +65,22 @@ PDL_MIN_CAPABILITY = (9, 0)  # Hopper: inductor emits PDL code from compute capa
 
 
 def inductor_options(cuda_graphs: bool, coordinate_descent_tuning: bool, max_autotune: bool,
-                     freezing: bool, combo_kernels: bool = False, pdl: bool = False) -> dict[str, Any]:
+                     freezing: bool, combo_kernels: bool = False, pdl: bool = False,
+                     multi_kernel: bool = False) -> dict[str, Any]:
     """The inductor settings of one ``torch.compile`` call (``options=``; ``mode="reduce-overhead"`` is
     ``{"triton.cudagraphs": True}`` and ``mode="max-autotune"`` adds ``max_autotune``). ``freezing`` treats the
     weights as constants of the graph (inference only); ``combo_kernels`` launches independent small Triton
     kernels (a layer's key and value cache writes, say) as one; ``pdl`` launches inductor's Triton kernels with
-    programmatic dependent launch (named only when on: a torch without the setting refuses its name)."""
-    options = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
-               "max_autotune": max_autotune, "freezing": freezing, "combo_kernels": combo_kernels}
-    return {**options, PDL_OPTION: True} if pdl else options
+    programmatic dependent launch (named only when on: a torch without the setting refuses its name);
+    ``multi_kernel`` compiles each reduction both as a persistent and as a looped Triton kernel, the faster run
+    (named only when on)."""
+    options: dict[str, Any] = {"triton.cudagraphs": cuda_graphs, "coordinate_descent_tuning": coordinate_descent_tuning,
+                               "max_autotune": max_autotune, "freezing": freezing, "combo_kernels": combo_kernels}
+    if pdl:
+        options[PDL_OPTION] = True
+    if multi_kernel:
+        options[MULTI_KERNEL_OPTION] = 1
+    return options
 
 
 def pdl_unavailable(ctx: Context) -> str | None:
@@ -457,9 +464,7 @@ class Compile(TechniqueBase):
             decode_options = {**asked, **inductor_options(cuda_graphs, tuning, self.max_autotune, self.freezing,
                                                           self.combo_kernels and ctx.is_cuda, pdl)}
             forward_options = {**asked, **inductor_options(False, tuning, self.max_autotune, self.freezing,
-                                                           pdl=pdl)}
-            if self.multi_kernel and ctx.is_cuda:  # Triton kernels: a GPU's
-                forward_options[MULTI_KERNEL_OPTION] = 1
+                                                           pdl=pdl, multi_kernel=self.multi_kernel and ctx.is_cuda)}
         else:  # other backends take no inductor options
             decode_options = forward_options = None
             cuda_graphs = False

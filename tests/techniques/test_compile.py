@@ -403,7 +403,7 @@ def test_the_inductor_settings_a_quantiser_asks_for_exist_in_this_torch(kind: st
     gpu = Context(device="cuda:0", tokenizer=None, model_name="tiny", cache_dir=Path("."))
     asked = TorchaoQuant(kind).inductor_options(gpu)
     torch.compile(lambda x: x + 1, options={**asked, **inductor_options(True, True, False, False, combo_kernels=True,
-                                                                                 pdl=True)})
+                                                                                 pdl=True, multi_kernel=True)})
     with pytest.raises(RuntimeError, match="option"):  # the check this test relies on
         torch.compile(lambda x: x + 1, options={"no_such_inductor_option": True})
 
