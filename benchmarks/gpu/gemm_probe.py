@@ -9,7 +9,8 @@ one), and causal attention through each fused SDPA backend, at the block's heads
 `python benchmarks/gpu/gemm_probe.py OUT.json --model gpt2-xl`
 
 Median [min, max] of ``--rounds`` CUDA-event timings after 3 warm-up calls; TFLOP/s from 2 x rows x in x out (attention:
-causal, 2 x 2 x batch x heads x T^2 x head size / 2).
+one layer's causal FLOPs as the suite counts them, efficiency.measure.roofline.attention_flops; the reports of
+docs/results.md 5p counted T^2 / 2 query-key pairs instead of T (T + 1) / 2, 0.1% fewer).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import AutoConfig
+
+    from efficiency.measure.roofline import attention_flops
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
@@ -85,7 +88,8 @@ def main() -> None:
     batch = a.rows // 1024
     q, kk, v = (torch.randn(batch, 1024, heads, head, device=dev, dtype=dt, generator=g).transpose(1, 2)
                 for _ in range(3))
-    flop = 2.0 * 2 * batch * heads * 1024 * 1024 * head / 2
+    layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    flop = (attention_flops(cfg, [1024] * batch) or 0.0) / layers  # one layer's
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel([backend]):
