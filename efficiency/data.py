@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from efficiency.errors import ConfigError, DataUnavailable
+from efficiency.report.io import give_usual_mode
 
 if TYPE_CHECKING:
     import torch
@@ -170,6 +171,7 @@ def tokenize(corpus: Corpus, tokenizer: Any, cache_dir: Path | None, max_tokens:
             tmp = Path(tmp_name)
             try:
                 torch.save(ids, tmp)
+                give_usual_mode(tmp, cache)
                 tmp.replace(cache)
             finally:
                 tmp.unlink(missing_ok=True)

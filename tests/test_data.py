@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,10 @@ def test_tokenize_caches_and_counts_gpt2_tokens(shared_data: Path, tmp_path: Pat
     corpus = load_corpus("wikitext2", shared_data)
     ids = tokenize(corpus, tok, tmp_path)
     assert len(ids) == 286_221  # the data README's count for GPT-2
-    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 1
+    (cache,) = (tmp_path / "tokens").glob("*.pt")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o666 & ~umask  # before: 0o600 (mkstemp's), unlike a plain file
     assert tokenize(corpus, tok, tmp_path, max_tokens=100).tolist() == ids[:100].tolist()
 
 

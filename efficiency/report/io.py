@@ -42,6 +42,20 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+def give_usual_mode(tmp: Path, target: Path) -> None:
+    """Give the temporary file that will replace ``target`` the permissions a plain ``open(target, "w")`` would
+    leave: the target's own where it exists, else 0o666 less the process's umask. ``tempfile.mkstemp`` creates
+    0o600 files, so every report was readable by its owner alone (an artifact uploader or a web server running
+    as another user could not read it), while the HTML page and the history beside it were not."""
+    if target.exists():
+        mode = target.stat().st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Readers see the old file or the new one, never a partial file, even if the process dies mid-write.
     Non-finite floats are written as null (:func:`finite_or_null`)."""
@@ -53,6 +67,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        give_usual_mode(Path(tmp), path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

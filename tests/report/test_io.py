@@ -106,3 +106,25 @@ def test_check_writable_names_the_problem(tmp_path: Path) -> None:
     # a file target that is an existing folder: before, accepted up front and the write failed after the run
     assert io.check_writable(tmp_path / "new", is_dir=False) == "it is a folder: give the path of a file"
     assert io.check_writable(tmp_path / "new" / "r.json", is_dir=False) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_new_report_gets_the_mode_open_would_give_and_a_rewritten_one_keeps_its_own(
+        tmp_path: Path, umask: int) -> None:
+    """Before: every report was 0o600 (tempfile.mkstemp's mode) whatever the umask, so an artifact uploader or a
+    web server running as another user could not read it, and a report given 0o644 by hand lost it when rewritten."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        new = tmp_path / "new.json"
+        io.write_atomic(new, {"schema_version": SCHEMA_VERSION, "status": "running", "cases": []})
+        assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o640)
+        io.write_atomic(kept, {"schema_version": SCHEMA_VERSION, "status": "complete", "cases": []})
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
