@@ -87,6 +87,9 @@ class Thresholds:
 
     default_pct: float = defaults.THRESHOLD_PCT
     per_technique: Mapping[str, float] = field(default_factory=dict)
+    # (table, the names it gives a limit) for each pyproject table of thresholds: two spellings of one technique in
+    # one table contradict each other (checked with the registry, settings.canonical_config)
+    tables: tuple[tuple[str, tuple[str, ...]], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for name, value in {"default": self.default_pct, **self.per_technique}.items():

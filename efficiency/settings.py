@@ -144,10 +144,10 @@ def _int_list(value: Any, key: str, source: str) -> tuple[int, ...]:
 
 
 def _pct(value: Any, what: str) -> float:
-    try:
-        pct = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what}: a number of percent is needed, got {value!r}") from None
+    """A number of percent: a TOML number (a quoted "3" or a boolean is a mistake, never read as 3 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what}: a number of percent is needed (a TOML number, without quotes), got {value!r}")
+    pct = float(value)
     if not math.isfinite(pct):
         raise ConfigError(f"{what}: must be a finite number of percent, got {value!r}")
     return pct
@@ -227,6 +227,9 @@ def _max_tokens(value: Any, source: str) -> int | None:
     if isinstance(value, str):
         if value.strip().lower() == "all":
             return None
+        if not _from_command_line(source):
+            raise ConfigError(f"{source} max-tokens takes a number of tokens (a TOML integer, without quotes) or "
+                              f"'all', got {value!r}")
         try:
             value = int(value)
         except ValueError:
@@ -244,9 +247,16 @@ def _batch_size(value: Any, source: str) -> int | None:
     return _int(value, "batch-size", source)
 
 
+def _from_command_line(source: str) -> bool:
+    """Whether a value came from an ``--eff-*`` option, a string by nature; pyproject values have TOML types."""
+    return source.startswith("--")
+
+
 def _int(value: Any, key: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ConfigError(f"{source} {key} must be a whole number, got {value!r}")
+    if isinstance(value, str) and not _from_command_line(source):
+        raise ConfigError(f"{source} {key} must be a whole number (a TOML integer, without quotes), got {value!r}")
     try:
         return int(value)
     except ValueError:
@@ -254,6 +264,8 @@ def _int(value: Any, key: str, source: str) -> int:
 
 
 def _float(value: Any, key: str, source: str) -> float:
+    if isinstance(value, str) and not _from_command_line(source):
+        raise ConfigError(f"{source} {key} must be a number (a TOML number, without quotes), got {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -323,8 +335,10 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
         return value, key, source
 
     def flag(key: str) -> bool:
-        """A switch: on when its option is given, else the pyproject's boolean (off by default)."""
-        return bool(opts.get(key.replace("-", "_"))) or _flag(merged.get(key, False), key, "[tool.efficiency]")
+        """A switch: on when its option is given, else the pyproject's boolean (off by default). The pyproject
+        value is checked where the option is given too (as path_pick does; before, the option hid a quoted one)."""
+        configured = _flag(merged.get(key, False), key, "[tool.efficiency]")
+        return bool(opts.get(key.replace("-", "_"))) or configured
 
     def path_pick(key: str, env: str | None = None) -> Path | None:
         # The pyproject value is checked even where the option or the environment overrides it: a broken
@@ -367,12 +381,16 @@ def build_config(opts: Mapping[str, Any], table: Mapping[str, Any], root: Path, 
     for name, value in dict(device_table.get("thresholds", {})).items():
         _last(thresholds_table, name, value)  # the device's entry takes precedence (parse_thresholds)
     cache_dir = path_pick("cache-dir", "EFFICIENCY_CACHE_DIR") or default_cache_dir()
+    threshold_tables = tuple((label, tuple(str(k) for k in names if k != "default")) for label, names in (
+        ("[tool.efficiency.thresholds]", dict(table.get("thresholds", {}))),
+        (f"[tool.efficiency.{kind}.thresholds]", dict(device_table.get("thresholds", {})))))
     cfg = SuiteConfig(
         models=_names(*keyed("models")),
         techniques=_names(*keyed("techniques")),
         baseline=str(_text(*keyed("baseline"))),
         workload=workload,
-        thresholds=parse_thresholds(thresholds_table, list(opts.get("threshold") or [])),
+        thresholds=replace(parse_thresholds(thresholds_table, list(opts.get("threshold") or [])),
+                           tables=threshold_tables),
         device=device,
         model_dir=path_pick("model-dir", "EFFICIENCY_MODEL_DIR"),
         data_dir=path_pick("data-dir", "EFFICIENCY_DATA_DIR"),
@@ -453,8 +471,17 @@ def canonical_config(cfg: SuiteConfig, cli_thresholds: Sequence[str] = ()) -> Su
     if outside:
         raise ConfigError(f"--eff-threshold for {', '.join(map(repr, outside))}: not a technique of this run's grid "
                           f"({', '.join(in_grid)}) nor a step of one")
+    for label, names in cfg.thresholds.tables:  # one table's two spellings: which limit holds is the keys' order
+        spelled: dict[str, list[str]] = {}
+        for name in names:
+            spelled.setdefault(canonical(name) or name, []).append(name)
+        twice = {canon: given for canon, given in spelled.items() if len(given) > 1}
+        if twice:
+            raise ConfigError("; ".join(f"{label} gives {canon} more than one limit, as "
+                                        f"{' and '.join(map(repr, given))}: keep one"
+                                        for canon, given in twice.items()))
     limits: dict[str, float] = {}
     for name, pct in cfg.thresholds.per_technique.items():  # in order of precedence
         _last(limits, parse(name).name, pct)
     return replace(cfg, baseline=baseline, techniques=techniques,
-                   thresholds=Thresholds(cfg.thresholds.default_pct, limits))
+                   thresholds=Thresholds(cfg.thresholds.default_pct, limits, cfg.thresholds.tables))

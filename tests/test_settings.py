@@ -7,7 +7,14 @@ import pytest
 
 from efficiency import defaults
 from efficiency.config import ConfigError, Thresholds, Workload
-from efficiency.settings import build_config, default_cache_dir, parse_thresholds, read_pyproject, validate
+from efficiency.settings import (
+    build_config,
+    canonical_config,
+    default_cache_dir,
+    parse_thresholds,
+    read_pyproject,
+    validate,
+)
 
 CPU = {"device": "cpu"}
 
@@ -73,6 +80,15 @@ def test_the_default_cache_dir_is_one_function_honouring_xdg(tmp_path: Path, mon
     ({"cpu": {"thresholds": 5}}, r"\[tool.efficiency.cpu\] thresholds must be a table, got 5"),
     # before, the baseline loaded and was measured, then the quantised case failed on "unknown dtype 'int3'"
     ({"compute-dtype": "int3"}, r"\[tool.efficiency\] compute-dtype must be one of fp32, fp16, bf16, got 'int3'"),
+    # numbers in quotes or booleans: before, read as the number ("3" -> 3, true -> 1.0 percent), against the README
+    ({"rounds": "3"}, r"\[tool.efficiency\] rounds must be a whole number \(a TOML integer, without quotes\), "
+                      r"got '3'"),
+    ({"cpu": {"max-tokens": "256"}}, r"\[tool.efficiency.cpu\] max-tokens takes a number of tokens \(a TOML integer"),
+    ({"min-window": "10"}, r"\[tool.efficiency\] min-window must be a number \(a TOML number, without quotes\)"),
+    ({"thresholds": {"bnb4": "3"}}, r"threshold bnb4: a number of percent is needed \(a TOML number, without "
+                                    r"quotes\), got '3'"),
+    ({"thresholds": {"default": True}}, r"threshold default: a number of percent is needed.*got True"),
+    ({"accuracy-thresholds": {"arc_easy": "2"}}, r"accuracy threshold arc_easy: a number of percent"),
 ])
 def test_pyproject_errors_name_the_key(tmp_path: Path, table: dict[str, Any], message: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,6 +148,8 @@ def test_pyproject_switches_are_toml_booleans(tmp_path: Path, key: str, value: A
     assert getattr(build_config(CPU, {key: True}, tmp_path), field) is True
     assert getattr(build_config(CPU, {key: False}, tmp_path), field) is False
     assert getattr(build_config({**CPU, field: True}, {key: False}, tmp_path), field) is True  # the option wins
+    with pytest.raises(ConfigError, match=rf"{key} must be true or false"):  # before: the option hid the mistake
+        validate({**CPU, field: True}, {key: value}, tmp_path)
 
 
 def test_compute_dtype_names_are_checked_up_front_from_one_list(tmp_path: Path) -> None:
@@ -161,6 +179,26 @@ def test_threshold_order_is_their_precedence(tmp_path: Path) -> None:
     cfg = build_config({**CPU, "threshold": ["bnb4=7"]}, table, tmp_path)
     assert list(cfg.thresholds.per_technique.items()) == [("compile", 1.0), ("int8wo", 9.0), ("bnb8", 6.0),
                                                           ("bnb4", 7.0)]
+
+
+@pytest.mark.parametrize("table", [
+    {"thresholds": {"bnb4-nf4": 3, "bnb4": 50}},
+    {"thresholds": {"bnb4": 50, "bnb4-nf4": 3}},
+    {"cpu": {"thresholds": {"fp32 + bnb4": 3, "fp32+bnb4": 50}}},
+])
+def test_two_spellings_of_one_technique_in_one_table_are_refused(tmp_path: Path, table: dict[str, Any]) -> None:
+    """Before, the limit that held was the one whose key came later in the file: bnb4 was gated at 50 or 3
+    percent by the order of two lines, without a word."""
+    cfg = build_config({**CPU, "techniques": "fp32,bnb4"}, table, tmp_path)
+    with pytest.raises(ConfigError, match=r"thresholds\] gives (bnb4|fp32\+bnb4) more than one limit, as "
+                                          r"'.*' and '.*': keep one"):
+        canonical_config(cfg)
+
+
+def test_one_technique_in_two_tables_keeps_the_more_specific(tmp_path: Path) -> None:
+    table = {"thresholds": {"bnb4": 50}, "cpu": {"thresholds": {"bnb4-nf4": 3}}}
+    cfg = canonical_config(build_config({**CPU, "techniques": "fp32,bnb4"}, table, tmp_path))
+    assert cfg.thresholds.limit_for("bnb4") == 3
 
 
 def test_max_tokens_all_is_the_whole_split(tmp_path: Path) -> None:
