@@ -44,7 +44,7 @@ CASES_TEMPLATE = """<table><tr><th>case</th>{% for m in metrics %}<th>{{ m.short
 <td colspan='{{ metrics|length + 3 }}' style='text-align:left'>{{ r.notes|join('; ') }}</td><td>{{ r.gate }}</td>\
 {% else %}{% for m in metrics %}<td>{{ r.cells[m.name].value }}\
 {% if r.cells[m.name].change %}<br><small>{{ r.cells[m.name].change }}</small>{% endif %}</td>{% endfor %}\
-<td>{{ r.scores }}</td><td>{{ r.runtime_only_score }}</td><td>{{ '*' if r.pareto else '' }}</td>\
+<td>{{ r.scores() }}</td><td>{{ r.runtime_only_score }}</td><td>{{ '*' if r.pareto else '' }}</td>\
 <td class='{{ 'fail' if r.gate == 'FAIL' else 'ok' if r.gate in ('ok', 'base') else '' }}'>{{ r.gate }}</td>\
 {% endif %}</tr>
 {% endfor %}</table>"""

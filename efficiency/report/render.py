@@ -28,7 +28,7 @@ def terminal_table(report: dict[str, Any]) -> list[str]:
         for m in metrics:
             cell = row.cells[m.name]
             cells += [cell.value, cell.change]
-        cells += [row.scores, row.runtime_only_score, "*" if row.pareto else "", row.gate]
+        cells += [row.scores(), row.runtime_only_score, "*" if row.pareto else "", row.gate]
         table.append(cells)
     # drop change columns that are empty in every row (e.g. no energy measured anywhere)
     keep = [i for i, h in enumerate(headers) if not h.startswith("Δ") or any(r[i] for r in table)]

@@ -125,7 +125,7 @@ def run_markdown(report: dict[str, Any]) -> list[str]:
         gate = "**FAIL**" if r.gate == "FAIL" else r.gate
         table_rows.append([r.id, c["perplexity"].value, c["perplexity"].change, c["runtime_s"].value,
                            c["runtime_s"].change, c["energy_j"].value, c["energy_j"].change,
-                           " / ".join(r.scores.split("/")) + (f" (R-only {r.runtime_only_score})"
+                           r.scores(" / ") + (f" (R-only {r.runtime_only_score})"
                                                               if r.runtime_only_score else ""), gate])
     notes = unique_notes(case_rows)
     headers = ["case", "ppl", "Δppl", "runtime s", "Δt", "energy J", "ΔE", "opt E / R / B", "gate"]

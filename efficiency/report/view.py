@@ -31,11 +31,15 @@ class CaseRow:
     id: str
     status: str
     cells: dict[str, Cell]  # metric name -> formatted value and change
-    scores: str  # "E/R/B" values
+    score_values: tuple[str, ...]  # the energy, runtime and balanced priorities' scores, formatted; () unscored
     runtime_only_score: str
     pareto: bool
     gate: str  # "base" | "ok" | "FAIL" | "-" | status for unmeasured
     notes: list[str] = field(default_factory=list)
+
+    def scores(self, between: str = "/") -> str:
+        """The E/R/B scores in one cell, ``between`` them (a value may be "n/a", so never split this again)."""
+        return between.join(self.score_values)
 
 
 def _spread_pct(samples: list[float]) -> float | None:
@@ -86,7 +90,7 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
     out: list[CaseRow] = []
     for c in cases:
         if c.get("status") != "measured":
-            out.append(CaseRow(c["id"], str(c.get("status")), {}, "", "", False, str(c.get("status")),
+            out.append(CaseRow(c["id"], str(c.get("status")), {}, (), "", False, str(c.get("status")),
                                [f"{c['id']}: {c.get('status')}: {c.get('reason')}"]))
             continue
         base = bases.get(c["model"])
@@ -120,7 +124,7 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
             notes.append(f"{c['id']}: {warning}")
         out.append(CaseRow(
             c["id"], "measured", cells,
-            "/".join(_score(scores.get(k)) for k in SCORE_KEYS) if scores else "",
+            tuple(_score(scores.get(k)) for k in SCORE_KEYS) if scores else (),
             _score(scores.get("runtime_only")),
             bool((c.get("pareto") or {}).get("on_front")), _gate(c), notes))
     return out
