@@ -263,6 +263,8 @@ def busy(case: Case) -> bool:
 def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Criteria,
            workload_diff: list[str]) -> MetricComparison:
     excluded = 0
+    every_base = [v for c in base if (v := metric.value(c)) is not None]  # busy runs included: shown, not judged
+    every_head = [v for c in head if (v := metric.value(c)) is not None]
     if not metric.deterministic and not crit.include_busy:  # a run on a busy machine: no sample of this code's speed
         quiet_base, quiet_head = [c for c in base if not busy(c)], [c for c in head if not busy(c)]
         # only runs that had a value count as left out: a metric no run measured is n/a, busy or not
@@ -274,20 +276,22 @@ def _judge(metric: Metric, base: Sequence[Case], head: Sequence[Case], crit: Cri
     n = {"n_base": len(bv), "n_head": len(hv)}
 
     def out(verdict: str, reason: str, change: float | None = None, p: float | None = None) -> MetricComparison:
-        b = statistics.median(bv) if bv else None
-        h = statistics.median(hv) if hv else None
+        # A side whose every run was left out as busy still shows its measured median (the reason says it was not
+        # judged; before, it read "n/a" as if nothing had been measured); its run count stays that of judged runs.
+        b = statistics.median(bv or every_base) if bv or every_base else None
+        h = statistics.median(hv or every_head) if hv or every_head else None
         return MetricComparison(metric.name, b, h, change, threshold, verdict, reason, metric.gated, p, **n)
 
     if not bv and not hv and excluded:
-        return out(INSUFFICIENT, f"every run was flagged 'machine busy' ({excluded}): no runtime/energy verdict "
-                   "(rerun on a quiet machine, or --include-busy)")
+        return out(INSUFFICIENT, f"every run was flagged 'machine busy' ({excluded}): values shown, no runtime/energy "
+                   "verdict (rerun on a quiet machine, or --include-busy)")
     if not bv and not hv:
         return out(NA, "no value in either run (not measured here, or perplexity not meaningful)")
     if not bv or not hv:
         side = "base" if not bv else "head"
         if excluded:
-            return out(INSUFFICIENT, f"every {side} run was flagged 'machine busy' ({excluded} left out): no "
-                       "runtime/energy verdict (rerun on a quiet machine, or --include-busy)")
+            return out(INSUFFICIENT, f"every {side} run was flagged 'machine busy' ({excluded} left out): values "
+                       "shown, no runtime/energy verdict (rerun on a quiet machine, or --include-busy)")
         return out(NOT_COMPARED, f"no value in the {side} run(s) but a value in the other")
     change = pct_change(statistics.median(hv), statistics.median(bv))
     if change is None:

@@ -321,6 +321,25 @@ def test_runs_flagged_busy_do_not_count_for_runtime_verdicts() -> None:
     assert ppl.verdict != INSUFFICIENT  # deterministic metrics are not affected by load
 
 
+@pytest.mark.parametrize("busy_sides", [("head",), ("base", "head")])
+def test_a_side_whose_runs_were_all_busy_shows_its_values_without_a_verdict(busy_sides: tuple[str, ...]) -> None:
+    """Before: `efficiency compare A B` printed "n/a" for the runtime of a side whose runs were all flagged busy,
+    as if nothing had been measured; README promises both values. They are shown, and still not judged."""
+    mr = make_reports()
+    runs = {"base": mr.repeated_runs("a1", 2, 11, "2026-11-20T10:00:00+00:00"),
+            "head": mr.repeated_runs("c3", 2, 12, "2026-11-22T10:00:00+00:00")}
+    for side in busy_sides:
+        for run in runs[side]:
+            for case in run["cases"]:
+                case["conditions"] = {"load": {"cpu_count": 2, "other_cpu_pct": 190.0, "other_busy_processes": 1}}
+    comp = compare(runs["base"], runs["head"])
+    m = next(x for c in comp.cases if c.case_id.endswith("bnb8") for x in c.metrics if x.metric == "runtime_s")
+    medians = {side: statistics.median(next(c["runtime"]["median_s"] for c in run["cases"] if c["id"].endswith("bnb8"))
+                                       for run in runs[side]) for side in ("base", "head")}
+    assert (m.base, m.head) == pytest.approx((medians["base"], medians["head"]))
+    assert m.verdict == INSUFFICIENT and m.change_pct is None and "values shown, no runtime/energy verdict" in m.reason
+
+
 # --- runs that measured different things: never a verdict ---------------------------------------------------
 
 
