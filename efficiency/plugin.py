@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import re
 import signal
 import sys
@@ -124,6 +125,7 @@ class PluginState:
     config: pytest.Config
     opts: dict[str, Any]
     table: dict[str, Any]
+    root: Path  # the project folder: its pyproject.toml's [tool.efficiency], its reports/ (project_root)
     _cfg: SuiteConfig | None = None
     canonical: bool = False  # the technique names of _cfg are canonical (canonical_names)
     config_error: ConfigError | None = None
@@ -139,10 +141,6 @@ class PluginState:
     assignments: list[Any] = field(default_factory=list)  # --eff-devices, controller: devices.Assignment per worker
     assignment: Any = None  # --eff-devices, worker: this worker's devices.Assignment
     xdist_cases: dict[str, Case] = field(default_factory=dict)  # xdist controller: the workers' node id -> case
-
-    @property
-    def root(self) -> Path:
-        return self.config.rootpath
 
     @property
     def cfg(self) -> SuiteConfig:
@@ -215,16 +213,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "efficiency: a model x technique case of pytest-efficiency")
     config.addinivalue_line("markers", "xdist_group(name): cases of one model run on one pytest-xdist worker")
     opts = _opts(config)
+    root, misled = project_root(config)
+    if misled:
+        config.issue_config_time_warning(pytest.PytestConfigWarning(misled), stacklevel=2)
     try:
-        table = read_pyproject(config.rootpath)
-        validate(opts, table, config.rootpath, config.invocation_params.dir)  # no device, no torch
+        table = read_pyproject(root)
+        validate(opts, table, root, config.invocation_params.dir)  # no device, no torch
         if config.getoption("eff_fail_on_regression") is not None:
             from efficiency.report.tracking import check_fail_pct
 
             check_fail_pct(config.getoption("eff_fail_on_regression"))
     except ConfigError as err:
         raise pytest.UsageError(f"pytest-efficiency: {err}") from err
-    state = PluginState(config, opts, table)
+    state = PluginState(config, opts, table, root)
     if config.getoption("eff_shard"):
         from efficiency.shard import parse_shard
 
@@ -242,6 +243,36 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(XdistController(state), "efficiency-xdist")
     if hasattr(config, "workerinput"):
         config.pluginmanager.register(XdistWorker(), "efficiency-xdist-worker")
+
+
+def project_root(config: pytest.Config) -> tuple[Path, str | None]:
+    """(the project folder, why it is not pytest's rootdir or None): the folder whose pyproject.toml holds
+    ``[tool.efficiency]`` and under which ``reports/`` goes, which is pytest's rootdir, except where pytest chose
+    that from the value of a plugin's option. pytest finds its rootdir before it loads plugins, so in
+    ``--eff-history ../cache/history.sqlite`` (the value apart from its option) the value reads as a path to test;
+    an existing one moved the rootdir to the common folder of it and the working directory, where no pyproject.toml
+    is, and the run silently ignored the project's settings and thresholds. Here pytest's own rootdir search runs
+    again on the arguments as parsed with every plugin's options known; where it differs, that rootdir is the
+    project's (with the reason, for a warning). ``--rootdir`` and ``-c`` are taken as given."""
+    if config.getoption("rootdir", None) or config.getoption("inifilename", None):
+        return config.rootpath, None
+    try:
+        from _pytest.config.findpaths import determine_setup  # pytest's own search, so that both agree otherwise
+
+        known = config.known_args_namespace
+        given: dict[str, Any] = {"inifile": None, "override_ini": getattr(known, "override_ini", None),
+                 "args": [str(a) for a in known.file_or_dir], "rootdir_cmd_arg": None,
+                 "invocation_dir": config.invocation_params.dir}
+        params = inspect.signature(determine_setup).parameters
+        found = Path(determine_setup(**{k: v for k, v in given.items() if k in params})[0])
+    except Exception:  # a pytest whose private search differs: keep its rootdir
+        return config.rootpath, None
+    if found == config.rootpath:
+        return config.rootpath, None
+    return found, (f"pytest-efficiency: pytest chose the rootdir {config.rootpath} from the value of an option given "
+                   "apart from its name (it reads plugin options' values as paths before plugins load); this run's "
+                   f"[tool.efficiency] and reports/ are those of {found}. Write the option as --eff-NAME=PATH, or "
+                   "pass --rootdir, so that pytest agrees.")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

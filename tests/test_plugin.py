@@ -292,6 +292,30 @@ def test_unwritable_outputs_are_refused_before_any_model_loads(pytester: pytest.
     result.stderr.fnmatch_lines(["*history *blocked/h.sqlite is not writable*"])
 
 
+@pytest.mark.parametrize("form", ["apart", "joined"])
+def test_the_project_settings_apply_when_an_option_names_a_path_outside_the_project(
+        pytester: pytest.Pytester, tiny_dir: Path, form: str) -> None:
+    """pytest finds its rootdir before it loads plugins, so in ``--eff-dataset /elsewhere/corpus.txt`` the value read
+    as a path to test and moved the rootdir to the common folder of it and the project: the project's
+    [tool.efficiency] (its grid, its thresholds) was silently ignored and the built-in grid collected (failed before:
+    smollm2-135m's four cases). README's CI command, with --eff-history outside the project, did it from its second
+    run on."""
+    pytester.makefile(".toml", pyproject='[tool.efficiency]\nmodels = ["tiny-gpt2"]\ntechniques = ["fp32", "bnb8"]\n')
+    pytester.makepyfile(test_grid=GRID_TEST)
+    corpus = str(tiny_dir / "corpus.txt")  # outside the project folder
+    paths = {"--eff-dataset": corpus, "--eff-model-dir": str(tiny_dir / "models")}
+    given = [a for k, v in paths.items() for a in ((k, v) if form == "apart" else (f"{k}={v}",))]
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--co", "-q", *given, "--eff-context", "64",
+                                           "--eff-prefill-tokens", "16", "--eff-decode-tokens", "3")
+    result.stdout.fnmatch_lines(["*test_efficiency?tiny-gpt2-fp32?", "*test_efficiency?tiny-gpt2-bnb8?"])
+    result.stdout.no_fnmatch_line("*smollm2*")
+    warned = "*pytest chose the rootdir * from the value of an option given apart*"
+    if form == "apart":
+        result.stdout.fnmatch_lines([f"{warned}are those of {pytester.path}.*"])
+    else:  # pytest agrees: nothing to say
+        result.stdout.no_fnmatch_line(warned)
+
+
 @pytest.mark.parametrize(("pyproject", "message"), [
     ("[tool.efficiency]\nmax_tokens = 256\n",
      "*unknown key 'max_tokens' in ?tool.efficiency? (now spelled max-tokens)*"),
