@@ -95,7 +95,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = read_checked(Path(args.run))
     comparison = None
-    if args.compare:
+    if args.compare is not None:
         base = _side(args.compare, args, [report])
         comparison = compare(base.runs, [report], Criteria(), base.label, args.run, base.per_case)
     out = args.output or str(Path(args.run).with_suffix(".html"))
@@ -170,7 +170,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     report, db = reports[0], _db(args)
     head = head_runs(reports, None if args.no_pool else db)
     baseline, no_baseline = None, None
-    if args.baseline:
+    if args.baseline is not None:
         baseline = resolve(args.baseline, head, db, args.include_dirty, args.include_incomplete)
         if baseline is None:
             no_baseline = f"no eligible run in {db} with the same settings and machine"

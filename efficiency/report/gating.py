@@ -45,7 +45,11 @@ class Baseline:
 def report_files(spec: str) -> list[Path] | None:
     """The report files a spec names: one path, a glob pattern, or several joined by commas; None when the spec
     is not a file spec (a commit or 'last'). A named file that does not exist is an error: a part that ends with
-    ``.json`` or holds a path separator names a file (a commit or 'last' never does)."""
+    ``.json`` or holds a path separator names a file (a commit or 'last' never does). An empty spec is an error: it
+    is what an unset environment variable gives, and taking it for "no baseline" would turn the check off."""
+    if not spec.strip():
+        raise history.HistoryError("the report file, 'last' or commit to compare with is an empty value (probably an "
+                                   "unset environment variable)")
     parts = [p for p in spec.split(",") if p]
     paths: list[Path] = []
     for part in parts:
@@ -72,13 +76,15 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
             include_incomplete: bool = False) -> Baseline | None:
     """Report file(s) (a path, a glob, or several joined by commas), ``last`` (per case, the latest eligible
     commit in the history that measured it, with the settings and machine of ``head``; None when the history
-    has none) or a commit (prefix) in the history, its runs pooled."""
+    has none) or a commit (prefix) in the history, its runs pooled. A history database that does not exist is
+    an error for ``last`` as for a commit: a mistyped or uncached path must not pass as "no baseline yet"."""
     files = report_files(spec)
     if files is not None:
         return Baseline([read_checked(p) for p in files], spec)
     if not Path(db).exists():
         if spec == "last":
-            return None
+            raise history.HistoryError(f"'last' is looked up in the history, but there is no history database at "
+                                       f"{db} (a mistyped path, or a history not restored?)")
         raise history.HistoryError(f"{spec!r} is not a report file, and there is no history database at {db} "
                                    "to look it up as a commit")
     conn = _open(db)

@@ -89,7 +89,10 @@ def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, c
         try:
             if db is None and report_files(compare_spec) is None:
                 raise history.HistoryError(f"--eff-history off: cannot look up {compare_spec!r} in the history")
-            baseline = resolve(compare_spec, report, lookup_db)
+            if compare_spec == "last" and db is not None and not db.exists():
+                baseline = None  # this run is the first of the history it is added to below: nothing to compare yet
+            else:
+                baseline = resolve(compare_spec, report, lookup_db)
             head = head_runs([report], db)
             if baseline is None:
                 problem = ("no complete run on a clean tree with the same settings and machine in the history "

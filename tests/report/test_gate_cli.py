@@ -112,8 +112,9 @@ def test_gate_fails_when_nothing_was_measured(tmp_path: Path, capsys: pytest.Cap
 
 def test_gate_against_the_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "h.sqlite")
+    history.connect(Path(db)).close()
     code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db)
-    assert code == 0 and "no baseline: no eligible run" in out  # no history yet: inconclusive, said so
+    assert code == 0 and "no baseline: no eligible run" in out  # an empty history: inconclusive, said so
     assert run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db, "--fail-on-inconclusive")[0] == 1
     base, head = write_pooled(tmp_path / "runs", 1.15)
     assert run(capsys, "history", "import", *base, *head[:-1], f("dirty"), "--db", db)[0] == 0
@@ -135,6 +136,29 @@ def test_gate_writes_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     text = md.read_text()
     assert text.startswith("before\n### pytest-efficiency gate") and "- smollm2-135m-bnb4: perplexity" in text
     assert "| case | metric | base | head |" in text
+
+
+def test_a_missing_history_database_or_an_empty_spec_is_an_error(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``gate RUN --baseline last --db MISSING.sqlite`` passed (exit 0, "no baseline: no eligible run in
+    MISSING.sqlite"), so a mistyped or uncached $HISTORY_DB turned the regression gate off; ``--baseline ""`` (an
+    unset variable) passed with "regressions not checked". Both are errors naming what is wrong (exit 2), for
+    ``last`` and a commit alike, in gate, compare and report --compare."""
+    missing = tmp_path / "missing.sqlite"
+    for spec in ("last", "a1a1"):
+        for argv in (["gate", f("head-slow"), "--baseline", spec, "--fail-on-regression", "5"],
+                     ["compare", spec, f("head-slow")],
+                     ["report", f("head-slow"), "-o", str(tmp_path / "r.html"), "--compare", spec]):
+            code, out, err = run(capsys, *argv, "--db", str(missing))
+            assert code == 2 and f"no history database at {missing}" in err, (argv, out, err)
+            assert "GATE" not in out
+    assert not missing.exists() and not (tmp_path / "r.html").exists()
+    for argv in (["gate", f("head-slow"), "--baseline", ""], ["compare", "", f("head-slow")],
+                 ["compare", f("base"), ""], ["report", f("head-slow"), "-o", str(tmp_path / "r.html"),
+                                              "--compare", ""]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "an empty value" in err and "unset environment variable" in err, (argv, out, err)
+        assert "GATE" not in out
 
 
 def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
