@@ -168,7 +168,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     reports = [read_checked(Path(p)) for p in args.run]
     report, db = reports[0], _db(args)
-    head = head_runs(reports, None if args.no_pool else db)
+    head = head_runs(reports, None if args.no_pool else db, args.run)
     baseline, no_baseline = None, None
     if args.baseline is not None:
         baseline = resolve(args.baseline, head, db, args.include_dirty, args.include_incomplete)
@@ -288,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gate", help="exit 1 on a threshold breach, an unfinished run or a significant "
                        "regression (and, with --fail-on-inconclusive, on an inconclusive verdict)")
     p.add_argument("run", nargs="+", help="the run's JSON report (gated), then optionally more runs of the same "
-                   "commit to pool with it for the regression check")
+                   "commit to pool with it for the regression check (a run of another commit, or of a dirty tree "
+                   "where the gated run's was clean or the reverse, is refused)")
     p.add_argument("--baseline", help="report path(s), 'last' (history, per case) or commit (prefix) in the "
                    "history")
     p.add_argument("--fail-on-regression", type=float, default=REGRESSION_THRESHOLD_PCT, metavar="PCT",

@@ -102,10 +102,28 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
         conn.close()
 
 
-def head_runs(reports: Sequence[Report], db: Path | None) -> list[Report]:
+class PoolError(ValueError):
+    """Runs given as samples of one side that cannot be; the message names the file and why."""
+
+
+def _code(report: Report) -> str:
+    """The code a run measured: its commit, and whether the working tree was dirty."""
+    git = (report.get("environment") or {}).get("git") or {}
+    commit = git.get("commit") or "none (outside git)"
+    dirty = git.get("dirty")
+    return commit + (" on a dirty tree" if dirty else "" if dirty is False else " (dirty flag not recorded)")
+
+
+def head_runs(reports: Sequence[Report], db: Path | None, names: Sequence[str] | None = None) -> list[Report]:
     """The head side: the given runs and the other stored runs of the first one's commit (clean, complete, same
     settings and machine), each once, without their cases that measured other weights or technique options than
-    the first run's (history.same_cases_only)."""
+    the first run's (history.same_cases_only). The given runs are more runs of the first one's code: one of
+    another commit or dirty flag is refused (PoolError naming it, ``names`` the given runs' files)."""
+    labels = list(names or [f"run {i + 1}" for i in range(len(reports))])
+    for report, name in zip(reports[1:], labels[1:], strict=True):
+        if _code(report) != _code(reports[0]):
+            raise PoolError(f"{name} is a run of commit {_code(report)}, not of {labels[0]}'s commit "
+                            f"{_code(reports[0])}: only more runs of the gated run's code are pooled with it")
     out = list(reports)
     if db is None or not Path(db).exists() or not reports:
         return out

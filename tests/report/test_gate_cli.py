@@ -128,6 +128,31 @@ def test_gate_against_the_history(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 0 and "insufficient runs: 5 vs 1 run(s)" in out
 
 
+def test_gate_refuses_extra_head_runs_of_another_commit_or_tree(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: ``gate RUN A.json`` pooled A.json as one more run of the head ("this run and 1 more of its commit")
+    whatever its commit: a copy with another commit and three times the runtimes moved the head's median. An extra
+    run of another commit or another dirty flag is refused, naming the file and both (exit 2)."""
+    base, head = write_pooled(tmp_path, None)
+    other = json.loads(Path(head[1]).read_text())
+    other["environment"]["git"]["commit"] = "9" * 40
+    for case in other["cases"]:
+        if case["status"] == "measured":
+            case["runtime"]["median_s"] *= 3
+            case["runtime"]["rounds_s"] = [3 * x for x in case["runtime"]["rounds_s"]]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    dirty = json.loads(Path(head[1]).read_text())
+    dirty["environment"]["git"]["dirty"] = True
+    (tmp_path / "dirty.json").write_text(json.dumps(dirty))
+    for name, what in (("other.json", "9" * 40), ("dirty.json", "c3" * 20 + " on a dirty tree")):
+        code, out, err = run(capsys, "gate", head[0], str(tmp_path / name), "--baseline", ",".join(base),
+                             "--no-pool")
+        assert code == 2 and "GATE" not in out, (out, err)
+        assert f"{tmp_path / name} is a run of commit {what}, not of {head[0]}'s commit {'c3' * 20}" in err, err
+    code, out, _ = run(capsys, "gate", *head, "--baseline", ",".join(base), "--no-pool")
+    assert code == 0 and f"this run and {MIN_RUNS - 1} more of its commit" in out  # the same commit: pooled
+
+
 def test_gate_writes_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     md = tmp_path / "summary.md"
     md.write_text("before\n")
