@@ -28,7 +28,7 @@ from efficiency.defaults import (
 from efficiency.metrics import NAMES as METRIC_NAMES
 from efficiency.report import history
 from efficiency.report.compare import MIN_RUNS, Criteria, compare
-from efficiency.report.gating import Baseline, gate, head_runs, report_files, resolve
+from efficiency.report.gating import Baseline, files_side, gate, head_runs, report_files, resolve
 from efficiency.report.io import ReportError
 from efficiency.report.structure import read_checked
 from efficiency.report.summary import comparison_lines, fmt, run_markdown, table
@@ -83,7 +83,7 @@ def _criteria(args: argparse.Namespace, threshold: float) -> Criteria:
 def _side(spec: str, args: argparse.Namespace, other: Sequence[dict[str, Any]] | None = None) -> Baseline:
     files = report_files(spec)
     if files is not None:
-        return Baseline([read_checked(p) for p in files], spec)
+        return files_side(files, spec)
     found = resolve(spec, other, _db(args), args.include_dirty, args.include_incomplete)
     if found is None:
         raise CliError(f"no complete run on a clean tree with the same settings and machine in {_db(args)}")
@@ -139,7 +139,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         try:
             for path in args.files:
                 run_id, added = history.add_report(conn, read_checked(Path(path)), str(path))
-                print(f"{path}: {'added as' if added else 'already stored as'} run {run_id}")
+                others, counted = history.counted_as(conn, run_id)
+                note = (f"; the same measurement as run(s) {', '.join(map(str, others))}: counted once, as "
+                        f"run{'s' if len(counted) > 1 else ''} {', '.join(map(str, counted))}") if others else ""
+                print(f"{path}: {'added as' if added else 'already stored as'} run {run_id}{note}")
         finally:
             conn.close()
         return 0
@@ -152,7 +155,8 @@ def cmd_history(args: argparse.Namespace) -> int:
              str(p.run.started_at), p.case_id, fmt(p.value), p.run.settings] for p in points]
     headers = ["run", "commit", "dirty", "status", "started", "case", args.metric, "settings"]
     print("\n".join(table(headers, rows, False)))
-    print(f"{len(points)} point(s); dirty or incomplete runs are shown but never used as a baseline")
+    print(f"{len(points)} point(s); dirty or incomplete runs are shown but never used as a baseline; shard reports "
+          "stored beside the report merged from them are shown once, as that report")
     if args.png:
         from efficiency.report.plots import trend_plot
 

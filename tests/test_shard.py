@@ -197,3 +197,84 @@ def test_merged_report_names_every_shards_missing_cases() -> None:
     merged = merge(parts)
     assert merged["status"] == "incomplete" and merged["missing"] == parts[1]["missing"]
     assert "missing" not in merge(split(grid_report(), 3))
+
+
+def _shards_and_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, list[Path], Path]:
+    """A history holding a baseline run (commit a1) and the two shard reports of a run of commit c3, each added as
+    its pytest session adds it; the shards' files and the report merged from them (not stored)."""
+    db = tmp_path / "h.sqlite"
+    conn = history.connect(db)
+    history.add_report(conn, grid_report("base"))
+    paths = []
+    for i, part in enumerate(split(grid_report("head-slow"), 2)):
+        paths.append(tmp_path / f"shard-{i + 1}.json")
+        paths[-1].write_text(json.dumps(part))
+        history.add_report(conn, part, str(paths[-1]))
+    conn.close()
+    merged = tmp_path / "merged.json"
+    assert main(["merge", *map(str, paths), "-o", str(merged)]) == 0
+    capsys.readouterr()
+    return db, paths, merged
+
+
+def test_a_merged_run_and_its_shard_reports_are_one_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the shard reports (each added to the history by its session) and the report merged from them were
+    counted as independent runs. ``gate merged.json --baseline a1a1`` said "this run and 2 more of its commit" and
+    "1 vs 2 run(s)" for a case one shard measured; ``history import merged.json`` stored it beside its shards, so
+    ``history`` listed every case twice, and pooling commit c3 (``--baseline c3c3``, ``last``) counted each case
+    twice. Now a merged report and the reports in its ``merged_from`` are one run: never pooled together, and where
+    both are stored only the merged one (the one with the most cases) counts."""
+    db, paths, merged = _shards_and_merged(tmp_path, capsys)
+    code = main(["gate", str(merged), "--baseline", "a1a1", "--db", str(db)])
+    out = capsys.readouterr().out
+    assert code == 0 and "this run and" not in out and "1 vs 2 run(s)" not in out, out
+    assert "Comparison: this run vs" in out and "insufficient runs: 1 vs 1 run(s)" in out
+    # given as files, a shard and the report merged from it are refused as two runs of one side
+    assert main(["gate", str(merged), str(paths[0]), "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert f"{paths[0]} and {merged} hold the same measurement" in err, err
+    assert main(["compare", f"{merged},{paths[1]}", str(merged), "--db", str(db)]) == 2
+    assert f"{paths[1]} and {merged} hold the same measurement" in capsys.readouterr().err
+    assert main(["history", "import", str(merged), "--db", str(db)]) == 0
+    assert "added as run 4; the same measurement as run(s) 2, 3: counted once, as run 4" in capsys.readouterr().out
+    assert main(["history", "--db", str(db), "--technique", "bnb8"]) == 0
+    assert f"{2 * len(MODELS)} point(s)" in capsys.readouterr().out  # a1 and c3, each case once
+    conn = history.connect(db, create=False)
+    assert [r.id for r in history.at_commit(conn, "c3c3")] == [4]
+    later = grid_report("head-noise")
+    later["environment"]["git"]["commit"], later["started_at"] = "9" * 40, "2026-11-30T10:00:00+00:00"
+    per_case = history.last_per_case(conn, [later])
+    assert {len(runs) for runs, _ in per_case.values()} == {1}
+    assert all("c3c3c3c3c3c3" in label for _, label in per_case.values())
+    # a shard gated with the merged run stored: the merged run, and through it the other shard, are this run
+    assert history.same_commit_runs(conn, json.loads(paths[0].read_text())) == []
+    conn.close()
+
+
+def test_a_version_3_history_learns_which_of_its_runs_were_merged(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Shards and the report merged from them, stored by a pytest-efficiency before the history kept measurement
+    keys (schema 3), count once after the database is opened (the keys are filled from the stored reports)."""
+    import sqlite3
+
+    from efficiency.report.compare import comparable_key
+
+    db, paths, merged = _shards_and_merged(tmp_path / "made", capsys)
+    old = tmp_path / "v3.sqlite"
+    conn = sqlite3.connect(old, isolation_level=None)
+    history.migrate(conn, target=3)
+    for path in [*paths, merged]:
+        run = upgrade(json.loads(path.read_text()))
+        git = run["environment"]["git"]
+        cur = conn.execute(
+            "INSERT INTO runs (report_hash, source, added_at, git_commit, dirty, status, started_at, settings_key, "
+            "report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (history.report_hash(run), str(path), "2026-12-01T00:00:00+00:00", git["commit"], int(git["dirty"]),
+             run["status"], run["started_at"], json.dumps(comparable_key(run), sort_keys=True), json.dumps(run)))
+        conn.executemany("INSERT INTO cases (run_id, case_id, model, technique, status) VALUES (?, ?, ?, ?, ?)",
+                         [(cur.lastrowid, c["id"], c["model"], c["technique"], c["status"]) for c in run["cases"]])
+    conn.close()
+    conn = history.connect(old, create=False)
+    assert [r.id for r in history.at_commit(conn, "c3c3")] == [3]  # the merged run, not also its two shards
+    assert len(history.trend(conn, "runtime_s")) == len(grid_report()["cases"])
+    conn.close()

@@ -68,6 +68,28 @@ def report_files(spec: str) -> list[Path] | None:
     return paths or None
 
 
+class PoolError(ValueError):
+    """Runs given as samples of one side that cannot be; the message names the file and why."""
+
+
+def distinct_runs(reports: Sequence[Report], names: Sequence[str]) -> None:
+    """Refuse two given runs that hold one measurement (history.same_measurement: a shard report and the report
+    merged from it): as two samples of one side they would count it twice."""
+    for j, later in enumerate(reports):
+        for i in range(j):
+            if history.same_measurement(reports[i], later):
+                raise PoolError(f"{names[j]} and {names[i]} hold the same measurement (a shard report and the "
+                                "report merged from it, or two reports merged from one shard): they are one run, "
+                                "give one of them")
+
+
+def files_side(files: Sequence[Path], label: str) -> Baseline:
+    """The runs of report files as one side, each one sample (:func:`distinct_runs`)."""
+    reports = [read_checked(p) for p in files]
+    distinct_runs(reports, [str(p) for p in files])
+    return Baseline(reports, label)
+
+
 def _open(db: Path) -> sqlite3.Connection:
     return history.connect(Path(db), create=False)
 
@@ -80,7 +102,7 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
     an error for ``last`` as for a commit: a mistyped or uncached path must not pass as "no baseline yet"."""
     files = report_files(spec)
     if files is not None:
-        return Baseline([read_checked(p) for p in files], spec)
+        return files_side(files, spec)
     if not Path(db).exists():
         if spec == "last":
             raise history.HistoryError(f"'last' is looked up in the history, but there is no history database at "
@@ -102,10 +124,6 @@ def resolve(spec: str, head: Sequence[Report] | Report | None, db: Path, include
         conn.close()
 
 
-class PoolError(ValueError):
-    """Runs given as samples of one side that cannot be; the message names the file and why."""
-
-
 def _code(report: Report) -> str:
     """The code a run measured: its commit, and whether the working tree was dirty."""
     git = (report.get("environment") or {}).get("git") or {}
@@ -118,19 +136,22 @@ def head_runs(reports: Sequence[Report], db: Path | None, names: Sequence[str] |
     """The head side: the given runs and the other stored runs of the first one's commit (clean, complete, same
     settings and machine), each once, without their cases that measured other weights or technique options than
     the first run's (history.same_cases_only). The given runs are more runs of the first one's code: one of
-    another commit or dirty flag is refused (PoolError naming it, ``names`` the given runs' files)."""
+    another commit or dirty flag, or two holding one measurement, are refused (PoolError naming them, ``names``
+    the given runs' files); a stored run holding one of their measurements (a shard of a merged head, the run
+    merged from a shard) is the head itself, not one more run."""
     labels = list(names or [f"run {i + 1}" for i in range(len(reports))])
     for report, name in zip(reports[1:], labels[1:], strict=True):
         if _code(report) != _code(reports[0]):
             raise PoolError(f"{name} is a run of commit {_code(report)}, not of {labels[0]}'s commit "
                             f"{_code(reports[0])}: only more runs of the gated run's code are pooled with it")
+    distinct_runs(reports, labels)
     out = list(reports)
     if db is None or not Path(db).exists() or not reports:
         return out
     conn = _open(db)
     try:
         seen = {history.report_hash(r) for r in out}
-        for run in history.same_commit_runs(conn, reports[0]):
+        for run in history.same_commit_runs(conn, reports[0], reports[1:]):
             digest = history.report_hash(run)
             if digest not in seen:
                 seen.add(digest)

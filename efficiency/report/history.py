@@ -16,6 +16,13 @@ revision and technique options (where both runs record them), all its such eligi
 several independent runs per side, efficiency.report.compare). Settings match as compare.differing says: on
 what both runs record, so a run stored before a setting was recorded stays a candidate.
 
+One measurement, one run: a report merged from shard reports (``efficiency merge``, its ``merged_from``) and
+those shard reports are one run, though each may be stored (a shard's session adds it, then the merged report is
+imported). Every run has measurement keys (:func:`measurement_keys`: its own and, merged, each shard's; table
+``run_parts``); wherever stored runs are counted (baselines, pooling, the trend), of runs sharing a key only one
+counts, the one with the most cases (the merged run), the first stored on a tie (:func:`one_per_measurement`),
+and a stored run sharing a key with the head is the head, never pooled with it as one more run.
+
 The schema is versioned: table ``schema_version`` holds one number, ``MIGRATIONS[i]`` brings a database from
 version i to i+1, and opening runs the missing ones in ONE transaction (``BEGIN IMMEDIATE`` on a connection in
 autocommit mode, so that no DDL statement commits on its own): interrupted at any point, the database is left
@@ -134,8 +141,58 @@ def _v3(conn: sqlite3.Connection) -> None:
             _insert_metrics(conn, int(run_id), report)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3]
+def _v4(conn: sqlite3.Connection) -> None:
+    """The measurement keys of every run (:func:`measurement_keys`), so that a merged run and its shard reports
+    count once; filled from every stored report."""
+    conn.execute("""
+        CREATE TABLE run_parts (
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            part TEXT NOT NULL,
+            PRIMARY KEY (run_id, part)
+        )""")
+    conn.execute("CREATE INDEX run_parts_part ON run_parts (part)")
+    for run_id, text in conn.execute("SELECT id, report FROM runs").fetchall():
+        report = _stored_report(text, run_id)
+        if report is not None:
+            _insert_parts(conn, int(run_id), report)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
 LATEST = len(MIGRATIONS)
+
+
+def _part_key(git: dict[str, Any], started_at: Any, hostname: Any, shard: Any, case_ids: Iterable[Any]) -> str:
+    return json.dumps([git.get("commit"), git.get("dirty"), started_at, hostname, shard, sorted(map(str, case_ids))],
+                      sort_keys=True)
+
+
+def measurement_keys(report: Report) -> set[str]:
+    """Keys that every report holding this run's measurement shares: the run's own (commit, dirty flag, start,
+    host, shard, case ids) and, for a report merged from others (``merged_from``), each part's, made from what the
+    merge recorded of it. Two reports that share a key hold one measurement (a shard report and the report merged
+    from it). None for a run that does not record its start: nothing would tell two runs of one commit apart."""
+    env = report.get("environment") or {}
+    git = env.get("git") or {}
+    keys = set()
+    if report.get("started_at"):
+        keys.add(_part_key(git, report["started_at"], env.get("hostname"), (report.get("settings") or {}).get("shard"),
+                           (c.get("id") for c in report.get("cases") or [])))
+    for part in report.get("merged_from") or []:
+        if isinstance(part, dict) and part.get("started_at"):
+            keys.add(_part_key(git, part["started_at"], part.get("hostname"), part.get("shard"),
+                               part.get("cases") or []))
+    return keys
+
+
+def same_measurement(a: Report, b: Report) -> bool:
+    """``a`` and ``b`` hold one measurement (:func:`measurement_keys`): one is merged from the other, or both from
+    one shard report."""
+    return bool(measurement_keys(a) & measurement_keys(b))
+
+
+def _insert_parts(conn: sqlite3.Connection, run_id: int, report: Report) -> None:
+    conn.executemany("INSERT OR IGNORE INTO run_parts (run_id, part) VALUES (?, ?)",
+                     [(run_id, k) for k in measurement_keys(report)])
 
 
 def _insert_metrics(conn: sqlite3.Connection, run_id: int, report: Report) -> None:
@@ -302,6 +359,7 @@ def add_report(conn: sqlite3.Connection, report: Report, source: str | None = No
             "INSERT OR REPLACE INTO cases (run_id, case_id, model, technique, status) VALUES (?, ?, ?, ?, ?)",
             [(run_id, c["id"], c["model"], c["technique"], c.get("status", "?")) for c in report.get("cases") or []])
         _insert_metrics(conn, run_id, report)
+        _insert_parts(conn, run_id, report)
     return run_id, True
 
 
@@ -335,6 +393,59 @@ def _hash_of(conn: sqlite3.Connection, run_id: int) -> str:
     return str(conn.execute("SELECT report_hash FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
 
 
+def _parts(conn: sqlite3.Connection, run_ids: Iterable[int]) -> dict[int, set[str]]:
+    ids = list(run_ids)
+    out: dict[int, set[str]] = {i: set() for i in ids}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        rows = conn.execute(f"SELECT run_id, part FROM run_parts WHERE run_id IN ({','.join('?' * len(chunk))})",
+                            chunk).fetchall()
+        for run_id, part in rows:
+            out[int(run_id)].add(str(part))
+    return out
+
+
+def _apart_from(conn: sqlite3.Connection, found: Sequence[Run], head: Sequence[Report]) -> list[Run]:
+    """``found`` without the runs that hold a measurement of the ``head`` runs, directly (a shard of a merged head,
+    the run merged from a shard head) or through another of them (the other shards of that merged run)."""
+    parts = _parts(conn, (r.id for r in found))
+    keys: set[str] = set().union(*(measurement_keys(r) for r in head))
+    out, grew = list(found), True
+    while grew:
+        joined = [r for r in out if parts[r.id] & keys]
+        grew = bool(joined)
+        for run in joined:
+            keys |= parts[run.id]
+        out = [r for r in out if r not in joined]
+    return out
+
+
+def one_per_measurement(conn: sqlite3.Connection, found: Sequence[Run]) -> list[Run]:
+    """``found`` (in its order) with each measurement counted once: of runs that share a measurement key (a merged
+    run and its shard reports), the one with the most cases is kept, the first stored on a tie."""
+    if len(found) < 2:
+        return list(found)
+    parts = _parts(conn, (r.id for r in found))
+    sizes = dict(conn.execute("SELECT run_id, COUNT(*) FROM cases GROUP BY run_id").fetchall())
+    taken: set[str] = set()
+    kept: set[int] = set()
+    for run in sorted(found, key=lambda r: (-int(sizes.get(r.id, 0)), r.id)):
+        if not parts[run.id] & taken:
+            kept.add(run.id)
+            taken |= parts[run.id]
+    return [r for r in found if r.id in kept]
+
+
+def counted_as(conn: sqlite3.Connection, run_id: int) -> tuple[list[int], list[int]]:
+    """The other stored runs that hold a measurement of run ``run_id`` (its shards, the run merged from it), and
+    which of all these count (:func:`one_per_measurement`)."""
+    mine = _parts(conn, [run_id])[run_id]
+    others = sorted({int(r[0]) for k in mine for r in conn.execute(
+        "SELECT run_id FROM run_parts WHERE part = ? AND run_id != ?", (k, run_id))})
+    group = [r for r in runs(conn) if r.id in {run_id, *others}]
+    return others, [r.id for r in one_per_measurement(conn, group)]
+
+
 def _measured(conn: sqlite3.Connection, run_id: int) -> set[str]:
     rows = conn.execute("SELECT case_id FROM cases WHERE run_id = ? AND status = 'measured'", (run_id,))
     return {r[0] for r in rows}
@@ -343,8 +454,9 @@ def _measured(conn: sqlite3.Connection, run_id: int) -> set[str]:
 def _candidates(conn: sqlite3.Connection, like: Sequence[Report], include_dirty: bool,
                 include_incomplete: bool) -> list[Run]:
     """Baseline-eligible runs, oldest first, for a head of the runs ``like``: same settings and machine, not one
-    of them, not started after the first of them and, for a head on a clean tree, not of the head's commit
-    (those runs are the head)."""
+    of them (nor holding one of their measurements: a shard of a merged head), not started after the first of
+    them and, for a head on a clean tree, not of the head's commit (those runs are the head); each measurement
+    once (:func:`one_per_measurement`)."""
     key = comparable_key(like[0])
     digests = {report_hash(r) for r in like}
     starts = [s for r in like if (s := r.get("started_at"))]
@@ -360,7 +472,7 @@ def _candidates(conn: sqlite3.Connection, like: Sequence[Report], include_dirty:
         if started and run.started_at and run.started_at > started:
             continue
         out.append(run)
-    return out
+    return one_per_measurement(conn, _apart_from(conn, out, like))
 
 
 def last_baseline(conn: sqlite3.Connection, like: Report, include_dirty: bool = False,
@@ -403,17 +515,20 @@ def last_per_case(conn: sqlite3.Connection, head: Sequence[Report], include_dirt
     return out
 
 
-def same_commit_runs(conn: sqlite3.Connection, report: Report) -> list[Report]:
+def same_commit_runs(conn: sqlite3.Connection, report: Report, head: Sequence[Report] = ()) -> list[Report]:
     """The other stored runs of ``report``'s commit that can be pooled with it as independent runs of the same
-    code: complete, on a clean tree, same settings and machine, not ``report`` itself. None for a run on a
-    dirty tree (its code is not the commit's)."""
+    code: complete, on a clean tree, same settings and machine, not ``report`` itself nor a run holding its
+    measurement or that of the other ``head`` runs (their shards, the run merged from them: :func:`_apart_from`),
+    each measurement once (:func:`one_per_measurement`). None for a run on a dirty tree (its code is not the
+    commit's)."""
     git = (report.get("environment") or {}).get("git") or {}
     commit = git.get("commit")
     if not commit or git.get("dirty") is not False:
         return []
     key, digest = comparable_key(report), report_hash(report)
-    return [load(conn, r.id) for r in runs(conn, commit) if r.commit == commit and r.baseline_ok()
-            and _same_settings(r, key) and _hash_of(conn, r.id) != digest]
+    found = [r for r in runs(conn, commit) if r.commit == commit and r.baseline_ok()
+             and _same_settings(r, key) and _hash_of(conn, r.id) != digest]
+    return [load(conn, r.id) for r in one_per_measurement(conn, _apart_from(conn, found, [report, *head]))]
 
 
 def same_cases_only(run: Report, like: Report) -> Report:
@@ -430,7 +545,7 @@ def same_cases_only(run: Report, like: Report) -> Report:
 def at_commit(conn: sqlite3.Connection, commit: str, include_dirty: bool = False,
               include_incomplete: bool = False) -> list[Run]:
     """The baseline-eligible runs of one commit (a prefix of at least 4 characters), all with the settings and
-    machine of the most recent one, so that they can be pooled."""
+    machine of the most recent one, so that they can be pooled; each measurement once (:func:`one_per_measurement`)."""
     if len(commit) < 4:
         raise HistoryError(f"commit {commit!r}: give at least 4 characters")
     every = runs(conn, commit)
@@ -444,7 +559,7 @@ def at_commit(conn: sqlite3.Connection, commit: str, include_dirty: bool = False
               "--include-incomplete)" if every else ""
         raise HistoryError(f"no usable run of commit {commit!r} in the history{why}")
     latest = json.loads(usable[-1].settings_key)
-    return [r for r in usable if _same_settings(r, latest)]
+    return one_per_measurement(conn, [r for r in usable if _same_settings(r, latest)])
 
 
 @dataclass(frozen=True)
@@ -477,8 +592,9 @@ def trend_series(points: Sequence[TrendPoint]) -> list[tuple[str, list[TrendPoin
 
 def trend(conn: sqlite3.Connection, metric: str, model: str | None = None, technique: str | None = None,
           baseline_only: bool = False) -> list[TrendPoint]:
-    """One point per stored run and measured case, oldest run first; any registry metric (None where the run
-    did not measure it)."""
+    """One point per stored run and measured case, oldest run first, each measurement once
+    (:func:`one_per_measurement`: a merged run, not also its shards); any registry metric (None where the run did
+    not measure it)."""
     if metric not in NAMES:
         raise HistoryError(f"unknown metric {metric!r}; one of {', '.join(NAMES)}")
     where, args = ["c.status = 'measured'"], [metric]
@@ -492,4 +608,7 @@ def trend(conn: sqlite3.Connection, metric: str, model: str | None = None, techn
         f"AND m.case_id = c.case_id AND m.metric = ? WHERE {' AND '.join(where)} "
         "ORDER BY COALESCE(r.started_at, r.added_at), r.id, c.case_id", args).fetchall()
     points = [TrendPoint(_run(r[:7]), r[7], r[8]) for r in rows]
-    return [p for p in points if p.run.baseline_ok()] if baseline_only else points
+    if baseline_only:
+        points = [p for p in points if p.run.baseline_ok()]
+    counted = {r.id for r in one_per_measurement(conn, list({p.run.id: p.run for p in points}.values()))}
+    return [p for p in points if p.run.id in counted]

@@ -185,7 +185,7 @@ def test_migration_from_version_1_backfills_the_long_metric_table(tmp_path: Path
         assert history.db_version(raw) == 1
     raw.close()
     conn = history.connect(path)
-    assert history.db_version(conn) == history.LATEST == 3
+    assert history.db_version(conn) == history.LATEST == 4
     assert "runtime_s" not in [r[1] for r in conn.execute("PRAGMA table_info(cases)")]
     prefill = dict(conn.execute("SELECT case_id, value FROM metrics WHERE metric = 'prefill_s'").fetchall())
     assert prefill["smollm2-135m-bnb4"] == pytest.approx(load("base")["cases"][3]["latency"]["prefill_s"])
