@@ -2,12 +2,14 @@
 
 A report that parses as JSON and carries a readable schema version can still be structurally broken (a case
 that is not an object, ``cases`` that is not a list, a section that is a string): such a report is refused
-here with the file and the first broken place named, so that no command ends in a traceback on it.
+here with the file and the first broken place named, so that no command ends in a traceback on it. The same for
+the few values a reader converts (a perplexity it divides by, a threshold it compares with).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,10 @@ def check_structure(report: Any, source: object = "report") -> dict[str, Any]:
     settings = report.get("settings") or {}
     for key in ("workload", "thresholds"):
         _dict_or_none(settings.get(key), source, f"settings.{key}")
+    for name, value in (settings.get("thresholds") or {}).items():  # the gate's limits (gating.thresholds_of)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ReportError(f"report {source} is broken: settings.thresholds.{name} must be a finite number of "
+                              f"percent, not {value!r}")
     env = report.get("environment") or {}
     for key in ("git", "device"):
         _dict_or_none(env.get(key), source, f"environment.{key}")

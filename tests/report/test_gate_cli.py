@@ -325,6 +325,21 @@ def test_a_perplexity_that_is_not_positive_is_exit_2_naming_the_file(
            f"not {value!r}" in err
 
 
+@pytest.mark.parametrize("value", ["abc", None, True, [1]])
+def test_a_threshold_that_is_not_a_number_is_a_broken_report_naming_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], value: Any) -> None:
+    """Before: settings.thresholds.bf16 = "abc" gave "efficiency gate: error: could not convert string to float:
+    'abc'", naming neither the file nor the field (gating.thresholds_of converted it)."""
+    bad = json.loads(Path(f("base")).read_text())
+    bad["settings"]["thresholds"]["bf16"] = value
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(bad))
+    code, out, err = run(capsys, "gate", str(path))
+    assert code == 2 and "GATE" not in out
+    assert f"report {path} is broken: settings.thresholds.bf16 must be a finite number of percent, not {value!r}" \
+        in err, err
+
+
 def test_a_structurally_broken_nested_value_never_gives_a_traceback(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Random type damage deep inside cases: every command exits 0, 1 or 2, never with an exception."""
