@@ -46,7 +46,7 @@ from typing import Any
 from efficiency.defaults import HISTORY_FILENAME, REPORTS_DIRNAME
 from efficiency.metrics import METRICS, NAMES
 from efficiency.report.compare import case_identity, comparable_key, differing, identity_mismatch, machine_of, pooled
-from efficiency.report.schema import SchemaError, upgrade
+from efficiency.report.schema import STATUSES, SchemaError, upgrade
 from efficiency.report.structure import read_checked
 
 DEFAULT_DB = Path(REPORTS_DIRNAME) / HISTORY_FILENAME  # relative: the CLI puts it under the project root
@@ -334,8 +334,15 @@ def _run(row: Sequence[Any]) -> Run:
 
 def add_report(conn: sqlite3.Connection, report: Report, source: str | None = None) -> tuple[int, bool]:
     """Store a run (in the current schema); returns (run id, True) or, for a report stored before, (its id,
-    False). One transaction: concurrent writers wait for each other, and a run is stored whole or not at all."""
+    False). One transaction: concurrent writers wait for each other, and a run is stored whole or not at all.
+    Only a run with at least one case and a run status of the schema (schema.STATUSES) is stored."""
     report = _current(report, source or "report")
+    if report.get("status") not in STATUSES:
+        raise HistoryError(f"{source or 'report'}: status {report.get('status')!r} is not a run status (one of "
+                           f"{', '.join(STATUSES)}): not stored")
+    if not report.get("cases"):
+        raise HistoryError(f"{source or 'report'} has no case: not stored (the history holds runs with at least one "
+                           "case)")
     digest = report_hash(report)
     env = report.get("environment") or {}
     git = env.get("git") or {}

@@ -245,6 +245,25 @@ def test_history_command_table_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert "12 point(s)" in out  # 3 clean complete runs x 4 cases
 
 
+def test_history_import_refuses_a_run_without_cases_or_of_an_unknown_status(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `efficiency history import` stored a report with no case, or with the run status "weird", though the
+    README says only runs with at least one case are stored (and statuses are running / complete / incomplete /
+    interrupted / failed). Both are refused, naming the file (exit 2), and nothing is stored."""
+    db = tmp_path / "h.sqlite"
+    for name, field, value, message in (("empty", "cases", [], "has no case"),
+                                        ("weird", "status", "weird", "status 'weird' is not a run status")):
+        report = json.loads(Path(f("base")).read_text())
+        report[field] = value
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(report))
+        code, out, err = run(capsys, "history", "import", str(path), "--db", str(db))
+        assert code == 2 and "added" not in out and f"{path}" in err and message in err, (out, err)
+    conn = history.connect(db)
+    assert history.runs(conn) == []
+    conn.close()
+
+
 def test_report_command_writes_html_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     html, md = tmp_path / "r.html", tmp_path / "r.md"
