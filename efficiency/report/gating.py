@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Baseline:
 def report_files(spec: str) -> list[Path] | None:
     """The report files a spec names: one path, a glob pattern, or several joined by commas; None when the spec
     is not a file spec (a commit or 'last'). A named file that does not exist is an error: a part that ends with
-    ``.json`` or holds a path separator names a file (a commit or 'last' never does). An empty spec is an error: it
+    ``.json`` or holds a path separator names a file (a commit or 'last' never does); so is an existing folder
+    whose name cannot be a commit (prefix) or 'last'. An empty spec is an error: it
     is what an unset environment variable gives, and taking it for "no baseline" would turn the check off."""
     if not spec.strip():
         raise history.HistoryError("the report file, 'last' or commit to compare with is an empty value (probably an "
@@ -60,6 +62,9 @@ def report_files(spec: str) -> list[Path] | None:
             paths += found
         elif Path(part).is_file():
             paths.append(Path(part))
+        elif Path(part).is_dir() and not (part == "last" or re.fullmatch(r"[0-9a-fA-F]{4,40}", part)):
+            raise history.HistoryError(f"{part} is a folder, not a report file or a commit: give its reports, e.g. "
+                                       f"'{Path(part) / '*.json'}' (quoted), or a commit or 'last'")
         elif Path(part).suffix == ".json" or len(parts) > 1 or "/" in part or os.sep in part:
             raise history.HistoryError(f"report {part} " + ("is not a file" if Path(part).exists() else
                                                               "does not exist"))

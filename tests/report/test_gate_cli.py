@@ -186,6 +186,22 @@ def test_a_missing_history_database_or_an_empty_spec_is_an_error(tmp_path: Path,
         assert "GATE" not in out
 
 
+def test_a_folder_given_as_baseline_is_named_as_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: ``gate RUN --baseline reports`` (an existing folder) was looked up as a commit ("no usable run of
+    commit 'reports'"); ``reports/`` said "is not a file". Both say it is a folder, not a report file or a commit."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "a1a1").mkdir()  # a folder that could be a commit prefix stays a commit
+    history.connect(tmp_path / "h.sqlite").close()
+    for spec in ("reports", "reports/"):
+        for argv in (["gate", f("head-slow"), "--baseline", spec], ["compare", spec, f("head-slow")]):
+            code, out, err = run(capsys, *argv, "--db", "h.sqlite")
+            assert code == 2 and f"{spec} is a folder, not a report file or a commit" in err, (argv, out, err)
+    code, _, err = run(capsys, "gate", f("head-slow"), "--baseline", "a1a1", "--db", "h.sqlite")
+    assert code == 2 and "no usable run of commit 'a1a1'" in err
+
+
 def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "gate", f("base"), "--baseline", str(tmp_path / "missing.json"))
     assert code == 2 and "does not exist" in err
