@@ -49,16 +49,25 @@ def _spread_pct(samples: list[float]) -> float | None:
     return (max(samples) - min(samples)) / 2 / med * 100 if med else None
 
 
+UNTESTED = "?"  # after a change's rounds: no test was possible within the run (UNTESTED_NOTE says why)
+UNTESTED_NOTE = ("'?' = a change that cannot be tested within this run: the baseline's rounds of that metric are "
+                 "not in it (an eager decode is a difference of medians, or the baseline case is not in the report)")
+
+
 def significance(metric: Metric, case: Mapping[str, Any], base: Mapping[str, Any] | None) -> str:
-    """``n=R ±S%`` for a metric with rounds, with ``~`` appended when the change is not significant."""
+    """``n=R ±S%`` for a metric with rounds, with ``~`` appended when the change is not significant and ``?``
+    when it cannot be tested: the baseline is not in the report or has no rounds of the metric. (Before, such a
+    change carried no mark, which the legend reads as significant.)"""
     samples = metric.round_samples(case)
     if not samples:
         return ""
     spread = _spread_pct(samples)
     text = f"n={len(samples)}" + (f" ±{spread:.1f}%" if spread is not None else "")
-    base_samples = metric.round_samples(base) if base is not None else []
-    if base is None or base is case or not base_samples:
+    if base is case:
         return text
+    base_samples = metric.round_samples(base) if base is not None else []
+    if not base_samples:
+        return f"{text} {UNTESTED}"
     from efficiency.report.stats import mann_whitney_u, testable
 
     if not testable(len(samples), len(base_samples), ALPHA):
@@ -96,6 +105,7 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
         base = bases.get(c["model"])
         deltas = c.get("deltas") or {}
         cells: dict[str, Cell] = {}
+        untested = False
         for m in METRICS:
             value = m.format(m.value(c))
             if m.name == "perplexity" and not (c.get("perplexity") or {}).get("meaningful"):
@@ -103,6 +113,8 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
             change = None if c.get("is_baseline") or m.value(c) is None else deltas.get(m.name)
             text = "" if change is None else f"{change:+.1f}%"
             extra = significance(m, c, base) if change is not None and not c.get("is_baseline") else ""
+            if extra.endswith(UNTESTED):
+                untested = True
             cells[m.name] = Cell(value, f"{text} ({extra})" if text and extra else text)
         energy = c.get("energy") or {}
         if energy.get("energy_j") is not None and energy.get("uncertainty_j") is not None:
@@ -122,6 +134,8 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
                 notes.append(f"{c['id']}: {c['runtime'][key]}")
         for warning in (c.get("conditions") or {}).get("warnings") or []:
             notes.append(f"{c['id']}: {warning}")
+        if untested:
+            notes.append(f"{c['id']}: {UNTESTED_NOTE}")
         out.append(CaseRow(
             c["id"], "measured", cells,
             tuple(_score(scores.get(k)) for k in SCORE_KEYS) if scores else (),

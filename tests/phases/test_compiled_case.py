@@ -13,7 +13,8 @@ import pytest
 
 from conftest import SHARED_DATA
 from efficiency import metrics
-from efficiency.report.view import significance
+from efficiency.report.view import UNTESTED_NOTE, significance
+from efficiency.report.view import rows as view_rows
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,11 @@ def test_the_decode_rounds_of_a_compiled_case_time_its_steps_without_the_prefill
     # (before: a bare percentage); the eager baseline has none to give
     decode = metrics.get("decode_s_per_token")
     rounds = latency["rounds_decode"]
-    assert re.fullmatch(rf"n={rounds} ±\d+\.\d%", significance(decode, case, base))  # no baseline rounds: no test
+    # no baseline rounds: no test, and it says so (before: no mark, which the legend reads as significant)
+    assert re.fullmatch(rf"n={rounds} ±\d+\.\d% \?", significance(decode, case, base))
+    assert re.fullmatch(rf"n={rounds} ±\d+\.\d% \?", significance(decode, case, None))  # baseline not reported
+    row = next(r for r in view_rows(s.report) if r.id == case["id"])
+    assert row.cells["decode_s_per_token"].change.endswith("?)") and any(UNTESTED_NOTE in n for n in row.notes)
     assert re.fullmatch(rf"n={rounds} ±\d+\.\d% ~", significance(decode, case, dict(case)))  # same rounds: not
     assert decode.round_samples(base) == [] and significance(decode, base, None) == ""  # significant
     # the host's part of each round is reported beside it: on the CPU the host runs the kernels, and says so
