@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from efficiency.techniques.magnitude import (
     unstructured_keep,
     weight_view,
 )
+from efficiency.techniques.progress import Progress
 
 CACHE_FORMAT = 1  # bump when the algorithm changes, so stale cache entries are not reused
 
@@ -171,14 +171,6 @@ def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _progress(iterable: Any, enabled: bool, desc: str) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False)
-
-
 class BlockHessians:
     """Forward hooks collecting H for every target layer of one block. Layers fed the very same input tensor
     (q/k/v, gate/up) share one accumulator: the sharing is found on the first batch, while each seen input is
@@ -234,12 +226,15 @@ def solver_threads(device: torch.device) -> Iterator[None]:
 @torch.no_grad()
 def prune_sequentially(model: nn.Module, ids: torch.Tensor, pattern: SparsityPattern, filter_fn: FilterFn, *,
                        device: torch.device, batch_size: int = 8, block_size: int = 128, damp: float = 0.01,
-                       progress: bool = False, name: str = "sparsegpt") -> list[tuple[str, Any]]:
-    """Prune ``model`` in place block by block; return the (name, layer) pairs that were pruned."""
+                       log: Callable[[str], None] | None = None, name: str = "sparsegpt") -> list[tuple[str, Any]]:
+    """Prune ``model`` in place block by block; return the (name, layer) pairs that were pruned. ``log`` gets a
+    progress line per block at most every few seconds (techniques/progress.py; the runner writes them to the
+    terminal: tqdm on stderr, used before, was captured by pytest and showed nothing for minutes)."""
     prefix, blocks = decoder_layers(model)
     records = capture_block_inputs(model, blocks[0], ids, batch_size, device)
     pruned: list[tuple[str, Any]] = []
-    for index, block in enumerate(_progress(blocks, progress, name)):
+    progress = Progress(log, f"{name}: pruning", len(blocks), "blocks") if log is not None else None
+    for index, block in enumerate(blocks):
         targets = [(f"{prefix}.{index}.{sub}", mod) for sub, mod in block.named_modules()
                    if sub and is_linear(mod) and filter_fn(mod, f"{prefix}.{index}.{sub}")]
         for full, mod in targets:
@@ -261,6 +256,8 @@ def prune_sequentially(model: nn.Module, ids: torch.Tensor, pattern: SparsityPat
         del hessians
         for inp in records:  # the next block sees this pruned block's outputs
             inp.hidden = run_block(block, inp)
+        if progress is not None:
+            progress.update(index + 1)
     return pruned
 
 
@@ -317,7 +314,7 @@ class SparseGPT(TechniqueBase):
 
             built.extend(prune_sequentially(model, ids, self.pattern, chosen, device=device,
                                             batch_size=self.batch_size, block_size=self.block_size,
-                                            damp=self.damp, progress=ctx.progress, name=self.name))
+                                            damp=self.damp, log=ctx.say, name=self.name))
             weights = {name: mod.weight.data.contiguous() for name, mod in built}
             save_file(weights, str(folder / "weights.safetensors"))
 

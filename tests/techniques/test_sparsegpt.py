@@ -153,6 +153,22 @@ def test_cache_hit_on_repeat_and_miss_on_change(tiny: Any, tmp_path: Path) -> No
     assert len({info1["cache_entry"], info3["cache_entry"], info4["cache_entry"]}) == 3
 
 
+def test_pruning_reports_its_progress_through_the_context_log(tiny: Any, tmp_path: Path) -> None:
+    """Before: a tqdm bar on stderr, which pytest captures: nothing showed between 'loading' and the perplexity
+    pass (87 s on SmolLM2 on this CPU; minutes on larger models)."""
+    import dataclasses
+
+    lines: list[str] = []
+    ctx = dataclasses.replace(byte_context(tmp_path), log=lines.append, progress=True)
+    SparseGPT(SparsityPattern(0.5), **TINY).apply(tiny, ctx)
+    n_blocks = len(decoder_layers(tiny)[1])
+    assert any(line.startswith("sparsegpt50: pruning: 1/") for line in lines), lines
+    assert f"sparsegpt50: pruning: {n_blocks}/{n_blocks} blocks (100%)" in "\n".join(lines)
+    quiet: list[str] = []
+    SparseGPT(SparsityPattern(0.6), **TINY).apply(tiny, dataclasses.replace(byte_context(tmp_path), log=quiet.append))
+    assert not any("pruning" in line for line in quiet)  # progress off: nothing
+
+
 def test_needs_calibration(tmp_path: Path) -> None:
     ctx = Context("cpu", ByteTokenizer(), "tiny", tmp_path)
     with pytest.raises(UnsupportedTechnique, match="calibration"):
