@@ -108,6 +108,16 @@ def test_without_a_baseline_reference_the_phase_says_why() -> None:
         KldPhase(KldSettings(tokens=32)).setup(tiny_model("gpt2"), ctx)
 
 
+def test_top1_agreement_counts_a_tie_with_the_baselines_top_token() -> None:
+    """A bf16 baseline against itself read top-1 0.9922 on SmolLM2: argmax and the reference's topk broke ties
+    between equal bf16 log-probs differently. The tied token is the case's top token too."""
+    from efficiency.measure.kld import top1_agrees
+
+    lq = torch.log_softmax(torch.tensor([[2.0, 2.0, 1.0], [2.0, 2.0, 1.0], [1.0, 3.0, 0.0]]), -1)
+    top_id = torch.tensor([1, 0, 0])  # tied with token 0 (argmax's pick), tied and argmax's, below the top
+    assert top1_agrees(lq, top_id).tolist() == [True, True, False]
+
+
 def test_a_case_sharper_than_the_baseline_has_a_finite_kl() -> None:
     """The case's tail mass was 1 - sum(top-k), which rounds to 0 in float32 when the case puts nearly all its
     mass on the baseline's top tokens: the KL read infinite (SmolLM2 bf16 and bnb8 against fp32, fresh clone)."""
