@@ -28,7 +28,15 @@ from efficiency.defaults import (
 from efficiency.metrics import NAMES as METRIC_NAMES
 from efficiency.report import history
 from efficiency.report.compare import MIN_RUNS, Criteria, compare
-from efficiency.report.gating import Baseline, files_side, gate, head_runs, report_files, resolve
+from efficiency.report.gating import (
+    Baseline,
+    files_side,
+    gate,
+    head_runs,
+    no_baseline_reason,
+    report_files,
+    resolve,
+)
 from efficiency.report.io import ReportError
 from efficiency.report.structure import read_checked
 from efficiency.report.summary import comparison_lines, fmt, run_markdown, table
@@ -86,7 +94,7 @@ def _side(spec: str, args: argparse.Namespace, other: Sequence[dict[str, Any]] |
         return files_side(files, spec)
     found = resolve(spec, other, _db(args), args.include_dirty, args.include_incomplete)
     if found is None:
-        raise CliError(f"no complete run on a clean tree with the same settings and machine in {_db(args)}")
+        raise CliError(no_baseline_reason(_db(args), other or []))
     return found
 
 
@@ -177,7 +185,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if args.baseline is not None:
         baseline = resolve(args.baseline, head, db, args.include_dirty, args.include_incomplete)
         if baseline is None:
-            no_baseline = f"no eligible run in {db} with the same settings and machine"
+            no_baseline = no_baseline_reason(db, head)
     result = gate(report, baseline, criteria=_criteria(args, args.fail_on_regression),
                   fail_on_inconclusive=args.fail_on_inconclusive, head=head, no_baseline=no_baseline)
     print("\n".join(result.lines()))

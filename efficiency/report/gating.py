@@ -166,6 +166,26 @@ def head_runs(reports: Sequence[Report], db: Path | None, names: Sequence[str] |
     return out
 
 
+def no_baseline_reason(db: Path, head: Sequence[Report]) -> str:
+    """Why ``last`` found no baseline for ``head`` in ``db``. Where the history holds runs of the head's own commit
+    (clean, same settings and machine) it says that those are more runs of the head's code, pooled with it and
+    never its baseline: the plain "no run" read as if the run stored a minute ago had been lost."""
+    plain = f"no complete run on a clean tree with the same settings and machine in {db}"
+    if not head or not Path(db).exists():
+        return plain
+    conn = _open(db)
+    try:
+        same = history.same_commit_runs(conn, head[0])
+    finally:
+        conn.close()
+    if not same:
+        return plain
+    commit = str(((head[0].get("environment") or {}).get("git") or {}).get("commit") or "")[:12]
+    return (f"no complete run of an earlier commit on a clean tree with the same settings and machine in {db}: its "
+            f"{len(same)} run(s) of this commit {commit} are more runs of this code, pooled with this run, never "
+            "its baseline")
+
+
 @dataclass(frozen=True)
 class GateResult:
     violations: list[str] = field(default_factory=list)

@@ -25,7 +25,7 @@ from efficiency.defaults import HISTORY_FILENAME
 from efficiency.errors import ConfigError
 from efficiency.report import history
 from efficiency.report.compare import Criteria, compare
-from efficiency.report.gating import Baseline, head_runs, report_files, resolve
+from efficiency.report.gating import Baseline, head_runs, no_baseline_reason, report_files, resolve
 from efficiency.report.io import ReportError
 from efficiency.report.summary import comparison_lines
 
@@ -95,8 +95,7 @@ def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, c
                 baseline = resolve(compare_spec, report, lookup_db)
             head = head_runs([report], db)
             if baseline is None:
-                problem = ("no complete run on a clean tree with the same settings and machine in the history "
-                           f"{lookup_db} yet")
+                problem = no_baseline_reason(lookup_db, [report])
         except (history.HistoryError, ReportError, ValueError) as err:
             problem = str(err)
     if db is not None:

@@ -114,7 +114,7 @@ def test_gate_against_the_history(tmp_path: Path, capsys: pytest.CaptureFixture[
     db = str(tmp_path / "h.sqlite")
     history.connect(Path(db)).close()
     code, out, _ = run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db)
-    assert code == 0 and "no baseline: no eligible run" in out  # an empty history: inconclusive, said so
+    assert code == 0 and "no baseline: no complete run on a clean tree" in out  # empty history: inconclusive, said
     assert run(capsys, "gate", f("head-slow"), "--baseline", "last", "--db", db, "--fail-on-inconclusive")[0] == 1
     base, head = write_pooled(tmp_path / "runs", 1.15)
     assert run(capsys, "history", "import", *base, *head[:-1], f("dirty"), "--db", db)[0] == 0
@@ -126,6 +126,21 @@ def test_gate_against_the_history(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 1 and f"a1a1 ({MIN_RUNS} runs pooled)" in out and "smollm2-135m-bnb8: runtime" in out
     code, out, _ = run(capsys, "gate", head[-1], "--baseline", "a1a1", "--db", db, "--no-pool")
     assert code == 0 and "insufficient runs: 5 vs 1 run(s)" in out
+
+
+def test_last_says_when_the_history_holds_only_runs_of_the_heads_own_commit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: "no complete run ... in the history", though the history held the run stored a minute earlier; those
+    are runs of the head's own code, pooled with it, which the message now says."""
+    db = str(tmp_path / "h.sqlite")
+    _, head = write_pooled(tmp_path / "runs", None)
+    assert run(capsys, "history", "import", *head[:2], "--db", db)[0] == 0
+    code, out, _ = run(capsys, "gate", head[2], "--baseline", "last", "--db", db)
+    assert code == 0 and ("no baseline: no complete run of an earlier commit on a clean tree with the same settings "
+                          f"and machine in {db}: its 2 run(s) of this commit c3") in out
+    assert "are more runs of this code, pooled with this run, never its baseline" in out
+    code, _, err = run(capsys, "report", head[2], "-o", str(tmp_path / "r.html"), "--compare", "last", "--db", db)
+    assert code == 2 and "its 2 run(s) of this commit c3" in err
 
 
 def test_gate_refuses_extra_head_runs_of_another_commit_or_tree(tmp_path: Path,
