@@ -759,9 +759,9 @@ def _check_device_sharing(state: PluginState) -> None:
 def _check_techniques(cfg: SuiteConfig) -> None:
     from efficiency.techniques.base import UnknownTechnique, parse
 
-    for name in cfg.technique_options:  # the thresholds' names were read by canonical_config
-        try:
-            parse(name)
+    for name, options in cfg.technique_options.items():  # the thresholds' names were read by canonical_config
+        try:  # with its options: a typo in the table of a technique outside this run's grid is refused too
+            parse(name, {name: options})
         except UnknownTechnique as err:
             raise ConfigError(str(err)) from err
     for name in (cfg.baseline, *cfg.techniques):  # with the options: a bad option key is refused up front too

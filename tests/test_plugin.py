@@ -324,6 +324,9 @@ def test_the_project_settings_apply_when_an_option_names_a_path_outside_the_proj
     # before: INTERNALERROR (exit 3), and a quoted "false" switched random weights, and with them the gate, off
     ("[tool.efficiency]\ntasks = 5\n", "*?tool.efficiency? tasks must be a list of names*got 5*"),
     ('[tool.efficiency]\nrandom-weights = "false"\n', "*?tool.efficiency? random-weights must be true or false*"),
+    # before: accepted without a word while sparsegpt50 was not in the run's grid, refused once it was
+    ('[tool.efficiency.technique."sparsegpt50"]\nn_sequence = 4\n',
+     "*technique 'sparsegpt50': unknown option(s) n_sequence; valid: *n_sequences*"),
 ])
 def test_config_errors_are_usage_errors(pytester: pytest.Pytester, tiny_dir: Path, pyproject: str,
                                         message: str) -> None:
