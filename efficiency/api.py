@@ -8,7 +8,9 @@ Options are the ``--eff-*`` option names without the prefix, with ``_`` for ``-`
 ``min_window``, ``model_dir``, ``device`` ...); ``[tool.efficiency]`` of ``root``'s pyproject.toml applies as in
 a pytest run. Returns the report case dict (schema 2: ``metrics``, ``deltas``, ``scores``, ``threshold``); the
 typed results are :meth:`efficiency.runner.Runner.measure`'s :class:`efficiency.results.CaseResult`.
-Errors: the ``Unavailable`` errors (model, data, technique not available here) and ``ConfigError`` propagate.
+Errors: bad input raises ``ConfigError`` before any model loads, with the messages of a pytest run's usage errors
+(the same checks, :func:`efficiency.checks.check_before_loading`; a pytest run's outputs, history and comparison
+aside: the api writes none); the ``Unavailable`` errors (model, data, technique not available here) propagate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 def measure_case(model: str, technique: str, *, root: str | Path = ".", log: Callable[[str], None] | None = None,
                  **options: Any) -> dict[str, Any]:
+    from efficiency.checks import check_before_loading
     from efficiency.gate import check_perplexity
     from efficiency.runner import Runner
     from efficiency.score import case_deltas, case_scores
@@ -28,6 +31,7 @@ def measure_case(model: str, technique: str, *, root: str | Path = ".", log: Cal
     root = Path(root).resolve()
     opts = {**options, "models": model, "techniques": technique}
     cfg = canonical_config(build_config(opts, read_pyproject(root), root), list(options.get("threshold") or []))
+    check_before_loading(cfg)  # the plugin's checks, with its messages, before any model loads
     technique = cfg.techniques[0]  # canonical (bnb4-nf4 is bnb4), as the baseline is
     runner = Runner(cfg, log=log or (lambda msg: None))
     base = runner.measure(model, cfg.baseline).to_dict()

@@ -654,61 +654,19 @@ def deselection_note(state: PluginState) -> str | None:
 
 
 def check_before_loading(state: PluginState) -> None:
+    """Refuse bad input (ConfigError, a usage error) before any model loads: the run's inputs
+    (efficiency.checks.check_before_loading), then what only a pytest run has: xdist device sharing, outputs."""
     if state.checked:
         return
     if state.config_error is not None:
         raise state.config_error
     cfg = state.canonical_names()
     _check_device_sharing(state)
-    _check_techniques(cfg)
-    from efficiency.models import unknown_model_message
+    from efficiency import checks
 
-    model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
-    for name in cfg.models:
-        message = unknown_model_message(name, model_dirs)
-        if message:
-            raise ConfigError(message)
-    _check_sequence_lengths(cfg)
-    from efficiency.data import check_inputs
-
-    wl = cfg.workload
-    check_inputs(wl.dataset, cfg.data_dir, min(wl.context, wl.max_tokens or wl.context))
-    if cfg.calibration_path is not None and not cfg.calibration_path.is_file():
-        raise ConfigError(f"calibration file {cfg.calibration_path} does not exist")
-    if cfg.tasks.enabled:
-        _check_tasks(cfg)
+    checks.check_before_loading(cfg)  # what needs no pytest; api.measure_case makes the same checks
     _check_outputs(state)
     state.checked = True
-
-
-def _check_sequence_lengths(cfg: SuiteConfig) -> None:
-    """The generation workloads fit the positions of each model whose config can be read without loading it
-    (models.config_up_front: local, or fetched alone from the hub); else the model loads and the latency (or
-    serving) phase fails on it, leaving the case without those figures."""
-    from efficiency.models import config_up_front, max_positions
-
-    wl = cfg.workload
-    model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
-    for name in cfg.models:
-        config = config_up_front(name, model_dirs, cfg.random_weights, cfg.cache_dir)
-        if config is None:
-            continue
-        positions = max_positions(config)
-        prompt = min(wl.prefill_tokens, wl.context, positions)  # phases/latency.py: at most the perplexity window
-        if prompt + wl.decode_tokens > positions:
-            half = positions // 2
-            example = (f"--eff-prefill-tokens {positions - wl.decode_tokens}" if wl.decode_tokens < positions
-                       else f"--eff-prefill-tokens {positions - half} --eff-decode-tokens {half}")
-            raise ConfigError(f"model {name!r} takes at most {positions} positions, but the latency workload needs "
-                              f"{prompt} prompt tokens (--eff-prefill-tokens, at most --eff-context) + "
-                              f"{wl.decode_tokens} generated (--eff-decode-tokens) = {prompt + wl.decode_tokens}: "
-                              f"lower them to at most {positions} together (e.g. {example})")
-        serving = cfg.serving
-        if serving.enabled and serving.input_tokens + serving.output_tokens > positions:
-            raise ConfigError(f"model {name!r} takes at most {positions} positions, but the serving sweep needs "
-                              f"{serving.input_tokens} input tokens (--eff-input-tokens) + {serving.output_tokens} "
-                              f"output tokens (--eff-output-tokens) = {serving.input_tokens + serving.output_tokens}"
-                              ": lower either")
 
 
 def check_measuring_stack() -> None:
@@ -716,21 +674,6 @@ def check_measuring_stack() -> None:
     if missing:
         raise ConfigError("efficiency cases were collected but the measuring stack is not installed "
                           f"({', '.join(missing)}): pip install 'pytest-efficiency[ml]'")
-
-
-def _check_tasks(cfg: SuiteConfig) -> None:
-    """The lm-eval tasks resolve (lm-eval installed, every name in --eff-tasks-dir or lm-eval's registry) before
-    any model loads; else the task phase of every case would fail after its model loaded."""
-    names = ", ".join(cfg.tasks.tasks)
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError(f"tasks {names} (--eff-tasks / [tool.efficiency] tasks) need lm-evaluation-harness, "
-                          "which is not installed: pip install 'pytest-efficiency[quality]'")
-    from efficiency.measure.tasks import TaskUnavailable, task_manager
-
-    try:
-        task_manager(cfg.tasks.tasks, cfg.tasks.tasks_dir)  # cached: the cases' task phases reuse it
-    except TaskUnavailable as err:
-        raise ConfigError(str(err)) from err
 
 
 def _check_device_sharing(state: PluginState) -> None:
@@ -754,21 +697,6 @@ def _check_device_sharing(state: PluginState) -> None:
     if seen != expected:
         raise ConfigError(f"worker {a.worker} sees {seen} GPU(s) but was pinned to {a.cuda_visible_devices!r} "
                           f"({expected}): CUDA_VISIBLE_DEVICES took no effect")
-
-
-def _check_techniques(cfg: SuiteConfig) -> None:
-    from efficiency.techniques.base import UnknownTechnique, parse
-
-    for name, options in cfg.technique_options.items():  # the thresholds' names were read by canonical_config
-        try:  # with its options: a typo in the table of a technique outside this run's grid is refused too
-            parse(name, {name: options})
-        except UnknownTechnique as err:
-            raise ConfigError(str(err)) from err
-    for name in (cfg.baseline, *cfg.techniques):  # with the options: a bad option key is refused up front too
-        try:
-            parse(name, cfg.technique_options)
-        except UnknownTechnique as err:
-            raise ConfigError(str(err)) from err
 
 
 def _check_outputs(state: PluginState) -> None:
