@@ -16,11 +16,12 @@ __all__ = ["check_before_loading"]
 
 def check_before_loading(cfg: SuiteConfig) -> None:
     """Every input of ``cfg`` (canonical technique names: ``settings.canonical_config``) that can be judged without
-    loading a model: techniques and their options, model names, the generation workloads against each model's
-    positions, the evaluation text, the calibration file and the lm-eval tasks. Raises ConfigError naming what is
-    wrong."""
+    loading a model: techniques and their options, model names, the serving prompts against the token budget, the
+    generation workloads against each model's positions, the evaluation text, the calibration file and the lm-eval
+    tasks. Raises ConfigError naming what is wrong."""
     _check_techniques(cfg)
     _check_models(cfg)
+    _check_token_budget(cfg)
     _check_sequence_lengths(cfg)
     from efficiency.data import check_inputs
 
@@ -55,6 +56,20 @@ def _check_models(cfg: SuiteConfig) -> None:
         message = unknown_model_message(name, model_dirs)
         if message:
             raise ConfigError(message)
+
+
+def _check_token_budget(cfg: SuiteConfig) -> None:
+    """The serving prompts are cut from the evaluation tokens, at most ``--eff-max-tokens`` of them; a budget
+    that cannot hold one prompt (measure.serving.short_text, the phase's own rule) is known before loading. The
+    whole split (``all``) is not: its length in tokens needs the model's tokenizer."""
+    from efficiency.measure.serving import short_text
+
+    serving, budget = cfg.serving, cfg.workload.max_tokens
+    if not serving.enabled or budget is None:
+        return
+    problem = short_text(serving.input_tokens, budget, f" at most (--eff-max-tokens {budget})")
+    if problem:
+        raise ConfigError(f"{problem}: lower --eff-input-tokens to at most {budget} or raise --eff-max-tokens")
 
 
 def _check_sequence_lengths(cfg: SuiteConfig) -> None:

@@ -398,14 +398,17 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
     (["--eff-batch-sizes", "1", "--eff-input-tokens", "100", "--eff-output-tokens", "64"],
      "*model 'tiny-gpt2' takes at most 128 positions, but the serving sweep needs 100 input tokens "
      "(--eff-input-tokens) + 64 output tokens (--eff-output-tokens) = 164: lower either*"),
+    (["--eff-max-tokens", "40", "--eff-batch-sizes", "1,2", "--eff-input-tokens", "48", "--eff-output-tokens", "8"],
+     "*serving prompts need 48 tokens (--eff-input-tokens); the evaluation text has 40 at most (--eff-max-tokens 40)"
+     ": lower --eff-input-tokens to at most 40 or raise --eff-max-tokens*"),
 ], ids=["regression-nan", "regression-negative", "regression-without-history", "compare-last-without-history",
         "compare-missing-file", "report-a-folder", "compute-dtype", "unknown-task", "decode-beyond-positions",
-        "serving-beyond-positions"])
+        "serving-beyond-positions", "serving-beyond-token-budget"])
 def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
         pytester: pytest.Pytester, tiny_dir: Path, args: list[str], message: str) -> None:
     """Each was accepted and the grid measured; then the run failed at its end, or its cases lacked what was asked
-    (an unknown task: no task phase and no accuracy threshold; a workload longer than the model's positions: no
-    latency or serving figures)."""
+    (an unknown task: no task phase and no accuracy threshold; a workload longer than the model's positions, or
+    serving prompts longer than the token budget: no latency or serving figures)."""
     if "--eff-tasks" in args:
         pytest.importorskip("lm_eval")
     (pytester.path / "a-folder").mkdir()

@@ -15,14 +15,26 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def short_text(input_tokens: int, text_tokens: int, source: str = "") -> str | None:
+    """Why prompts of ``input_tokens`` cannot be cut from ``text_tokens`` evaluation tokens, or None: the rows of a
+    batch wrap around the text (:func:`prompts`), so at any batch size it must hold one prompt. ``source`` says where
+    ``text_tokens`` comes from, for the message. The serving phase applies it to the tokens it has, the checks
+    before loading (efficiency.checks) to the token budget, ``--eff-max-tokens``."""
+    if text_tokens >= input_tokens:
+        return None
+    return (f"serving prompts need {input_tokens} tokens (--eff-input-tokens); the evaluation text has "
+            f"{text_tokens}{source}")
+
+
 def prompts(tokens: Any, batch_size: int, input_tokens: int, device: str) -> Any:
     """(batch_size, input_tokens) ids: row i starts at i * input_tokens of the evaluation tokens (wrapping
-    around when the text is shorter than the batch needs)."""
+    around when the text is shorter than the batch needs; :func:`short_text` when it cannot hold one prompt)."""
     import torch
 
     n = len(tokens)
-    if n < input_tokens:
-        raise ValueError(f"serving prompts need {input_tokens} tokens; the evaluation text has {n}")
+    problem = short_text(input_tokens, n)
+    if problem:
+        raise ValueError(problem)
     starts = [(i * input_tokens) % (n - input_tokens + 1) for i in range(batch_size)]
     return torch.stack([tokens[s:s + input_tokens] for s in starts]).to(device)
 

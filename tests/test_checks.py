@@ -1,0 +1,50 @@
+"""The inputs checked before any model loads (efficiency.checks), on configurations built as the plugin builds them,
+against the real architectures of the offline data folder (configs alone: no weights are read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SHARED_DATA
+from efficiency.checks import check_before_loading
+from efficiency.config import ConfigError, SuiteConfig
+from efficiency.settings import build_config, canonical_config
+
+ARCHITECTURES = SHARED_DATA / "architectures"
+
+
+def opt_125m(tmp_path: Path, **options: Any) -> SuiteConfig:
+    """A CPU run of opt-125m (2048 positions) with random weights, ``options`` as the plugin passes them."""
+    if not (ARCHITECTURES / "opt-125m" / "config.json").is_file():
+        pytest.skip(f"opt-125m's config not found under {ARCHITECTURES}")
+    opts = {"device": "cpu", "models": "opt-125m", "techniques": "fp32", "model_dir": str(ARCHITECTURES),
+            "random_weights": True, "data_dir": str(SHARED_DATA), "cache_dir": str(tmp_path / "cache"), **options}
+    return canonical_config(build_config(opts, {}, tmp_path))
+
+
+def test_serving_prompts_longer_than_the_token_budget_are_refused(tmp_path: Path) -> None:
+    """Before: accepted; the model loaded and each case's serving section said "serving prompts need 512 tokens; the
+    evaluation text has 256", with no note in the terminal and exit 0."""
+    cfg = opt_125m(tmp_path, max_tokens="256", batch_sizes="1,2", input_tokens=512, output_tokens=8)
+    with pytest.raises(ConfigError, match=r"^serving prompts need 512 tokens \(--eff-input-tokens\); the evaluation "
+                                          r"text has 256 at most \(--eff-max-tokens 256\): lower --eff-input-tokens "
+                                          r"to at most 256 or raise --eff-max-tokens"):
+        check_before_loading(cfg)
+    # the prompts of a batch wrap around the text: one prompt's worth is enough at any batch size
+    check_before_loading(opt_125m(tmp_path, max_tokens="256", batch_sizes="1,8", input_tokens=256, output_tokens=8))
+    check_before_loading(opt_125m(tmp_path, max_tokens="all", batch_sizes="1", input_tokens=512, output_tokens=8))
+
+
+def test_the_serving_phase_cuts_its_prompts_by_the_rule_the_check_applies() -> None:
+    import torch
+
+    from efficiency.measure.serving import prompts
+
+    tokens = torch.arange(256)
+    assert tuple(prompts(tokens, 8, 256, "cpu").shape) == (8, 256)
+    with pytest.raises(ValueError, match=r"^serving prompts need 257 tokens \(--eff-input-tokens\); the evaluation "
+                                         r"text has 256$"):
+        prompts(tokens, 1, 257, "cpu")
