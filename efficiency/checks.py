@@ -85,15 +85,16 @@ def _check_sequence_lengths(cfg: SuiteConfig) -> None:
         if config is None:
             continue
         positions = max_positions(config)
-        prompt = min(wl.prefill_tokens, wl.context, positions)  # phases/latency.py: at most the perplexity window
+        prompt = wl.prompt_tokens(positions)  # the latency phases' own rule
         if prompt + wl.decode_tokens > positions:
             half = positions // 2
             example = (f"--eff-prefill-tokens {positions - wl.decode_tokens}" if wl.decode_tokens < positions
                        else f"--eff-prefill-tokens {positions - half} --eff-decode-tokens {half}")
             raise ConfigError(f"model {name!r} takes at most {positions} positions, but the latency workload needs "
-                              f"{prompt} prompt tokens (--eff-prefill-tokens, at most --eff-context) + "
-                              f"{wl.decode_tokens} generated (--eff-decode-tokens) = {prompt + wl.decode_tokens}: "
-                              f"lower them to at most {positions} together (e.g. {example})")
+                              f"{prompt} prompt tokens (--eff-prefill-tokens, capped at --eff-context and "
+                              f"--eff-max-tokens) + {wl.decode_tokens} generated (--eff-decode-tokens) = "
+                              f"{prompt + wl.decode_tokens}: lower them to at most {positions} together "
+                              f"(e.g. {example})")
         serving = cfg.serving
         if serving.enabled and serving.input_tokens + serving.output_tokens > positions:
             raise ConfigError(f"model {name!r} takes at most {positions} positions, but the serving sweep needs "

@@ -80,6 +80,28 @@ class Workload:
         if self.min_window_s < 0:
             raise ConfigError(f"min_window_s must not be negative, got {self.min_window_s}")
 
+    def prompt_caps(self, positions: int) -> list[tuple[str, int]]:
+        """What caps the latency prompt, as (what, tokens): the prompt is the first evaluation tokens, so at most the
+        perplexity window (``--eff-context``), the token budget (``--eff-max-tokens``) and the model's
+        ``positions``."""
+        budget = [(f"--eff-max-tokens {self.max_tokens}", self.max_tokens)] if self.max_tokens is not None else []
+        return [(f"--eff-context {self.context}", self.context), *budget, (f"the model's {positions} positions",
+                                                                           positions)]
+
+    def prompt_tokens(self, positions: int) -> int:
+        """The latency prompt's length for a model of ``positions``: ``prefill_tokens`` within :meth:`prompt_caps`.
+        The one rule of the latency phases (phases/latency.py) and of the check before loading (efficiency.checks).
+        """
+        return min(self.prefill_tokens, *(tokens for _, tokens in self.prompt_caps(positions)))
+
+    def prompt_note(self, used: int, positions: int) -> str | None:
+        """Why a latency prompt of ``used`` tokens is shorter than ``prefill_tokens`` (what capped it), or None."""
+        if used >= self.prefill_tokens:
+            return None
+        caps = [what for what, tokens in self.prompt_caps(positions) if tokens == used]
+        return (f"latency prompt of {used} tokens, not --eff-prefill-tokens {self.prefill_tokens}: capped at "
+                f"{' and '.join(caps) or f'the {used} tokens of the evaluation text'}")
+
 
 @dataclass(frozen=True)
 class Thresholds:

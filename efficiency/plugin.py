@@ -49,7 +49,8 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
                             f"(default {_CPU['max-tokens']} on CPU, all on GPU)"}),
     ("batch-size", {"help": "windows per forward pass of the perplexity pass, or 'auto' (chosen from the model and "
                            "free memory; the GPU default)"}),
-    ("prefill-tokens", {"type": int, "help": "prompt length for prefill latency"}),
+    ("prefill-tokens", {"type": int, "help": "prompt length for prefill latency (capped at --eff-context, "
+                                             "--eff-max-tokens and the model's positions)"}),
     ("decode-tokens", {"type": int, "help": "generated tokens for decode time per token"}),
     ("rounds", {"type": int, "help": "minimum timed rounds of the perplexity pass"}),
     ("min-window", {"type": float, "help": f"minimum energy window in seconds when a real meter reads the energy "

@@ -48,3 +48,21 @@ def test_the_serving_phase_cuts_its_prompts_by_the_rule_the_check_applies() -> N
     with pytest.raises(ValueError, match=r"^serving prompts need 257 tokens \(--eff-input-tokens\); the evaluation "
                                          r"text has 256$"):
         prompts(tokens, 1, 257, "cpu")
+
+
+def test_the_latency_prompt_is_the_one_rule_of_the_phase_capped_at_the_token_budget(tmp_path: Path) -> None:
+    """The prompt is the first evaluation tokens, so it is capped at --eff-max-tokens as well as at --eff-context
+    and the model's positions (Workload.prompt_tokens, which the latency phase uses too). Before: the check took
+    min(prefill, context, positions) and refused a workload whose prompt, cut to the budget, fits."""
+    from efficiency.config import Workload
+
+    assert Workload(context=512, stride=512, max_tokens=256, prefill_tokens=4000).prompt_tokens(2048) == 256
+    assert Workload(context=512, stride=512, max_tokens=None, prefill_tokens=4000).prompt_tokens(2048) == 512
+    assert Workload(context=512, stride=512, max_tokens=None, prefill_tokens=4000).prompt_tokens(300) == 300
+    assert Workload(context=512, stride=512, max_tokens=256, prefill_tokens=100).prompt_tokens(2048) == 100
+    workload = {"context": 2048, "prefill_tokens": 2048, "decode_tokens": 64}
+    check_before_loading(opt_125m(tmp_path, max_tokens="256", **workload))  # a 256-token prompt + 64 fit in 2048
+    with pytest.raises(ConfigError, match=r"^model 'opt-125m' takes at most 2048 positions, but the latency workload "
+                                          r"needs 2048 prompt tokens \(--eff-prefill-tokens, capped at --eff-context "
+                                          r"and --eff-max-tokens\) \+ 64 generated \(--eff-decode-tokens\) = 2112"):
+        check_before_loading(opt_125m(tmp_path, max_tokens="all", **workload))

@@ -392,9 +392,9 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
      "*unknown lm-eval task(s) no_such_task: not in lm-eval's registry or in *fixtures/tasks*"),
     # tiny-gpt2 has 128 positions; run_grid's prompt is 16 tokens
     (["--eff-decode-tokens", "120"], "*model 'tiny-gpt2' takes at most 128 positions, but the latency workload needs "
-                                     "16 prompt tokens (--eff-prefill-tokens, at most --eff-context) + 120 generated "
-                                     "(--eff-decode-tokens) = 136: lower them to at most 128 together "
-                                     "(e.g. --eff-prefill-tokens 8)*"),
+                                     "16 prompt tokens (--eff-prefill-tokens, capped at --eff-context and "
+                                     "--eff-max-tokens) + 120 generated (--eff-decode-tokens) = 136: lower them to at "
+                                     "most 128 together (e.g. --eff-prefill-tokens 8)*"),
     (["--eff-batch-sizes", "1", "--eff-input-tokens", "100", "--eff-output-tokens", "64"],
      "*model 'tiny-gpt2' takes at most 128 positions, but the serving sweep needs 100 input tokens "
      "(--eff-input-tokens) + 64 output tokens (--eff-output-tokens) = 164: lower either*"),
@@ -435,7 +435,8 @@ def test_a_hub_model_longer_than_its_positions_is_refused_before_its_weights_dow
         "--eff-decode-tokens", "90", "--eff-cache-dir", str(tiny_dir / "cache"), "--eff-report", "run.json")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*model 'org/tiny-hub' takes at most 96 positions, but the latency workload needs "
-                                 "16 prompt tokens (--eff-prefill-tokens, at most --eff-context) + 90 generated*"])
+                                 "16 prompt tokens (--eff-prefill-tokens, capped at --eff-context and "
+                                 "--eff-max-tokens) + 90 generated*"])
     assert hub.files_fetched() == {"config.json"} and not (pytester.path / "run.json").exists()
 
 

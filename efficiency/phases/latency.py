@@ -42,12 +42,19 @@ DECODE_METHOD = {
 HOST_BOUND_SHARE = 0.9
 
 
-def _prompt(ctx: PhaseContext) -> tuple[Any, Any]:
+def _prompt(model: Any, ctx: PhaseContext) -> tuple[Any, Any]:
+    """The (1, P) prompt ids and attention mask: the first evaluation tokens, P = Workload.prompt_tokens (the check
+    before loading applies the same rule); where P is below --eff-prefill-tokens, ``ctx.shared["prompt_note"]``
+    says what capped it."""
     if "prompt" not in ctx.shared:
         import torch
 
-        prompt = ctx.tokens[: min(ctx.workload.prefill_tokens, ctx.context)].unsqueeze(0).to(ctx.device)
+        from efficiency.models import max_positions
+
+        positions = max_positions(model.config)
+        prompt = ctx.tokens[: ctx.workload.prompt_tokens(positions)].unsqueeze(0).to(ctx.device)
         ctx.shared["prompt"] = (prompt, torch.ones_like(prompt))  # (1, P) ids and attention mask
+        ctx.shared["prompt_note"] = ctx.workload.prompt_note(int(prompt.shape[1]), positions)
     return ctx.shared["prompt"]
 
 
@@ -58,7 +65,7 @@ def _generate_kwargs(ctx: PhaseContext, n: int) -> dict[str, Any]:
 
 
 def _generate(model: Any, ctx: PhaseContext, n: int) -> Callable[[], Any]:
-    prompt, mask = _prompt(ctx)
+    prompt, mask = _prompt(model, ctx)
     kwargs = _generate_kwargs(ctx, n)
 
     def go() -> Any:
@@ -71,7 +78,7 @@ def _generate(model: Any, ctx: PhaseContext, n: int) -> Callable[[], Any]:
 
 
 def _prefill(model: Any, ctx: PhaseContext) -> Callable[[], Any]:
-    prompt, mask = _prompt(ctx)
+    prompt, mask = _prompt(model, ctx)
 
     def go() -> Any:
         import torch
@@ -129,7 +136,7 @@ class DecodePhase:
         ctx.weights_read(model)
         compiled = ctx.shared["compiled"] = compiled_state(model)
         n = ctx.workload.decode_tokens
-        prompt, mask = _prompt(ctx)
+        prompt, mask = _prompt(model, ctx)
         # Warm-up at the measured length: a compiled decode (static cache, CUDA graphs) compiles and records here,
         # never inside the window; its prompt is prefilled here once, and the rounds are its steps alone.
         ctx.sync()
@@ -175,7 +182,7 @@ class DecodePhase:
                              "--eff-decode-tokens")
         else:
             j_per_token = (e_many - e_one) / (n - 1)
-        prompt, _ = _prompt(ctx)
+        prompt, _ = ctx.shared["prompt"]
         roof = _roofline(ctx, per_token if per_token > 0 else None)
         compiled = ctx.shared.get("compiled")
         skips = compiled.cudagraph_skips() if compiled is not None else None
@@ -190,6 +197,7 @@ class DecodePhase:
             "decode_energy_reason": energy_reason,
             "tokens_per_s_decode": 1.0 / per_token if per_token > 0 else None,
             "prompt_tokens": int(prompt.shape[1]),
+            "prompt_note": ctx.shared["prompt_note"],  # what capped the prompt below --eff-prefill-tokens, or None
             "new_tokens": n,
             "rounds": pre.n,
             "rounds_first_token": one.n,

@@ -132,6 +132,8 @@ def rows(report: Mapping[str, Any]) -> list[CaseRow]:
         for key in ("round_cap",):
             if (c.get("runtime") or {}).get(key):
                 notes.append(f"{c['id']}: {c['runtime'][key]}")
+        if (c.get("latency") or {}).get("prompt_note"):
+            notes.append(f"{c['id']}: {c['latency']['prompt_note']}")
         for warning in (c.get("conditions") or {}).get("warnings") or []:
             notes.append(f"{c['id']}: {warning}")
         if untested:

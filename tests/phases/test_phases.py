@@ -92,7 +92,27 @@ def test_decode_time_and_energy_per_token_are_differences_of_two_windows(one_thr
         assert lat["decode_j_per_token"] is None and lat["decode_energy_reason"]
     if lat["decode_s_per_token"] is not None:
         assert lat["decode_s_per_token"] == pytest.approx((many.result.median_s - one.result.median_s) / (n - 1))
-    assert lat["prompt_tokens"] == 8 and lat["new_tokens"] == n
+    assert lat["prompt_tokens"] == 8 and lat["new_tokens"] == n and lat["prompt_note"] is None
+
+
+def test_the_latency_prompt_is_capped_at_the_token_budget_and_the_section_says_so(one_thread: None) -> None:
+    """Before: --eff-prefill-tokens 4000 with --eff-max-tokens 256 ran a 256-token prompt (the runner's tokens end at
+    the budget) while the settings said 4000, with no note anywhere."""
+    import torch
+
+    wl = Workload(dataset="x", context=32, stride=32, prefill_tokens=20, decode_tokens=3, min_rounds=1,
+                  max_tokens=12, min_window_s=0.0)
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+    ctx = PhaseContext("tiny-fp32", "cpu", wl, ids, None, 32, 32, {"cpu": NullMeter("no RAPL")}, "cpu",
+                       lambda: None)
+    model = tiny_model("gpt2")
+    sections: dict[str, Any] = {}
+    for phase in (PrefillPhase(), FirstTokenPhase(), DecodePhase()):
+        sections.update(phase.section(run_phase(phase, model, ctx), ctx))
+    lat = sections["latency"]
+    assert lat["prompt_tokens"] == 12
+    assert lat["prompt_note"] == ("latency prompt of 12 tokens, not --eff-prefill-tokens 20: capped at "
+                                  "--eff-max-tokens 12")
 
 
 def test_a_real_meter_extends_the_window_to_the_minimum(one_thread: None) -> None:
