@@ -165,6 +165,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     print("\n".join(table(headers, rows, False)))
     print(f"{len(points)} point(s); dirty or incomplete runs are shown but never used as a baseline; shard reports "
           "stored beside the report merged from them are shown once, as that report")
+    if args.png and not points:  # before: an empty plot was written and the command passed
+        filters = "".join(f" {what} {value!r}" for what, value in (("model", args.model), ("technique", args.technique))
+                          if value)
+        raise CliError(f"no stored point of {args.metric}{' for' + filters if filters else ''} in {db}: no plot "
+                       f"written to {args.png}")
     if args.png:
         from efficiency.report.plots import trend_plot
 

@@ -274,6 +274,11 @@ def test_history_command_table_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, _ = run(capsys, "history", "--db", db, "--metric", "perplexity", "--baseline-only")
     assert "12 point(s)" in out  # 3 clean complete runs x 4 cases
+    # a filter that matches nothing: before, an empty plot was written and the command passed
+    empty = tmp_path / "empty.png"
+    code, _, err = run(capsys, "history", "--db", db, "--model", "opt-125", "--png", str(empty))
+    assert code == 2 and not empty.exists()
+    assert f"no stored point of runtime_s for model 'opt-125' in {db}: no plot written" in err
 
 
 def test_history_import_refuses_a_run_without_cases_or_of_an_unknown_status(
