@@ -135,10 +135,17 @@ def _v3(conn: sqlite3.Connection) -> None:
             FOREIGN KEY (run_id, case_id) REFERENCES cases(run_id, case_id) ON DELETE CASCADE
         )""")
     conn.execute("CREATE INDEX metrics_metric ON metrics (metric)")
+    _fill_from_stored_reports(conn, _insert_metrics)
+
+
+def _fill_from_stored_reports(conn: sqlite3.Connection,
+                              insert: Callable[[sqlite3.Connection, int, Report], None]) -> None:
+    """A migration's new table, filled from every stored report that can still be read (``insert(conn, run id,
+    report)``)."""
     for run_id, text in conn.execute("SELECT id, report FROM runs").fetchall():
         report = _stored_report(text, run_id)
         if report is not None:
-            _insert_metrics(conn, int(run_id), report)
+            insert(conn, int(run_id), report)
 
 
 def _v4(conn: sqlite3.Connection) -> None:
@@ -151,10 +158,7 @@ def _v4(conn: sqlite3.Connection) -> None:
             PRIMARY KEY (run_id, part)
         )""")
     conn.execute("CREATE INDEX run_parts_part ON run_parts (part)")
-    for run_id, text in conn.execute("SELECT id, report FROM runs").fetchall():
-        report = _stored_report(text, run_id)
-        if report is not None:
-            _insert_parts(conn, int(run_id), report)
+    _fill_from_stored_reports(conn, _insert_parts)
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2, _v3, _v4]
