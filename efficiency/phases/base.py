@@ -1,6 +1,6 @@
 """The phase interface and the measured window every phase runs in.
 
-A case is measured as a list of phases (``efficiency.phases.default_phases``). For each phase the runner
+A case is measured as a list of phases (``efficiency.phases.plan.case_phases``). For each phase the runner
 calls, in order:
 
 1. ``phase.setup(model, ctx)``: untimed preparation (inputs, warm-up, compilation); never inside a window;
