@@ -42,6 +42,12 @@ def _measured(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in report.get("cases") or [] if c.get("status") == "measured"]
 
 
+def _field(case: dict[str, Any], section: str, key: str) -> Any:
+    """``case[section][key]``, None where the section or the value is missing (a report edited by hand, or written
+    by another version: a plot draws what it can instead of failing the whole page)."""
+    return (case.get(section) or {}).get(key)
+
+
 def _empty(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes, color="#555555")
     ax.set_xticks([])
@@ -52,15 +58,15 @@ def quality_axis(report: dict[str, Any]) -> tuple[str, str]:
     """(key, axis label) of the x axis of the quality plot: energy per token when every measured case has it,
     else the runtime of a perplexity pass, labelled as such."""
     cases = _measured(report)
-    if cases and all(c["energy"].get("j_per_token") is not None for c in cases):
+    if cases and all(_field(c, "energy", "j_per_token") is not None for c in cases):
         return "j_per_token", "energy per token (J/token)"
     return "runtime", "runtime of one perplexity pass (s) — energy not measured"
 
 
 def energy_reasons(report: dict[str, Any]) -> list[str]:
     """Why energy is missing, once per distinct reason."""
-    return sorted({str(c["energy"].get("reason")) for c in _measured(report)
-                   if c["energy"].get("j_per_token") is None and c["energy"].get("reason")})
+    return sorted({str(_field(c, "energy", "reason")) for c in _measured(report)
+                   if _field(c, "energy", "j_per_token") is None and _field(c, "energy", "reason")})
 
 
 def quality_plot(report: dict[str, Any]) -> bytes:
@@ -72,11 +78,19 @@ def quality_plot(report: dict[str, Any]) -> bytes:
         _empty(ax, "no measured case")
         return png(fig)
     key, xlabel = quality_axis(report)
-    meaningful = all(c["perplexity"]["meaningful"] for c in cases)
+    meaningful = all(_field(c, "perplexity", "meaningful") for c in cases)
+
+    def point(c: dict[str, Any]) -> tuple[Any, Any]:
+        x = _field(c, "energy", "j_per_token") if key == "j_per_token" else _field(c, "runtime", "median_s")
+        return x, _field(c, "perplexity", "value")
+
+    left_out = [c["id"] for c in cases if None in point(c)]
     for i, model in enumerate(dict.fromkeys(c["model"] for c in cases)):
-        group = [c for c in cases if c["model"] == model]
-        xs = [c["energy"]["j_per_token"] if key == "j_per_token" else c["runtime"]["median_s"] for c in group]
-        ys = [c["perplexity"]["value"] for c in group]
+        group = [c for c in cases if c["model"] == model and None not in point(c)]
+        if not group:
+            continue
+        xs = [point(c)[0] for c in group]
+        ys = [point(c)[1] for c in group]
         color = COLORS[i % len(COLORS)]
         ax.scatter(xs, ys, color=color, s=45, zorder=3, label=model)
         for k, (x, y, c) in enumerate(zip(xs, ys, group, strict=True)):  # staggered so labels do not overlap
@@ -91,7 +105,8 @@ def quality_plot(report: dict[str, Any]) -> bytes:
             ax.scatter(*front[0], s=160, facecolors="none", edgecolors=color, label=f"{model} Pareto front")
     ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel("perplexity (lower is better)" + ("" if meaningful else " — meaningless: random weights"))
-    ax.set_title("quality vs cost (down-left is better)")
+    ax.set_title("quality vs cost (down-left is better)"
+                 + (f"; not drawn, without a value: {', '.join(left_out)}" if left_out else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png(fig)
