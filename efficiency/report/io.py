@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from efficiency.files import give_usual_mode
 from efficiency.report.schema import SchemaError, upgrade
 
 RESERVE_ATTEMPTS = 1000
@@ -40,20 +41,6 @@ def finite_or_null(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
     return value
-
-
-def give_usual_mode(tmp: Path, target: Path) -> None:
-    """Give the temporary file that will replace ``target`` the permissions a plain ``open(target, "w")`` would
-    leave: the target's own where it exists, else 0o666 less the process's umask. ``tempfile.mkstemp`` creates
-    0o600 files, so every report was readable by its owner alone (an artifact uploader or a web server running
-    as another user could not read it), while the HTML page and the history beside it were not."""
-    if target.exists():
-        mode = target.stat().st_mode & 0o7777
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    os.chmod(tmp, mode)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
