@@ -262,8 +262,8 @@ def project_root(config: pytest.Config) -> tuple[Path, str | None]:
 
         known = config.known_args_namespace
         given: dict[str, Any] = {"inifile": None, "override_ini": getattr(known, "override_ini", None),
-                 "args": [str(a) for a in known.file_or_dir], "rootdir_cmd_arg": None,
-                 "invocation_dir": config.invocation_params.dir}
+                                 "args": [str(a) for a in known.file_or_dir], "rootdir_cmd_arg": None,
+                                 "invocation_dir": config.invocation_params.dir}
         params = inspect.signature(determine_setup).parameters
         found = Path(determine_setup(**{k: v for k, v in given.items() if k in params})[0])
     except Exception:  # a pytest whose private search differs: keep its rootdir
