@@ -52,6 +52,9 @@ def check_baseline_spec(history_opt: str | None, compare_spec: str | None, fail_
     """What can be known before the run about the baseline of ``--eff-compare`` / ``--eff-fail-on-regression``
     (which compares with ``last`` by default): the report files a spec names exist (gating.report_files), and
     ``last`` or a commit has a history to be looked up in. The lookup itself waits for the run's end."""
+    if compare_spec is not None and not compare_spec.strip():
+        raise ConfigError(f"--eff-compare takes a report file, 'last' or a commit of the history, got "
+                          f"{compare_spec!r}: give one, or leave the option out")
     spec = compare_spec or ("last" if fail_pct is not None else None)
     if not spec:
         return

@@ -121,6 +121,9 @@ def test_what_the_baseline_needs_is_checked_before_the_run(tmp_path: Path, monke
             ((None, "nope.json", None), r"--eff-compare nope.json: report nope.json does not exist"),
             ((None, "old/run", None), r"report old/run does not exist"),  # a path separator: a file, not a commit
             ((None, "a1b2c3", None), r"'a1b2c3' is not a report file, and there is no history at .*other"),
+            # before: an empty spec was taken for no --eff-compare, and the run compared with nothing, silently
+            ((None, "", None), r"--eff-compare takes a report file, 'last' or a commit of the history, got ''"),
+            ((None, "  ", 5.0), r"--eff-compare takes a report file, 'last' or a commit of the history, got '  '"),
     ):
         with pytest.raises(ConfigError, match=message):
             check_baseline_spec(hist, spec, pct, tmp_path / "other")
