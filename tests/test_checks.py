@@ -66,3 +66,23 @@ def test_the_latency_prompt_is_the_one_rule_of_the_phase_capped_at_the_token_bud
                                           r"needs 2048 prompt tokens \(--eff-prefill-tokens, capped at --eff-context "
                                           r"and --eff-max-tokens\) \+ 64 generated \(--eff-decode-tokens\) = 2112"):
         check_before_loading(opt_125m(tmp_path, max_tokens="all", **workload))
+
+
+def test_a_workload_too_long_for_smollm2_is_refused_before_its_download(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: SmolLM2's positions were known only from its files, so with an empty cache the check passed, the run
+    fetched the 93 MB wheel, converted it, and only then the latency phase failed on the too-long workload."""
+    from efficiency import smollm2
+
+    def no_fetch(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the check fetched SmolLM2")
+
+    monkeypatch.setattr(smollm2, "_pip_download", no_fetch)
+    opts = {"device": "cpu", "models": "smollm2-135m", "techniques": "fp32", "data_dir": str(SHARED_DATA),
+            "cache_dir": str(tmp_path / "empty-cache"), "context": 512, "prefill_tokens": 512}
+    cfg = canonical_config(build_config({**opts, "decode_tokens": 7800}, {}, tmp_path))
+    with pytest.raises(ConfigError, match=r"^model 'smollm2-135m' takes at most 8192 positions, but the latency "
+                                          r"workload needs 512 prompt tokens .* = 8312"):
+        check_before_loading(cfg)
+    check_before_loading(canonical_config(build_config({**opts, "decode_tokens": 7680}, {}, tmp_path)))
+    assert not (tmp_path / "empty-cache" / "smollm2").exists()

@@ -69,3 +69,13 @@ def test_the_converted_copy_is_readable_as_a_plain_mkdir_would_leave_it(smollm2_
     finally:
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_the_positions_known_before_the_download_are_those_of_the_fetched_model(smollm2_folder: Path) -> None:
+    """smollm2.MAX_POSITIONS stands for the model's config in the checks made before it is fetched."""
+    from transformers import AutoConfig
+
+    from efficiency.models import max_positions
+    from efficiency.smollm2 import MAX_POSITIONS
+
+    assert max_positions(AutoConfig.from_pretrained(smollm2_folder)) == MAX_POSITIONS
