@@ -251,6 +251,17 @@ def test_a_merged_run_and_its_shard_reports_are_one_run(tmp_path: Path, capsys: 
     conn.close()
 
 
+def test_a_shard_gated_alone_counts_the_other_shard_as_other_cases(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a shard's session (or ``gate shard-1.json``) titled its comparison "this run and 1 more of its
+    commit", as if the other shard were one more sample of its cases; it measured other cases."""
+    db, paths, _ = _shards_and_merged(tmp_path, capsys)
+    code = main(["gate", str(paths[0]), "--baseline", "a1a1", "--db", str(db)])
+    out = capsys.readouterr().out
+    assert code == 0 and "this run and" not in out, out
+    assert "Comparison: this run (with 1 run(s) of its commit that measured other cases) vs" in out, out
+
+
 def test_a_version_3_history_learns_which_of_its_runs_were_merged(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """Shards and the report merged from them, stored by a pytest-efficiency before the history kept measurement

@@ -166,6 +166,17 @@ def head_runs(reports: Sequence[Report], db: Path | None, names: Sequence[str] |
     return out
 
 
+def head_label(head: Sequence[Report]) -> str:
+    """What the head side is, in the comparison's title: this run, the other runs of its commit that measured some
+    of its cases again (samples pooled with it), and apart those that measured only other cases (the other shard of
+    a sharded run, say: they add cases, not samples)."""
+    mine = {c["id"] for c in head[0].get("cases") or []} if head else set()
+    repeats = sum(1 for r in head[1:] if mine & {c["id"] for c in r.get("cases") or []})
+    others = len(head) - 1 - repeats
+    label = "this run" + (f" and {repeats} more of its commit" if repeats else "")
+    return label + (f" (with {others} run(s) of its commit that measured other cases)" if others else "")
+
+
 def no_baseline_reason(db: Path, head: Sequence[Report]) -> str:
     """Why ``last`` found no baseline for ``head`` in ``db``. Where the history holds runs of the head's own commit
     (clean, same settings and machine) it says that those are more runs of the head's code, pooled with it and
@@ -255,7 +266,6 @@ def gate(report: Report, baseline: Baseline | None = None, fail_pct: float | Non
         return GateResult(violations, failures, [], inconclusive, notes, None, fail_on_inconclusive)
     crit = criteria or (Criteria(runtime_pct=fail_pct) if fail_pct is not None else Criteria())
     head_side = list(head) if head else [report]
-    label = "this run" if len(head_side) == 1 else f"this run and {len(head_side) - 1} more of its commit"
-    comp = compare(baseline.runs, head_side, crit, baseline.label, label, baseline.per_case)
+    comp = compare(baseline.runs, head_side, crit, baseline.label, head_label(head_side), baseline.per_case)
     regressions = [f"{cid}: {LABELS[m.metric]} {m.reason}" for cid, m in comp.regressions()]
     return GateResult(violations, failures, regressions, comp.inconclusive(), notes, comp, fail_on_inconclusive)

@@ -25,7 +25,7 @@ from efficiency.defaults import HISTORY_FILENAME
 from efficiency.errors import ConfigError
 from efficiency.report import history
 from efficiency.report.compare import Criteria, compare
-from efficiency.report.gating import Baseline, head_runs, no_baseline_reason, report_files, resolve
+from efficiency.report.gating import Baseline, head_label, head_runs, no_baseline_reason, report_files, resolve
 from efficiency.report.io import ReportError
 from efficiency.report.summary import comparison_lines
 
@@ -119,8 +119,7 @@ def finish(report: dict[str, Any], reports_dir: Path, history_opt: str | None, c
             lines.append(f"--eff-fail-on-regression: the session fails: no usable baseline ({problem})")
     if baseline is not None:
         crit = criteria or (Criteria(runtime_pct=fail_pct) if fail_pct is not None else Criteria())
-        label = "this run" if len(head) == 1 else f"this run and {len(head) - 1} more of its commit"
-        comp = compare(baseline.runs, head, crit, baseline.label, label, baseline.per_case)
+        comp = compare(baseline.runs, head, crit, baseline.label, head_label(head), baseline.per_case)
         lines += comparison_lines(comp, verbose=False, gated_only=True)
         inconclusive = comp.inconclusive()
         if inconclusive:
