@@ -13,9 +13,9 @@ techniques/epilogue.py), ``nounwrap`` (torchao's weights left as tensor subclass
 ``guards`` (dynamo's guards evaluated on every decode step), ``nomk`` (compile's ``multi_kernel`` off: the passes'
 reductions compiled one way only; in the lease of docs/results.md 5p, before it became the default, ``mk`` turned it
 on, and the flags ``whole``, ``lin``, ``fq`` and ``nn`` tried settings that were measured and dropped), ``chain``
-(passes without cache: the decoder blocks compiled as one region that runs them in turn, instead of one region per
-block, so that inductor can fuse a block's residual add into the next block's norm; the attention mask is still
-made outside the graph, by the model's own eager code; not a setting of the suite, it was not measured yet); attention
+(compile's ``chain_blocks`` on: in the passes without cache, the decoder blocks compiled as one region that runs
+them in turn, instead of one region per block, so that inductor can fuse a block's residual add into the next
+block's norm; the attention mask is still made outside the graph, by the model's own eager code); attention
 backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
@@ -99,7 +99,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
                               "fuse_bias_activation": "noepi" not in flags,
                               "skip_repeat_guards": "guards" not in flags,
                               "combo_kernels": "nocombo" not in flags, "pdl": "nopdl" not in flags,
-                              "multi_kernel": "nomk" not in flags}
+                              "multi_kernel": "nomk" not in flags, "chain_blocks": "chain" in flags}
     for step in (s for s in steps if s.startswith("gemlite-")):
         options[step] = {"gemv_autotune": "max" if "glmax" in flags else "fast", "cuda_graph_autotune": "glcg" in flags}
     pipeline = parse(pipeline_name, options)
@@ -112,42 +112,9 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
         model.set_attn_implementation("flex_attention")
     t0 = time.perf_counter()
     model = pipeline.apply(model, ctx)
-    if "chain" in flags:
-        _chain_blocks(model, ctx.info["compile"])
     _sync()
     info = {k: v for k, v in ctx.info.items() if k != "order"}
     return model, {"apply_s": time.perf_counter() - t0, "info": info}
-
-
-def _chain_blocks(model: Any, compile_info: dict[str, Any]) -> None:
-    """The ``chain`` flag: the compiled passes' per-block regions replaced by one region, a module that runs every
-    block in turn, compiled with the passes' inductor settings (the report entry's ``inductor``). The model's loop
-    over its block list then sees one element; the attention mask and positions it passes stay eager."""
-    import torch
-
-    from efficiency.techniques.compile import compiled_state, repeated_blocks
-
-    state = compiled_state(model)
-    if state is None or not state.blocks:
-        raise SystemExit("chain: the variant's passes are not compiled per block (no +compile, or eager passes)")
-    container, blocks = repeated_blocks(model)
-    parent, attr = next((m, n) for m in model.modules() for n, c in m.named_children() if c is container)
-
-    class BlockChain(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
-
-        def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-            for block in self.blocks:
-                hidden_states = block(hidden_states, *args, **kwargs)
-                if isinstance(hidden_states, tuple):  # a block that returns (hidden states, ...) in this version
-                    raise SystemExit("chain: the blocks return tuples here; chain them by hand")
-            return hidden_states
-
-    compiled = torch.nn.ModuleList([torch.compile(BlockChain(), backend=compile_info["backend"], dynamic=False,
-                                                  options=compile_info["inductor"])])
-    state.regions = [r for r in state.regions if r[0] is not container] + [(parent, attr, container, compiled)]
 
 
 def _kernel_times_us(fn: Any) -> dict[str, tuple[float, int]]:

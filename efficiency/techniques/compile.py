@@ -194,13 +194,37 @@ def _has_bnb(model: Any) -> bool:
     return any(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
 
 
+class BlockChain(torch.nn.Module):
+    """The decoder blocks run in turn as one module (``chain_blocks``): compiled as one region, so that inductor can
+    fuse across the boundary between two blocks (one block's residual add with the next one's layer norm). A block
+    that returns a tuple passes its first element (the hidden states) on; the chain returns the last block's output
+    as the model's own loop expects it. The model's loop sees a list of one element instead of its blocks: so passes
+    that ask for each block's hidden states or attentions run per block (:meth:`CompiledExecution.forward`)."""
+
+    def __init__(self, blocks: list[Any]) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        out: Any = hidden_states
+        for block in self.blocks:
+            out = block(hidden_states, *args, **kwargs)
+            hidden_states = out[0] if isinstance(out, tuple) else out
+        return out
+
+
+def _parent_of(model: Any, module: Any) -> tuple[Any, str]:
+    """(owner, attribute) under which ``model`` holds ``module``."""
+    return next((m, name) for m in model.modules() for name, child in m.named_children() if child is module)
+
+
 class CompiledExecution:
     """The state behind a compiled model: the compiled callables and the static caches."""
 
     def __init__(self, model: Any, backend: str, decode_options: dict[str, Any] | None,
                  forward_options: dict[str, Any] | None, cache_bucket: int, compile_head: bool,
                  compile_passes: bool = True, min_decode_batch: tuple[int, str] | None = None,
-                 skip_repeat_guards: bool = True) -> None:
+                 skip_repeat_guards: bool = True, chain_blocks: bool = False) -> None:
         self.model = model
         self.skip_repeat_guards = skip_repeat_guards
         self.min_decode_batch = min_decode_batch
@@ -219,9 +243,17 @@ class CompiledExecution:
         places: list[tuple[Any, str, Any]] = [(container, str(i), b) for i, b in enumerate(self.blocks)]
         if self.head_name:
             places.append((model, self.head_name, self.head))
+
+        def compiled(m: Any) -> Any:
+            return torch.compile(m, backend=backend, dynamic=False, options=forward_options)
+
         # (owner, attribute, eager module, compiled module): swapped in for a pass without cache, then back
-        self.regions = [(owner, name, m, torch.compile(m, backend=backend, dynamic=False, options=forward_options))
-                        for owner, name, m in places]
+        self.per_block_regions = [(owner, name, m, compiled(m)) for owner, name, m in places]
+        self.regions = self.per_block_regions
+        if chain_blocks and self.blocks:  # the blocks' list swapped for a list of one compiled chain of them
+            owner, name = _parent_of(model, container)
+            chain = torch.nn.ModuleList([compiled(BlockChain(self.blocks))])
+            self.regions = [(owner, name, container, chain)] + self.per_block_regions[len(self.blocks):]
         self.step = torch.compile(self._step, backend=backend, options=decode_options, fullgraph=True,
                                   dynamic=False)
         params = inspect.signature(self.orig_forward).parameters
@@ -247,12 +279,14 @@ class CompiledExecution:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_cache") is False and kwargs.get(self.cache_kw) is None and self.blocks:
             self.calls["compiled_forward"] += 1
+            per_block = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+            regions = self.per_block_regions if per_block else self.regions
             try:
-                for owner, name, _, compiled in self.regions:
+                for owner, name, _, compiled in regions:
                     setattr(owner, name, compiled)
                 return self.orig_forward(*args, **kwargs)
             finally:
-                for owner, name, eager, _ in self.regions:
+                for owner, name, eager, _ in regions:
                     setattr(owner, name, eager)
         return self.orig_forward(*args, **kwargs)
 
@@ -433,6 +467,11 @@ class Compile(TechniqueBase):
     # (docs/results.md section 5p): gpt2-xl's perplexity pass 0.810 -> 0.776 s (its layer norms 69 -> 34 ms);
     # opt-1.3b's unchanged within its spread.
     multi_kernel: bool = True
+    # Compile the decoder blocks of the passes without cache as one region that runs them in turn (BlockChain),
+    # instead of one region per block, so that inductor fuses across the blocks' boundaries; compilation then
+    # takes the whole stack's time instead of one block's. Off: not measured yet (benchmarks/gpu/decode_probe.py,
+    # flag ``chain``).
+    chain_blocks: bool = False
     name: str = "compile"
     family = "execution"
 
@@ -474,7 +513,7 @@ class Compile(TechniqueBase):
         min_batch = min_decode_batch_asked(ctx.info)
         state = CompiledExecution(model, self.backend, decode_options, forward_options, self.cache_bucket,
                                   self.compile_head, compile_passes=eager_why is None, min_decode_batch=min_batch,
-                                  skip_repeat_guards=self.skip_repeat_guards)
+                                  skip_repeat_guards=self.skip_repeat_guards, chain_blocks=self.chain_blocks)
         # Keep the signatures callers inspect (the perplexity pass asks for logits_to_keep only where forward
         # takes it): the wrappers carry the originals' metadata, __wrapped__ included.
         model.forward = functools.wraps(state.orig_forward)(lambda *a, **kw: state.forward(*a, **kw))
@@ -486,7 +525,8 @@ class Compile(TechniqueBase):
             "decode": f"static KV cache (prompt + new tokens rounded up to {self.cache_bucket}), greedy loop, "
                       f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
             "forward": (f"eager, asked for by an earlier step: {eager_why}" if eager_why else
-                        f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks and "
+                        f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks "
+                        f"{'as one region run in turn' if self.chain_blocks else 'one region each'} and "
                         f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
                         "(perplexity, prefill)"),
             "decode_min_batch": (f"{min_batch[0]}, asked for by an earlier step: {min_batch[1]}" if min_batch

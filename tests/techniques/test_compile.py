@@ -117,6 +117,42 @@ def test_compiled_forward_gives_the_same_perplexity(family: str, one_thread: Any
     assert state.head_name == "lm_head" and model.lm_head is state.head
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_blocks_chained_in_one_region_give_the_same_perplexity_and_hidden_states(family: str,
+                                                                                one_thread: Any) -> None:
+    """``chain_blocks``: the decoder blocks compiled as one region run in turn; a pass asking for every block's
+    hidden states runs per block (the model's loop then sees its own blocks); the blocks are put back after."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(family)
+    ids = torch.randint(0, 128, (200,))
+    eager = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
+    batch = ids[:64].unsqueeze(0)
+    with torch.inference_mode():
+        eager_hidden = model(batch, use_cache=False, output_hidden_states=True).hidden_states
+    ctx = _ctx(["compile"])
+    model = Compile(backend="eager", chain_blocks=True).apply(model, ctx)
+    assert "decoder blocks as one region run in turn" in ctx.info["compile"]["forward"]
+    blocks_before = [model.get_submodule(n) for n in _block_names(model)]
+    state = compiled_state(model)
+    assert state is not None
+    owner, name = state.regions[0][:2]
+    blocks_seen = []  # how many blocks the model's loop saw in each pass
+    run = state.orig_forward
+    state.orig_forward = lambda *a, **kw: (blocks_seen.append(len(getattr(owner, name))), run(*a, **kw))[1]
+    compiled = PerplexityEvaluator(ids, 64, 32, 4).run(model, "cpu")
+    assert abs(compiled.perplexity - eager.perplexity) / eager.perplexity < 1e-6
+    assert blocks_seen and set(blocks_seen) == {1}
+    with torch.inference_mode():
+        hidden = model(batch, use_cache=False, output_hidden_states=True).hidden_states
+    assert blocks_seen[-1] == 2
+    assert len(hidden) == len(eager_hidden) == 3
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hidden, eager_hidden, strict=True))
+    assert [model.get_submodule(n) for n in _block_names(model)] == blocks_before  # put back
+
+
 def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
     """int8wo with bf16 activations: inductor lowers its dequantising matmul to aten._weight_int8pack_mm. Its CUDA
     kernel ran opt-1.3b's perplexity pass in 18.8 s compiled against 0.072 s eager (H200, docs/results.md section
