@@ -18,7 +18,7 @@ from typing import Any
 
 from efficiency import metrics as registry
 
-CASE_STATUSES = ("measured", "skipped", "error", "invalid", "oom")
+CASE_STATUSES = ("measured", "skipped", "error", "invalid", "oom", "interrupted")
 
 
 @dataclass

@@ -34,6 +34,18 @@ class CaseOutOfMemory(Exception):
         self.figures = figures
 
 
+class CaseInterrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C, SIGTERM) in one of a case's phases: still an interrupt for pytest, carrying
+    what the phases before it measured (``sections``, their report sections, and ``phases_done``), so that the
+    report keeps them on an ``interrupted`` case instead of dropping the case whole."""
+
+    def __init__(self, message: str, phase: str, phases_done: list[str], sections: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.phases_done = phases_done
+        self.sections = sections
+
+
 def _stderr_log(msg: str) -> None:
     print(f"[efficiency] {msg}", file=sys.stderr, flush=True)
 
@@ -191,6 +203,8 @@ class Runner:
             try:
                 record = run_phase(phase, model, pctx)
                 sections.update(phase.section(record, pctx))
+            except KeyboardInterrupt as err:
+                raise CaseInterrupted(str(err), phase.name, list(pctx.records), dict(sections)) from err
             except Exception as err:
                 if group is None or _is_oom(err):
                     raise

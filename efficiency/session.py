@@ -2,8 +2,10 @@
 
 A case's outcome (``status`` in the report): ``measured`` (deltas, scores, threshold verdict), ``skipped``
 (model, data or technique not available here, with the reason), ``error``, ``invalid`` (a number that must be
-finite was not, e.g. a NaN perplexity: no score, the test and the gate fail) or ``oom`` (out of device memory,
-with the memory figures; the model is freed before the next case). The report is rewritten atomically after
+finite was not, e.g. a NaN perplexity: no score, the test and the gate fail), ``oom`` (out of device memory,
+with the memory figures; the model is freed before the next case) or ``interrupted`` (the run was interrupted
+in one of the case's phases: ``partial`` holds the sections its earlier phases measured, ``phases_done`` names
+them; no score, never compared). The report is rewritten atomically after
 each case with status ``running`` and finally ``complete`` / ``incomplete`` (stopped early: ``-x``,
 ``--maxfail``, a selected case never ended, e.g. its pytest-xdist worker died; ``missing`` names those cases) /
 ``interrupted`` / ``failed``; only ``complete`` runs are ever a baseline.
@@ -286,6 +288,17 @@ class EfficiencySession:
             else:
                 result = self.runner.measure(model, technique, benchmark).to_dict()
         except (pytest.skip.Exception, pytest.fail.Exception):
+            raise
+        except KeyboardInterrupt as err:
+            from efficiency.runner import CaseInterrupted
+
+            # in this case's own phases (a technique's baseline measured already, or the baseline case itself)
+            if isinstance(err, CaseInterrupted) and (technique == self.cfg.baseline or model in self._baselines):
+                self._record(unmeasured_case(
+                    case_id, model, technique, "interrupted",
+                    f"the run was interrupted in the case's {err.phase} phase"
+                    + (f", after {', '.join(err.phases_done)}" if err.phases_done else ", its first"),
+                    partial=err.sections, phases_done=err.phases_done))
             raise
         except Exception as err:
             from efficiency.runner import CaseOutOfMemory

@@ -538,15 +538,17 @@ def test_my_case(eff_measure):
 
 
 def _grid_stopped_in(pytester: pytest.Pytester, tiny_dir: Path, technique: str, *args: str,
-                     stop: Any) -> tuple[int, str]:
-    """Run the tiny grid (fp32, bnb8, bnb4) in a process of its own whose ``technique`` case sleeps; once it
-    sleeps, ``stop(proc)``; returns (exit code, output)."""
+                     stop: Any, in_phase: str | None = None) -> tuple[int, str]:
+    """Run the tiny grid (fp32, bnb8, bnb4) in a process of its own whose ``technique`` case sleeps (before it
+    starts, or in its phase ``in_phase``: the phase's class of efficiency.phases.latency); once it sleeps,
+    ``stop(proc)``; returns (exit code, output)."""
     import subprocess
     import sys
     import time
 
     pytester.makepyfile(test_grid=GRID_TEST)
-    pytester.makeconftest(f"""
+    if in_phase is None:
+        pytester.makeconftest(f"""
 import time
 import pytest
 
@@ -555,6 +557,21 @@ def pytest_runtest_call(item):
     if item.callspec.id.endswith("{technique}"):
         open("started", "w").close()
         time.sleep(120)
+""")
+    else:
+        pytester.makeconftest(f"""
+import time
+from efficiency.phases import latency
+
+run = latency.{in_phase}.run
+
+def sleep_in_{technique}(self, model, ctx):
+    if ctx.case_id.endswith("{technique}"):
+        open("started", "w").close()
+        time.sleep(120)
+    return run(self, model, ctx)
+
+latency.{in_phase}.run = sleep_in_{technique}
 """)
     cmd = [sys.executable, "-m", "pytest", f"--rootdir={pytester.path}", "-p", "no:cacheprovider",
            "--benchmark-disable", "--eff-models", "tiny-gpt2",
@@ -611,6 +628,30 @@ def test_a_second_term_while_the_first_ends_the_run_leaves_it_interrupted(pytest
     report = json.loads((pytester.path / "run.json").read_text())
     assert report["status"] == "interrupted" and report["finished_at"]
     assert [c["technique"] for c in report["cases"]] == ["fp32"]
+
+
+def test_a_case_interrupted_in_a_phase_keeps_what_its_earlier_phases_measured(pytester: pytest.Pytester,
+                                                                             tiny_dir: Path) -> None:
+    """Before: a case interrupted after its perplexity and timed passes was dropped whole: the report held the
+    cases before it and nothing of its measured figures."""
+    import os
+    import signal
+
+    code, out = _grid_stopped_in(pytester, tiny_dir, "bnb8", "--eff-history", "off", in_phase="DecodePhase",
+                                 stop=lambda proc: os.kill(proc.pid, signal.SIGTERM))
+    assert code == pytest.ExitCode.INTERRUPTED, out
+    report = json.loads((pytester.path / "run.json").read_text())
+    assert report["status"] == "interrupted"
+    assert [(c["technique"], c["status"]) for c in report["cases"]] == [("fp32", "measured"), ("bnb8", "interrupted")]
+    case = report["cases"][1]
+    assert case["reason"] == "the run was interrupted in the case's decode phase, after quality, ppl_pass, prefill, " \
+                             "first_token"
+    assert case["phases_done"] == ["quality", "ppl_pass", "prefill", "first_token"]
+    assert case["partial"]["perplexity"]["value"] > 1 and case["partial"]["runtime"]["median_s"] > 0
+    assert "metrics" not in case and "deltas" not in case  # not a measured case: never scored nor compared
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(report))
 
 
 def test_a_run_interrupted_in_its_first_case_still_leaves_a_report(pytester: pytest.Pytester,

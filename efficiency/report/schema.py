@@ -13,6 +13,10 @@ Version 2 (this one) adds to every measured case ``metrics`` (every registry met
 the run status ``incomplete``. Version-1 reports are upgraded on read by :func:`upgrade` (their content is
 kept; what version 1 did not measure stays null); anything older or unversioned is refused.
 
+The case status ``interrupted`` (with ``partial``, the sections its phases measured before the interrupt, and
+``phases_done``) was added later within version 2: readers that know only the older statuses take it as not
+measured, like ``error``.
+
 Settings recorded later within version 2 (``compute_dtype``, ``technique_options`` by canonical step name,
 ``calibration_path``, ``device_map``, ``kld``, ``tasks``, ``serving``, ``accuracy_thresholds``) are optional
 additions, not a new version: a report without one was written before it was recorded and readers take it as
