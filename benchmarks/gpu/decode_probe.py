@@ -86,6 +86,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
 
     from efficiency.models import _random_model
     from efficiency.techniques.base import Context, parse
+    from efficiency.techniques.compile import compiled_state
 
     pipeline_name, flags = variant.partition("@")[0], _flags(variant)
     steps = pipeline_name.split("+")
@@ -112,6 +113,10 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
         model.set_attn_implementation("flex_attention")
     t0 = time.perf_counter()
     model = pipeline.apply(model, ctx)
+    state = compiled_state(model)
+    if "chain" in flags and (state is None or state.regions is state.per_block_regions):
+        raise SystemExit(f"{variant}: chain asked, but the passes' blocks are not chained: "
+                         f"{(ctx.info.get('compile') or {}).get('forward', 'no +compile step')}")
     _sync()
     info = {k: v for k, v in ctx.info.items() if k != "order"}
     return model, {"apply_s": time.perf_counter() - t0, "info": info}

@@ -213,6 +213,17 @@ class BlockChain(torch.nn.Module):
         return out
 
 
+def mixed_layer_types(config: Any) -> str | None:
+    """Why the decoder blocks cannot be chained (:class:`BlockChain`): layers of several types (``layer_types``:
+    sliding-window and full attention, Gemma 2/3, Qwen2 with a sliding window), to which the model's loop gives
+    each its own mask by its index. None where the layers are alike."""
+    kinds = list(dict.fromkeys(getattr(config, "layer_types", None) or ()))
+    if len(kinds) < 2:
+        return None
+    return (f"its layers are of several types ({', '.join(map(str, kinds))}), each given its own attention mask by "
+            "the model's loop")
+
+
 def _parent_of(model: Any, module: Any) -> tuple[Any, str]:
     """(owner, attribute) under which ``model`` holds ``module``."""
     return next((m, name) for m in model.modules() for name, child in m.named_children() if child is module)
@@ -250,7 +261,8 @@ class CompiledExecution:
         # (owner, attribute, eager module, compiled module): swapped in for a pass without cache, then back
         self.per_block_regions = [(owner, name, m, compiled(m)) for owner, name, m in places]
         self.regions = self.per_block_regions
-        if chain_blocks and self.blocks:  # the blocks' list swapped for a list of one compiled chain of them
+        self.chain_refused = mixed_layer_types(model.config) if chain_blocks else None
+        if chain_blocks and self.blocks and self.chain_refused is None:  # the list swapped for one chain of them
             owner, name = _parent_of(model, container)
             chain = torch.nn.ModuleList([compiled(BlockChain(self.blocks))])
             self.regions = [(owner, name, container, chain)] + self.per_block_regions[len(self.blocks):]
@@ -468,9 +480,10 @@ class Compile(TechniqueBase):
     # opt-1.3b's unchanged within its spread.
     multi_kernel: bool = True
     # Compile the decoder blocks of the passes without cache as one region that runs them in turn (BlockChain),
-    # instead of one region per block, so that inductor fuses across the blocks' boundaries; compilation then
-    # takes the whole stack's time instead of one block's. Off: not measured yet (benchmarks/gpu/decode_probe.py,
-    # flag ``chain``).
+    # instead of one region per block, so that inductor fuses across the blocks' boundaries (in bf16 not
+    # bit-identical: opt-125m's perplexity moved by 4e-5 relative on the CPU); compilation then takes the whole
+    # stack's time instead of one block's. Refused, with the reason in the report, for layers of several types
+    # (mixed_layer_types). Off: not measured on a GPU yet (benchmarks/gpu/decode_probe.py, flag ``chain``).
     chain_blocks: bool = False
     name: str = "compile"
     family = "execution"
@@ -526,7 +539,7 @@ class Compile(TechniqueBase):
                       f"one-token step torch.compile(fullgraph, options={decode_options}); prefill eager",
             "forward": (f"eager, asked for by an earlier step: {eager_why}" if eager_why else
                         f"regional torch.compile(dynamic=False) of the {len(state.blocks)} decoder blocks "
-                        f"{'as one region run in turn' if self.chain_blocks else 'one region each'} and "
+                        f"({_block_regions(self.chain_blocks, state.chain_refused)}) and "
                         f"{'the LM head' if state.head_name else 'no LM head'} for passes without cache "
                         "(perplexity, prefill)"),
             "decode_min_batch": (f"{min_batch[0]}, asked for by an earlier step: {min_batch[1]}" if min_batch
@@ -559,6 +572,12 @@ class Compile(TechniqueBase):
                        "phase fails with dynamo's reason instead of running eagerly under this label"),
         }
         return model
+
+
+def _block_regions(chain_blocks: bool, refused: str | None) -> str:
+    if not chain_blocks:
+        return "one region each"
+    return f"one region each: chain_blocks refused, {refused}" if refused else "as one region run in turn"
 
 
 @register(r"compile", "compile (last step: bf16+compile, int4wo+compile)", ("compile",))

@@ -134,7 +134,7 @@ def test_blocks_chained_in_one_region_give_the_same_perplexity_and_hidden_states
         eager_hidden = model(batch, use_cache=False, output_hidden_states=True).hidden_states
     ctx = _ctx(["compile"])
     model = Compile(backend="eager", chain_blocks=True).apply(model, ctx)
-    assert "decoder blocks as one region run in turn" in ctx.info["compile"]["forward"]
+    assert "decoder blocks (as one region run in turn)" in ctx.info["compile"]["forward"]
     blocks_before = [model.get_submodule(n) for n in _block_names(model)]
     state = compiled_state(model)
     assert state is not None
@@ -151,6 +151,29 @@ def test_blocks_chained_in_one_region_give_the_same_perplexity_and_hidden_states
     assert len(hidden) == len(eager_hidden) == 3
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(hidden, eager_hidden, strict=True))
     assert [model.get_submodule(n) for n in _block_names(model)] == blocks_before  # put back
+
+
+def test_blocks_of_several_layer_types_are_not_chained_and_the_report_says_why(one_thread: Any) -> None:
+    """Before: chained, Gemma 2's sliding-window and full-attention layers all took the first layer's mask (the
+    model's loop picks each layer's mask by its index, and saw one block): logits 0.39 away from eager's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                          max_position_embeddings=64)
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 24))
+    with torch.inference_mode():
+        eager = model(ids, use_cache=False).logits
+    ctx = _ctx(["compile"])
+    model = Compile(backend="eager", chain_blocks=True).apply(model, ctx)
+    assert ("decoder blocks (one region each: chain_blocks refused, its layers are of several types "
+            "(sliding_attention, full_attention), each given its own attention mask by the model's loop)"
+            in ctx.info["compile"]["forward"]), ctx.info["compile"]["forward"]
+    with torch.inference_mode():
+        compiled = model(ids, use_cache=False).logits
+    assert torch.allclose(compiled, eager, atol=1e-5)
 
 
 def test_a_step_that_asks_for_eager_passes_gets_them(one_thread: Any) -> None:
