@@ -34,16 +34,26 @@ class CaseOutOfMemory(Exception):
         self.figures = figures
 
 
-class CaseInterrupted(KeyboardInterrupt):
-    """The run was interrupted (Ctrl-C, SIGTERM) in one of a case's phases: still an interrupt for pytest, carrying
-    what the phases before it measured (``sections``, their report sections, and ``phases_done``), so that the
-    report keeps them on an ``interrupted`` case instead of dropping the case whole."""
+@dataclass(frozen=True)
+class InterruptedCase:
+    """What a case measured before the run was interrupted (Ctrl-C, SIGTERM) in one of its phases: attached to
+    the ``KeyboardInterrupt`` itself (:func:`interrupted_case`), which goes on unchanged to pytest, so that the
+    report keeps it on an ``interrupted`` case instead of dropping the case whole. ``sections``: the report
+    sections of the phases that ended, with ``phases`` (each one's window, rounds and median round) and the
+    reasons of optional groups that failed before."""
 
-    def __init__(self, message: str, phase: str, phases_done: list[str], sections: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.phase = phase
-        self.phases_done = phases_done
-        self.sections = sections
+    phase: str
+    phases_done: list[str]
+    sections: dict[str, Any]
+
+
+_INTERRUPTED_ATTR = "efficiency_interrupted_case"
+
+
+def interrupted_case(err: BaseException) -> InterruptedCase | None:
+    """The partial case an interrupt carries, None where it came outside a case's phases."""
+    found = getattr(err, _INTERRUPTED_ATTR, None)
+    return found if isinstance(found, InterruptedCase) else None
 
 
 def _stderr_log(msg: str) -> None:
@@ -204,7 +214,12 @@ class Runner:
                 record = run_phase(phase, model, pctx)
                 sections.update(phase.section(record, pctx))
             except KeyboardInterrupt as err:
-                raise CaseInterrupted(str(err), phase.name, list(pctx.records), dict(sections)) from err
+                partial = {**sections, **_group_reasons(failed_groups),
+                           "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None),
+                                             "median_s": getattr(rec.result, "median_s", None),
+                                             "setup_s": rec.setup_s} for name, rec in pctx.records.items()}}
+                setattr(err, _INTERRUPTED_ATTR, InterruptedCase(phase.name, list(pctx.records), partial))
+                raise
             except Exception as err:
                 if group is None or _is_oom(err):
                     raise
@@ -215,8 +230,7 @@ class Runner:
                     self.log(f"{case_id}:   {line.rstrip()}")
         conditions["after"] = case_conditions(meter_set, sample_load=False)
         conditions["warnings"] += [w for w in conditions["after"]["warnings"] if w not in conditions["warnings"]]
-        for group, reason in failed_groups.items():
-            sections[group] = {"reason": reason, **{k: None for k in _GROUP_KEYS.get(group, ())}}
+        sections.update(_group_reasons(failed_groups))
         if benchmark is not None:
             benchmark.extra_info.update(
                 perplexity=sections["perplexity"]["value"], energy_j=sections["energy"]["energy_j"],
@@ -228,6 +242,12 @@ class Runner:
             technique_info=dict(ctx.info), records=dict(pctx.records), sections=sections,
             size=model_size(model), model_info=loaded.provenance(), conditions=conditions,
         )
+
+
+def _group_reasons(failed_groups: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The sections of the optional groups that failed: why, and their figures null."""
+    return {group: {"reason": reason, **{k: None for k in _GROUP_KEYS.get(group, ())}}
+            for group, reason in failed_groups.items()}
 
 
 def case_conditions(meter_set: Any, sample_load: bool = True) -> dict[str, Any]:

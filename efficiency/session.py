@@ -201,7 +201,9 @@ class EfficiencySession:
         self._write()
 
     def missing(self) -> list[str]:
-        """The expected cases that did not end (never ran, or their worker died running them)."""
+        """The expected cases without a report case of their own: never ran, their worker died running them, or a
+        pytest-xdist worker was interrupted in them (without xdist an interrupted case is recorded, status
+        ``interrupted``)."""
         done = {c["id"] for c in self.report.get("cases") or [] if not c.get("worker_crash")}
         return sorted(self.expected - done)
 
@@ -290,15 +292,13 @@ class EfficiencySession:
         except (pytest.skip.Exception, pytest.fail.Exception):
             raise
         except KeyboardInterrupt as err:
-            from efficiency.runner import CaseInterrupted
+            from efficiency.runner import interrupted_case
 
+            found = interrupted_case(err)
             # in this case's own phases (a technique's baseline measured already, or the baseline case itself)
-            if isinstance(err, CaseInterrupted) and (technique == self.cfg.baseline or model in self._baselines):
-                self._record(unmeasured_case(
-                    case_id, model, technique, "interrupted",
-                    f"the run was interrupted in the case's {err.phase} phase"
-                    + (f", after {', '.join(err.phases_done)}" if err.phases_done else ", its first"),
-                    partial=err.sections, phases_done=err.phases_done))
+            if found is not None and (technique == self.cfg.baseline or model in self._baselines):
+                self._record(unmeasured_case(case_id, model, technique, "interrupted", _interrupted_reason(found),
+                                             partial=found.sections, phases_done=found.phases_done))
             raise
         except Exception as err:
             from efficiency.runner import CaseOutOfMemory
@@ -372,6 +372,16 @@ class EfficiencySession:
                                     self.cfg.tasks.metric)
         return [{"case_id": result["id"], "metric": f"{v.task}:{v.metric}", "value": v.value,
                  "limit": v.limit_points, **v.to_dict()} for v in found]
+
+
+def _interrupted_reason(found: Any) -> str:
+    """Where a case was interrupted, and its main figures measured before (the tables show the reason)."""
+    reason = f"the run was interrupted in the case's {found.phase} phase" + (
+        f", after {', '.join(found.phases_done)}" if found.phases_done else ", its first")
+    sections = found.sections
+    figures = [f"perplexity {v:.6g}" for v in [(sections.get("perplexity") or {}).get("value")] if v is not None]
+    figures += [f"timed pass {v:.4g} s" for v in [(sections.get("runtime") or {}).get("median_s")] if v is not None]
+    return reason + (f"; measured before it: {', '.join(figures)} (all in 'partial')" if figures else "")
 
 
 def _mark_pareto(cases: list[dict[str, Any]]) -> None:

@@ -644,10 +644,17 @@ def test_a_case_interrupted_in_a_phase_keeps_what_its_earlier_phases_measured(py
     assert report["status"] == "interrupted"
     assert [(c["technique"], c["status"]) for c in report["cases"]] == [("fp32", "measured"), ("bnb8", "interrupted")]
     case = report["cases"][1]
-    assert case["reason"] == "the run was interrupted in the case's decode phase, after quality, ppl_pass, prefill, " \
-                             "first_token"
+    partial = case["partial"]
+    assert case["reason"] == (f"the run was interrupted in the case's decode phase, after quality, ppl_pass, prefill, "
+                              f"first_token; measured before it: perplexity {partial['perplexity']['value']:.6g}, "
+                              f"timed pass {partial['runtime']['median_s']:.4g} s (all in 'partial')")
     assert case["phases_done"] == ["quality", "ppl_pass", "prefill", "first_token"]
-    assert case["partial"]["perplexity"]["value"] > 1 and case["partial"]["runtime"]["median_s"] > 0
+    assert partial["perplexity"]["value"] > 1 and partial["runtime"]["median_s"] > 0
+    # the latency phases that ended write no section of their own (decode writes it): their rounds are kept
+    assert list(partial["phases"]) == case["phases_done"]
+    assert partial["phases"]["prefill"]["median_s"] > 0 and partial["phases"]["first_token"]["rounds"] >= 1
+    assert "!! KeyboardInterrupt: signal 15 (SIGTERM) !!" in out, out  # pytest's own banner, as before
+    assert "CaseInterrupted" not in out
     assert "metrics" not in case and "deltas" not in case  # not a measured case: never scored nor compared
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
