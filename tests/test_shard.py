@@ -259,7 +259,7 @@ def test_a_shard_gated_alone_counts_the_other_shard_as_other_cases(tmp_path: Pat
     code = main(["gate", str(paths[0]), "--baseline", "a1a1", "--db", str(db)])
     out = capsys.readouterr().out
     assert code == 0 and "this run and" not in out, out
-    assert "Comparison: this run (with 1 run(s) of its commit that measured other cases) vs" in out, out
+    assert "Comparison: this run (with 1 run of its commit that measured other cases) vs" in out, out
 
 
 def test_a_version_3_history_learns_which_of_its_runs_were_merged(tmp_path: Path,

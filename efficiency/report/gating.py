@@ -174,7 +174,8 @@ def head_label(head: Sequence[Report]) -> str:
     repeats = sum(1 for r in head[1:] if mine & {c["id"] for c in r.get("cases") or []})
     others = len(head) - 1 - repeats
     label = "this run" + (f" and {repeats} more of its commit" if repeats else "")
-    return label + (f" (with {others} run(s) of its commit that measured other cases)" if others else "")
+    return label + (f" (with {others} run{'s' if others > 1 else ''} of its commit that measured other cases)"
+                    if others else "")
 
 
 def no_baseline_reason(db: Path, head: Sequence[Report]) -> str:
