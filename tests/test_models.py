@@ -268,26 +268,26 @@ def test_a_hub_models_config_is_read_up_front_without_its_weights(fake_hub: Any,
     """A hub model not in the HF cache had no config before it loaded, so a workload longer than its positions was
     found only after its weights were downloaded (the case then lacked its latency figures). Its config.json alone
     now comes from the hub at the start (a local server answering as the hub does)."""
-    from efficiency.models import config_up_front, local_config
+    from efficiency.models import local_config, positions_up_front
 
     hub = fake_hub("org/tiny-hub", {"config.json": _tiny_hub_config(96), "model.safetensors": b"not fetched"})
     assert local_config("org/tiny-hub", (), False, tmp_path / "cache") is None  # no network there, by design
-    config = config_up_front("org/tiny-hub", (), False, tmp_path / "cache")
-    assert config is not None and config.n_positions == 96
+    assert positions_up_front("org/tiny-hub", (), False, tmp_path / "cache") == 96
     assert hub.files_fetched() == {"config.json"}
     # in the HF cache now: the next run (and the case's load) reads it without the network
     assert local_config("org/tiny-hub", (), False, tmp_path / "cache").n_positions == 96
 
 
-def test_no_config_up_front_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_no_positions_up_front_when_the_hub_is_unreachable(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
     import huggingface_hub.constants as hf_constants
 
-    from efficiency.models import config_up_front
+    from efficiency.models import positions_up_front
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: the case skips, saying why
-    assert config_up_front("org/tiny-hub", (), False, tmp_path / "cache") is None
+    assert positions_up_front("org/tiny-hub", (), False, tmp_path / "cache") is None
 
 
 def test_a_hub_model_downloads_and_loads_through_the_real_hub_code(fake_hub: Any, tmp_path: Path) -> None:
