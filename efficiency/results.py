@@ -83,9 +83,7 @@ def case_to_dict(result: CaseResult) -> dict[str, Any]:
         "model_info": jsonable(result.model_info),
         **jsonable(result.sections),
         "size": result.size.to_dict(),
-        "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None),
-                          "setup_s": rec.setup_s}
-                   for name, rec in result.records.items()},
+        "phases": phase_entries(result.records),
         "conditions": jsonable(result.conditions),
     }
     found: list[str] = []
@@ -94,6 +92,17 @@ def case_to_dict(result: CaseResult) -> dict[str, Any]:
         case["non_finite"] = found
     case["metrics"] = registry.case_values(case)
     return case
+
+
+def phase_entries(records: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The report's ``phases``: each phase record's window, rounds, median round (timed phases) and setup time;
+    for a measured case and for the phases an interrupted case ended."""
+    out = {}
+    for name, rec in records.items():
+        rounds = getattr(rec.result, "n", None)
+        out[name] = {"window": rec.window.to_dict(), "rounds": rounds,
+                     "median_s": getattr(rec.result, "median_s", None) if rounds else None, "setup_s": rec.setup_s}
+    return out
 
 
 def unmeasured_case(case_id: str, model: str, technique: str, status: str, reason: str,

@@ -21,7 +21,7 @@ from efficiency.config import SuiteConfig
 from efficiency.data import CALIBRATION_KEY, Corpus, load_calibration_text, load_corpus, tokenize, tokenizer_fingerprint
 from efficiency.measure.meters import select_meters
 from efficiency.models import LoadedModel, ModelSource, load, max_positions, resolve, skeleton
-from efficiency.results import CaseResult
+from efficiency.results import CaseResult, phase_entries
 from efficiency.techniques.base import Context, Pipeline, matmul_dtype, parse
 from efficiency.techniques.compile import compiled_case_settings, compiled_state, release_compiled_state
 
@@ -214,10 +214,7 @@ class Runner:
                 record = run_phase(phase, model, pctx)
                 sections.update(phase.section(record, pctx))
             except KeyboardInterrupt as err:
-                partial = {**sections, **_group_reasons(failed_groups),
-                           "phases": {name: {"window": rec.window.to_dict(), "rounds": getattr(rec.result, "n", None),
-                                             "median_s": getattr(rec.result, "median_s", None),
-                                             "setup_s": rec.setup_s} for name, rec in pctx.records.items()}}
+                partial = {**sections, **_group_reasons(failed_groups), "phases": phase_entries(pctx.records)}
                 setattr(err, _INTERRUPTED_ATTR, InterruptedCase(phase.name, list(pctx.records), partial))
                 raise
             except Exception as err:

@@ -89,6 +89,10 @@ class TimedPass:
         return self.rounds.n
 
     @property
+    def median_s(self) -> float:
+        return self.rounds.median_s
+
+    @property
     def capped(self) -> bool:
         return self.rounds.capped
 

@@ -17,6 +17,8 @@ The case status ``interrupted`` (with ``partial``, the sections its phases measu
 ``phases_done``) was added later within version 2: readers that know only the older statuses take it as not
 measured, like ``error``.
 
+Each ``phases`` entry's ``median_s`` (the median round of a timed phase) came later within version 2 too.
+
 Settings recorded later within version 2 (``compute_dtype``, ``technique_options`` by canonical step name,
 ``calibration_path``, ``device_map``, ``kld``, ``tasks``, ``serving``, ``accuracy_thresholds``) are optional
 additions, not a new version: a report without one was written before it was recorded and readers take it as

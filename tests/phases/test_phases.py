@@ -178,6 +178,9 @@ def test_registry_paths_exist_in_a_measured_case(one_thread: None) -> None:
             assert isinstance(cur, dict) and key in cur, f"{m.name}: {'.'.join(m.path)} missing"
             cur = cur[key]
     assert case["phases"]["decode"]["window"]["energy"]["cpu"]["energy_j"] > 0
+    prefill = ctx.records["prefill"].result
+    assert case["phases"]["prefill"]["rounds"] == prefill.n
+    assert case["phases"]["prefill"]["median_s"] == prefill.median_s
 
 
 def test_the_quality_pass_shows_its_progress(one_thread: None) -> None:
