@@ -114,7 +114,7 @@ def _model(name: str, variant: str, device: str) -> tuple[Any, dict[str, Any]]:
     t0 = time.perf_counter()
     model = pipeline.apply(model, ctx)
     state = compiled_state(model)
-    if "chain" in flags and (state is None or state.regions is state.per_block_regions):
+    if "chain" in flags and (state is None or not state.chained):
         raise SystemExit(f"{variant}: chain asked, but the passes' blocks are not chained: "
                          f"{(ctx.info.get('compile') or {}).get('forward', 'no +compile step')}")
     _sync()

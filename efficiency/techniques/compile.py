@@ -277,6 +277,11 @@ class CompiledExecution:
         self.cudagraph_skips_before = cudagraph_skips() if decode_options else 0
 
     @property
+    def chained(self) -> bool:
+        """Whether the passes run the decoder blocks as one region (``chain_blocks`` asked and not refused)."""
+        return self.regions is not self.per_block_regions
+
+    @property
     def cuda_graphs(self) -> bool:
         """Whether the compiled decode step was asked to replay CUDA graphs."""
         return bool((self.step_options or {}).get("triton.cudagraphs"))

@@ -135,6 +135,7 @@ def test_blocks_chained_in_one_region_give_the_same_perplexity_and_hidden_states
     ctx = _ctx(["compile"])
     model = Compile(backend="eager", chain_blocks=True).apply(model, ctx)
     assert "decoder blocks (as one region run in turn)" in ctx.info["compile"]["forward"]
+    assert getattr(compiled_state(model), "chained", False)
     blocks_before = [model.get_submodule(n) for n in _block_names(model)]
     state = compiled_state(model)
     assert state is not None
@@ -171,6 +172,8 @@ def test_blocks_of_several_layer_types_are_not_chained_and_the_report_says_why(o
     assert ("decoder blocks (one region each: chain_blocks refused, its layers are of several types "
             "(sliding_attention, full_attention), each given its own attention mask by the model's loop)"
             in ctx.info["compile"]["forward"]), ctx.info["compile"]["forward"]
+    state = compiled_state(model)
+    assert state is not None and not state.chained
     with torch.inference_mode():
         compiled = model(ids, use_cache=False).logits
     assert torch.allclose(compiled, eager, atol=1e-5)
