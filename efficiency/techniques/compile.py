@@ -486,7 +486,8 @@ class Compile(TechniqueBase):
     multi_kernel: bool = True
     # Compile the decoder blocks of the passes without cache as one region that runs them in turn (BlockChain),
     # instead of one region per block, so that inductor fuses across the blocks' boundaries (in bf16 not
-    # bit-identical: opt-125m's perplexity moved by 4e-5 relative on the CPU); compilation then takes the whole
+    # bit-identical: opt-125m's perplexity on the CPU moved by 3.8e-5 to 6.5e-5 relative in three runs, the probe's
+    # at c88fd37 and c7ca2c4 and a grid run of bf16+compile); compilation then takes the whole
     # stack's time instead of one block's. Refused, with the reason in the report, for layers of several types
     # (mixed_layer_types). Off: not measured on a GPU yet (benchmarks/gpu/decode_probe.py, flag ``chain``).
     chain_blocks: bool = False
