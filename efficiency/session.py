@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -28,6 +28,9 @@ from efficiency.report.schema import new_report, now_iso
 from efficiency.results import unmeasured_case
 from efficiency.score import CONVENTION, case_deltas, case_scores, pareto_flags
 from efficiency.techniques.options import recorded_options
+
+if TYPE_CHECKING:  # the runner imports torch: the session imports it where a case runs
+    from efficiency.runner import InterruptedCase
 
 IDLE_SECONDS = 5.0  # idle-power reading per run (only where a real meter reads the primary energy)
 
@@ -374,7 +377,7 @@ class EfficiencySession:
                  "limit": v.limit_points, **v.to_dict()} for v in found]
 
 
-def _interrupted_reason(found: Any) -> str:
+def _interrupted_reason(found: InterruptedCase) -> str:
     """Where a case was interrupted, and its main figures measured before (the tables show the reason)."""
     reason = f"the run was interrupted in the case's {found.phase} phase" + (
         f", after {', '.join(found.phases_done)}" if found.phases_done else ", its first")
