@@ -489,7 +489,9 @@ class Compile(TechniqueBase):
     # bit-identical: opt-125m's perplexity on the CPU moved by 3.8e-5 to 6.5e-5 relative in three runs, the probe's
     # at c88fd37 and c7ca2c4 and a grid run of bf16+compile); compilation then takes the whole
     # stack's time instead of one block's. Refused, with the reason in the report, for layers of several types
-    # (mixed_layer_types). Off: not measured on a GPU yet (benchmarks/gpu/decode_probe.py, flag ``chain``).
+    # (mixed_layer_types). Off: measured on the H100 without a gain (docs/results.md 5q: opt-1.3b's pass 0.5769 s
+    # against 0.5780 and 0.5775, gpt2-xl's 0.7707 against 0.7701, each inside the other's range) and with 3-6x the
+    # warm-up (benchmarks/gpu/decode_probe.py, flag ``chain``).
     chain_blocks: bool = False
     name: str = "compile"
     family = "execution"
