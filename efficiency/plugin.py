@@ -103,9 +103,17 @@ GRID_COLUMNS = "min,median,max,rounds"  # pytest-benchmark's table for the grid,
 NOTHING_MEASURED = pytest.ExitCode.NO_TESTS_COLLECTED
 
 
+def option_text(value: str) -> str:
+    """A text option's value without the spaces around it (``--eff-history " off"`` had become a history file
+    named " off", ``--eff-compare " last"`` a commit that was never found)."""
+    return value.strip()
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("efficiency", "pytest-efficiency: model x technique measurements")
     for name, kwargs in OPTIONS:
+        if "type" not in kwargs and kwargs.get("action", "store") in ("store", "append"):
+            kwargs = {**kwargs, "type": option_text}
         group.addoption(f"--eff-{name}", dest=f"eff_{name.replace('-', '_')}", **kwargs)
 
 

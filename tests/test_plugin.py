@@ -387,6 +387,8 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
                                              "exist; give an existing report file, 'last' or a commit*"),
     (["--eff-compare", ""], "*--eff-compare takes a report file, 'last' or a commit of the history, got '': give "
                             "one, or leave the option out*"),
+    (["--eff-compare", " last ", "--eff-history", " off"],
+     "*--eff-compare last: 'last' is looked up in the history, but --eff-history is off*"),
     (["--eff-report", "a-folder"],
      "*--eff-report */a-folder is not writable (it is a folder: give the path of a file)*"),
     (["--eff-compute-dtype", "int3"], "*--eff-compute-dtype compute-dtype must be one of fp32, fp16, bf16, got 'int3'"),
@@ -404,7 +406,7 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
      "*serving prompts need 48 tokens (--eff-input-tokens); the evaluation text has 40 at most (--eff-max-tokens 40)"
      ": lower --eff-input-tokens to at most 40 or raise --eff-max-tokens*"),
 ], ids=["regression-nan", "regression-negative", "regression-without-history", "compare-last-without-history",
-        "compare-missing-file", "compare-empty", "report-a-folder", "compute-dtype", "unknown-task",
+        "compare-missing-file", "compare-empty", "spaces-around-text-options", "report-a-folder", "compute-dtype", "unknown-task",
         "decode-beyond-positions", "serving-beyond-positions", "serving-beyond-token-budget"])
 def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
         pytester: pytest.Pytester, tiny_dir: Path, args: list[str], message: str) -> None:
