@@ -406,8 +406,8 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
      "*serving prompts need 48 tokens (--eff-input-tokens); the evaluation text has 40 at most (--eff-max-tokens 40)"
      ": lower --eff-input-tokens to at most 40 or raise --eff-max-tokens*"),
 ], ids=["regression-nan", "regression-negative", "regression-without-history", "compare-last-without-history",
-        "compare-missing-file", "compare-empty", "spaces-around-text-options", "report-a-folder", "compute-dtype", "unknown-task",
-        "decode-beyond-positions", "serving-beyond-positions", "serving-beyond-token-budget"])
+        "compare-missing-file", "compare-empty", "spaces-around-text-options", "report-a-folder", "compute-dtype",
+        "unknown-task", "decode-beyond-positions", "serving-beyond-positions", "serving-beyond-token-budget"])
 def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
         pytester: pytest.Pytester, tiny_dir: Path, args: list[str], message: str) -> None:
     """Each was accepted and the grid measured; then the run failed at its end, or its cases lacked what was asked

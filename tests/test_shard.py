@@ -289,3 +289,30 @@ def test_a_version_3_history_learns_which_of_its_runs_were_merged(tmp_path: Path
     assert [r.id for r in history.at_commit(conn, "c3c3")] == [3]  # the merged run, not also its two shards
     assert len(history.trend(conn, "runtime_s")) == len(grid_report()["cases"])
     conn.close()
+
+
+def test_a_shard_compared_with_the_whole_grid_leaves_the_other_shards_cases_out() -> None:
+    """Before: a shard compared with a run of the whole grid (``--eff-compare whole.json``, a commit, ``gate
+    shard-1.json --baseline``) listed each case of the other shard as "not compared: not measured in the head run
+    (absent)", an inconclusive verdict, so ``--eff-fail-on-regression`` failed every shard (and every ``-k`` run).
+    A case the head did not select is now outside the comparison, named in one note; one it selected and lost
+    stays inconclusive, as does every absent case of a head that does not say what it selected."""
+    from efficiency.report.compare import compare
+
+    whole, part = grid_report("base"), split(grid_report("head-slow"), 2)[0]
+    other = sorted({c["id"] for c in whole["cases"]} - {c["id"] for c in part["cases"]})
+    comp = compare([whole], [part])
+    assert other and [c.case_id for c in comp.cases] == [c["id"] for c in part["cases"]]
+    assert not [x for x in comp.inconclusive() if "not measured" in x]
+    assert [n for n in comp.notes if n.startswith(f"{len(other)} case(s) of the base not selected in the head run "
+                                                  "(deselected, or another shard's): not compared (")]
+    lost = copy.deepcopy(part)
+    gone = lost["cases"].pop()["id"]
+    lost["status"], lost["missing"] = "incomplete", [gone]
+    comp = compare([whole], [lost])
+    assert f"{gone}: not compared: not measured in the head run (absent)" in comp.inconclusive()
+    assert len(comp.cases) == len(part["cases"])
+    del lost["missing"]  # incomplete, and not saying which cases it missed
+    comp = compare([whole], [lost])
+    assert len([x for x in comp.inconclusive() if x.endswith("not measured in the head run (absent)")]) == \
+        len(other) + 1

@@ -40,7 +40,9 @@ Whole cases are not compared when the settings that make numbers comparable diff
 stride, max_tokens; device; machine; random weights; the run settings every step sees, ``RUN_SETTINGS``: compute
 dtype, device map), or when the case itself measured something else (``case_identity``: the model's weights hash
 or revision, the technique options of the case's steps, the calibration text they read, by its hash): the reason
-names the difference.
+names the difference. A case of the base that no head run selected (``-k``, another shard's: absent from its
+cases and from its ``missing``, and the head ``complete`` or naming what it missed) is outside the comparison, one
+note says so; a case the head selected and lost stays inconclusive.
 
 **Unknown is not different.** A setting or identity part a report does not record (one written before it was
 recorded, a local model folder without a revision) is unknown on that side and never a reason to refuse on its
@@ -355,6 +357,18 @@ def _notes(runs: Sequence[Report], side: str) -> list[str]:
     return notes
 
 
+def not_selected(case_id: str, head_runs: Sequence[Report]) -> bool:
+    """Whether no head run selected ``case_id``: none has it among its cases or its ``missing`` (the selected cases
+    that did not end), and each says what it selected: ``complete``, or naming its missing cases. A case a head run
+    selected and lost stays inconclusive; one it never selected (``-k``, another shard's) is outside the run."""
+    for run in head_runs:
+        if any(c.get("id") == case_id for c in run.get("cases") or []) or case_id in (run.get("missing") or []):
+            return False
+        if run.get("status") != "complete" and not run.get("missing"):
+            return False  # what it selected is not known
+    return True
+
+
 def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: Criteria | None = None,
             base_label: str = "base", head_label: str = "head",
             base_for_case: Mapping[str, tuple[Sequence[Report], str]] | None = None) -> Comparison:
@@ -383,7 +397,11 @@ def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: 
     bcases, hcases = _cases_by_id(base_runs), _cases_by_id(head_runs)
     base_settings, head_settings = _side_settings(base_runs), _side_settings(head_runs)
     results: list[CaseComparison] = []
+    outside: list[str] = []  # baseline cases the head runs did not select
     for case_id in list(dict.fromkeys([*bcases, *per_case, *hcases])):
+        if case_id not in hcases and not_selected(case_id, head_runs):
+            outside.append(case_id)
+            continue
         label = None
         case_settings = base_settings
         if case_id in per_case:
@@ -412,4 +430,8 @@ def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: 
         metrics = tuple(_judge(m, bc, hc, crit, _settings_diff(case_settings, head_settings, m.workload_keys))
                         for m in METRICS)
         results.append(CaseComparison(case_id, True, None, metrics, label))
+    if outside:
+        shown = ", ".join(outside[:6]) + (f" and {len(outside) - 6} more" if len(outside) > 6 else "")
+        notes.append(f"{len(outside)} case(s) of the base not selected in the head run (deselected, or another "
+                     f"shard's): not compared ({shown})")
     return Comparison(base_label, head_label, crit, tuple(results), tuple(notes))
