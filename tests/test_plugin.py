@@ -539,17 +539,31 @@ def test_my_case(eff_measure):
     assert [c["technique"] for c in report["cases"]] == ["fp32", "bnb8"]
 
 
+CHECKS_SLEEP = """
+import time
+from efficiency import checks
+
+def sleep_in_checks(cfg):
+    open("started", "w").close()
+    time.sleep(120)
+
+checks.check_before_loading = sleep_in_checks
+"""
+
+
 def _grid_stopped_in(pytester: pytest.Pytester, tiny_dir: Path, technique: str, *args: str,
-                     stop: Any, in_phase: str | None = None) -> tuple[int, str]:
+                     stop: Any, in_phase: str | None = None, conftest: str | None = None) -> tuple[int, str]:
     """Run the tiny grid (fp32, bnb8, bnb4) in a process of its own whose ``technique`` case sleeps (before it
-    starts, or in its phase ``in_phase``: the phase's class of efficiency.phases.latency); once it sleeps,
-    ``stop(proc)``; returns (exit code, output)."""
+    starts, or in its phase ``in_phase``: the phase's class of efficiency.phases.latency), or that sleeps where
+    ``conftest`` says; once it sleeps, ``stop(proc)``; returns (exit code, output)."""
     import subprocess
     import sys
     import time
 
     pytester.makepyfile(test_grid=GRID_TEST)
-    if in_phase is None:
+    if conftest is not None:
+        pytester.makeconftest(conftest)
+    elif in_phase is None:
         pytester.makeconftest(f"""
 import time
 import pytest
@@ -661,6 +675,24 @@ def test_a_case_interrupted_in_a_phase_keeps_what_its_earlier_phases_measured(py
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((REPO / "docs" / "report.schema.json").read_text())
     assert not list(jsonschema.Draft202012Validator(schema).iter_errors(report))
+
+
+def test_a_run_stopped_while_its_inputs_are_checked_leaves_an_interrupted_report(pytester: pytest.Pytester,
+                                                                                 tiny_dir: Path) -> None:
+    """Before, SIGTERM during collection's checks (where a hub model's config.json is fetched) took its default
+    action: the process died without pytest's summary, and ``--eff-report`` still held the previous run's report,
+    read as this run's."""
+    import os
+    import signal
+
+    (pytester.path / "run.json").write_text(json.dumps({"status": "complete", "cases": ["an older run's"]}))
+    code, out = _grid_stopped_in(pytester, tiny_dir, "fp32", "--eff-history", "off", conftest=CHECKS_SLEEP,
+                                 stop=lambda proc: os.kill(proc.pid, signal.SIGTERM))
+    assert code == pytest.ExitCode.INTERRUPTED, out
+    assert "!! KeyboardInterrupt: signal 15 (SIGTERM) !!" in out, out
+    report = json.loads((pytester.path / "run.json").read_text())
+    assert report["status"] == "interrupted" and report["cases"] == [] and report["finished_at"]
+    assert "interrupted before its first case" in report["environment"]["idle_power"]["reason"]
 
 
 def test_a_run_interrupted_in_its_first_case_still_leaves_a_report(pytester: pytest.Pytester,
