@@ -239,6 +239,8 @@ class EfficiencySession:
         missing = self.missing()
         if missing:
             self.report["missing"] = missing
+        if self.expected:  # what the run selected: a comparison leaves out baseline cases outside it, never lost ones
+            self.report["selected"] = sorted(self.expected)
         self.report["finished_at"] = now_iso()
         _mark_pareto(self.report["cases"])
         self.report["violations"] = [

@@ -138,6 +138,9 @@ def merge(reports: Sequence[Report], sources: Sequence[str] | None = None) -> Re
     missing = sorted({m for r in runs for m in r.get("missing") or []})
     if missing:
         merged["missing"] = missing
+    merged.pop("selected", None)
+    if not notes and all(isinstance(r.get("selected"), list) for r in runs):  # a lost shard's selection is unknown
+        merged["selected"] = sorted({c for r in runs for c in r["selected"]})
     merged["merged_from"] = [{"source": name, "shard": (r.get("settings") or {}).get("shard"),
                               "status": r.get("status"), "started_at": r.get("started_at"),
                               "finished_at": r.get("finished_at"),

@@ -295,24 +295,37 @@ def test_a_shard_compared_with_the_whole_grid_leaves_the_other_shards_cases_out(
     """Before: a shard compared with a run of the whole grid (``--eff-compare whole.json``, a commit, ``gate
     shard-1.json --baseline``) listed each case of the other shard as "not compared: not measured in the head run
     (absent)", an inconclusive verdict, so ``--eff-fail-on-regression`` failed every shard (and every ``-k`` run).
-    A case the head did not select is now outside the comparison, named in one note; one it selected and lost
-    stays inconclusive, as does every absent case of a head that does not say what it selected."""
+    A case the head did not select (its report's ``selected``) is now outside the comparison, named in one note;
+    one it selected and lost stays inconclusive, as does every absent case of a head that does not record what it
+    selected: cases measured through ``eff_measure`` (the review's: a selected test that skipped before measuring
+    left a ``complete`` run without ``missing``), and a merge that lacks a shard."""
     from efficiency.report.compare import compare
 
-    whole, part = grid_report("base"), split(grid_report("head-slow"), 2)[0]
+    whole, parts = grid_report("base"), split(grid_report("head-slow"), 2)
+    for part in parts:
+        part["selected"] = [c["id"] for c in part["cases"]]
+    part = parts[0]
     other = sorted({c["id"] for c in whole["cases"]} - {c["id"] for c in part["cases"]})
     comp = compare([whole], [part])
     assert other and [c.case_id for c in comp.cases] == [c["id"] for c in part["cases"]]
     assert not [x for x in comp.inconclusive() if "not measured" in x]
     assert [n for n in comp.notes if n.startswith(f"{len(other)} case(s) of the base not selected in the head run "
                                                   "(deselected, or another shard's): not compared (")]
+    assert merge(parts)["selected"] == sorted(c["id"] for c in whole["cases"])
     lost = copy.deepcopy(part)
     gone = lost["cases"].pop()["id"]
     lost["status"], lost["missing"] = "incomplete", [gone]
     comp = compare([whole], [lost])
     assert f"{gone}: not compared: not measured in the head run (absent)" in comp.inconclusive()
     assert len(comp.cases) == len(part["cases"])
-    del lost["missing"]  # incomplete, and not saying which cases it missed
-    comp = compare([whole], [lost])
-    assert len([x for x in comp.inconclusive() if x.endswith("not measured in the head run (absent)")]) == \
-        len(other) + 1
+
+    def absent(head: dict[str, Any]) -> int:
+        return len([x for x in compare([whole], [head]).inconclusive()
+                    if x.endswith("not measured in the head run (absent)")])
+
+    skipped = copy.deepcopy(part)  # complete, no ``missing``: a selected case that never measured
+    del skipped["selected"]
+    skipped["cases"].pop()
+    assert absent(skipped) == len(other) + 1
+    alone = merge([parts[0]])  # shard 2 of 2 lost: its cases were selected by a shard that did not report
+    assert "selected" not in alone and absent(alone) == len(other)

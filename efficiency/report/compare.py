@@ -40,9 +40,9 @@ Whole cases are not compared when the settings that make numbers comparable diff
 stride, max_tokens; device; machine; random weights; the run settings every step sees, ``RUN_SETTINGS``: compute
 dtype, device map), or when the case itself measured something else (``case_identity``: the model's weights hash
 or revision, the technique options of the case's steps, the calibration text they read, by its hash): the reason
-names the difference. A case of the base that no head run selected (``-k``, another shard's: absent from its
-cases and from its ``missing``, and the head ``complete`` or naming what it missed) is outside the comparison, one
-note says so; a case the head selected and lost stays inconclusive.
+names the difference. A case of the base that no head run selected (``-k``, another shard's: each head run
+records what it selected, ``selected``, and none lists it) is outside the comparison, one note says so; a case the
+head selected and lost, or any absent case of a head that does not record its selection, stays inconclusive.
 
 **Unknown is not different.** A setting or identity part a report does not record (one written before it was
 recorded, a local model folder without a revision) is unknown on that side and never a reason to refuse on its
@@ -358,15 +358,12 @@ def _notes(runs: Sequence[Report], side: str) -> list[str]:
 
 
 def not_selected(case_id: str, head_runs: Sequence[Report]) -> bool:
-    """Whether no head run selected ``case_id``: none has it among its cases or its ``missing`` (the selected cases
-    that did not end), and each says what it selected: ``complete``, or naming its missing cases. A case a head run
-    selected and lost stays inconclusive; one it never selected (``-k``, another shard's) is outside the run."""
-    for run in head_runs:
-        if any(c.get("id") == case_id for c in run.get("cases") or []) or case_id in (run.get("missing") or []):
-            return False
-        if run.get("status") != "complete" and not run.get("missing"):
-            return False  # what it selected is not known
-    return True
+    """Whether no head run selected ``case_id`` (``-k``, another shard's): each records the grid cases it selected
+    (``selected``) and none lists it or has it among its cases. A case a head run selected and lost stays
+    inconclusive, as does every absent case of a run that does not say what it selected (an older report, cases
+    measured through ``eff_measure``, a merge that lacks a shard)."""
+    return all(isinstance(run.get("selected"), list) and case_id not in run["selected"]
+               and not any(c.get("id") == case_id for c in run.get("cases") or []) for run in head_runs)
 
 
 def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: Criteria | None = None,

@@ -3,8 +3,9 @@
 Top level: ``schema_version``, ``status`` (running | complete | incomplete | interrupted | failed),
 ``started_at``, ``finished_at``, ``environment`` (report/env.py), ``settings`` (workload, device, baseline,
 thresholds, the score convention), ``cases`` (one dict per model x technique, written by
-efficiency.results.case_to_dict), ``violations`` and, when some selected cases did not end, ``missing`` (their
-ids). Units are in the field names (``_s``, ``_j``, ``_bytes``, ``_pct``); a number that could not be measured is
+efficiency.results.case_to_dict), ``violations``, when some selected cases did not end, ``missing`` (their
+ids) and, when the run selected grid cases, ``selected`` (their ids: a comparison leaves out baseline cases not in
+it). Units are in the field names (``_s``, ``_j``, ``_bytes``, ``_pct``); a number that could not be measured is
 ``null`` next to a ``reason``.
 
 Version 2 (this one) adds to every measured case ``metrics`` (every registry metric's value, efficiency.metrics),
