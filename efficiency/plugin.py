@@ -10,6 +10,7 @@ in one :class:`PluginState` under :data:`state_key`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import inspect
@@ -105,8 +106,12 @@ NOTHING_MEASURED = pytest.ExitCode.NO_TESTS_COLLECTED
 
 def option_text(value: str) -> str:
     """A text option's value without the spaces around it (``--eff-history " off"`` had become a history file
-    named " off", ``--eff-compare " last"`` a commit that was never found)."""
-    return value.strip()
+    named " off", ``--eff-compare " last"`` a commit that was never found). Spaces alone are refused: stripped,
+    they would read as the option left out (``--eff-shard " "`` from an unset CI variable ran the whole grid)."""
+    text = value.strip()
+    if value and not text:
+        raise argparse.ArgumentTypeError("a value of spaces only: give a value, or leave the option out")
+    return text
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -798,7 +803,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for cases in _queued_worker_cases(session.config):
             state.get_session().merge_worker_cases(cases)
     if (state.cases_found and state.session is None and session.exitstatus == pytest.ExitCode.INTERRUPTED
-            and not hasattr(session.config, "workerinput")):
+            and not hasattr(session.config, "workerinput") and not session.config.option.collectonly):
         state.get_session()  # interrupted before its first case began: a report says so, and replaces an older one
     if state.session is not None:
         stopped_early = bool(session.shouldfail or session.shouldstop)  # -x / --maxfail

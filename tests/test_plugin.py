@@ -389,6 +389,7 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
                             "one, or leave the option out*"),
     (["--eff-compare", " last ", "--eff-history", " off"],
      "*--eff-compare last: 'last' is looked up in the history, but --eff-history is off*"),
+    (["--eff-shard", " "], "*argument --eff-shard: a value of spaces only: give a value, or leave the option out*"),
     (["--eff-report", "a-folder"],
      "*--eff-report */a-folder is not writable (it is a folder: give the path of a file)*"),
     (["--eff-compute-dtype", "int3"], "*--eff-compute-dtype compute-dtype must be one of fp32, fp16, bf16, got 'int3'"),
@@ -406,8 +407,9 @@ def test_aliases_give_the_ids_limits_and_report_of_canonical_names(pytester: pyt
      "*serving prompts need 48 tokens (--eff-input-tokens); the evaluation text has 40 at most (--eff-max-tokens 40)"
      ": lower --eff-input-tokens to at most 40 or raise --eff-max-tokens*"),
 ], ids=["regression-nan", "regression-negative", "regression-without-history", "compare-last-without-history",
-        "compare-missing-file", "compare-empty", "spaces-around-text-options", "report-a-folder", "compute-dtype",
-        "unknown-task", "decode-beyond-positions", "serving-beyond-positions", "serving-beyond-token-budget"])
+        "compare-missing-file", "compare-empty", "spaces-around-text-options", "spaces-only", "report-a-folder",
+        "compute-dtype", "unknown-task", "decode-beyond-positions", "serving-beyond-positions",
+        "serving-beyond-token-budget"])
 def test_bad_input_found_only_after_the_run_is_refused_before_any_model_loads(
         pytester: pytest.Pytester, tiny_dir: Path, args: list[str], message: str) -> None:
     """Each was accepted and the grid measured; then the run failed at its end, or its cases lacked what was asked
@@ -531,12 +533,15 @@ def test_my_case(eff_measure):
     common.insert(0, f"--rootdir={pytester.path}")
     mine = pytester.runpytest_subprocess(*common, "test_mine.py")
     mine.assert_outcomes(passed=1)
+    # no grid case selected: the run does not say what it selected, so a comparison leaves no baseline case out
+    assert "selected" not in json.loads((pytester.path / "run.json").read_text())
     grid = pytester.runpytest_subprocess(*common, "--eff-grid", "-m", "efficiency", "--eff-techniques", "fp32,bnb8",
                                          "-v")
     grid.assert_outcomes(passed=2, deselected=1)
     grid.stdout.fnmatch_lines(["*test_efficiency?tiny-gpt2-bnb8? PASSED*"])
     report = json.loads((pytester.path / "run.json").read_text())
     assert [c["technique"] for c in report["cases"]] == ["fp32", "bnb8"]
+    assert report["selected"] == ["tiny-gpt2-bnb8", "tiny-gpt2-fp32"]
 
 
 CHECKS_SLEEP = """
@@ -677,19 +682,26 @@ def test_a_case_interrupted_in_a_phase_keeps_what_its_earlier_phases_measured(py
     assert not list(jsonschema.Draft202012Validator(schema).iter_errors(report))
 
 
+@pytest.mark.parametrize("collect_only", [False, True], ids=["run", "collect-only"])
 def test_a_run_stopped_while_its_inputs_are_checked_leaves_an_interrupted_report(pytester: pytest.Pytester,
-                                                                                 tiny_dir: Path) -> None:
+                                                                                 tiny_dir: Path,
+                                                                                 collect_only: bool) -> None:
     """Before, SIGTERM during collection's checks (where a hub model's config.json is fetched) took its default
     action: the process died without pytest's summary, and ``--eff-report`` still held the previous run's report,
-    read as this run's."""
+    read as this run's. A ``--collect-only`` run writes no report, interrupted or not."""
     import os
     import signal
 
-    (pytester.path / "run.json").write_text(json.dumps({"status": "complete", "cases": ["an older run's"]}))
-    code, out = _grid_stopped_in(pytester, tiny_dir, "fp32", "--eff-history", "off", conftest=CHECKS_SLEEP,
+    older = json.dumps({"status": "complete", "cases": ["an older run's"]})
+    (pytester.path / "run.json").write_text(older)
+    code, out = _grid_stopped_in(pytester, tiny_dir, "fp32", "--eff-history", "off",
+                                 *(["--collect-only"] if collect_only else []), conftest=CHECKS_SLEEP,
                                  stop=lambda proc: os.kill(proc.pid, signal.SIGTERM))
     assert code == pytest.ExitCode.INTERRUPTED, out
     assert "!! KeyboardInterrupt: signal 15 (SIGTERM) !!" in out, out
+    if collect_only:
+        assert (pytester.path / "run.json").read_text() == older
+        return
     report = json.loads((pytester.path / "run.json").read_text())
     assert report["status"] == "interrupted" and report["cases"] == [] and report["finished_at"]
     assert "interrupted before its first case" in report["environment"]["idle_power"]["reason"]
