@@ -358,12 +358,11 @@ def _notes(runs: Sequence[Report], side: str) -> list[str]:
 
 
 def not_selected(case_id: str, head_runs: Sequence[Report]) -> bool:
-    """Whether no head run selected ``case_id`` (``-k``, another shard's): each records the grid cases it selected
-    (``selected``) and none lists it or has it among its cases. A case a head run selected and lost stays
+    """Whether no head run selected ``case_id`` (``-k``, another shard's), for a case none of them has: each records
+    the grid cases it selected (``selected``) and none lists it. A case a head run selected and lost stays
     inconclusive, as does every absent case of a run that does not say what it selected (an older report, cases
     measured through ``eff_measure``, a merge that lacks a shard)."""
-    return all(isinstance(run.get("selected"), list) and case_id not in run["selected"]
-               and not any(c.get("id") == case_id for c in run.get("cases") or []) for run in head_runs)
+    return all(isinstance(run.get("selected"), list) and case_id not in run["selected"] for run in head_runs)
 
 
 def compare(base_runs: Sequence[Report], head_runs: Sequence[Report], criteria: Criteria | None = None,
