@@ -145,7 +145,6 @@ class PluginState:
     config_error: ConfigError | None = None
     session: EfficiencySession | None = None
     collected: bool = False  # efficiency cases were collected in this run
-    cases_found: bool = False  # collection found efficiency cases (its checks may not have ended)
     checked: bool = False  # inputs and outputs checked
     previous_sigterm: Any = None
     sigterm_installed: bool = False
@@ -597,7 +596,6 @@ def _check_collected(session: pytest.Session, config: pytest.Config, items: list
     state = _state(config)
     if not (_has_cases(items) or state.collected):
         return
-    state.cases_found = True
     _install_sigterm(state)  # before the checks: fetching a hub model's config.json there can take a while
     try:
         check_before_loading(state)
@@ -802,7 +800,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _controller_report(state)  # interrupted before a case ended: a report says so, not silence
         for cases in _queued_worker_cases(session.config):
             state.get_session().merge_worker_cases(cases)
-    if (state.cases_found and state.session is None and session.exitstatus == pytest.ExitCode.INTERRUPTED
+    if (state.collected and state.session is None and session.exitstatus == pytest.ExitCode.INTERRUPTED
             and not hasattr(session.config, "workerinput") and not session.config.option.collectonly):
         state.get_session()  # interrupted before its first case began: a report says so, and replaces an older one
     if state.session is not None:
