@@ -115,16 +115,17 @@ def merge(reports: Sequence[Report], sources: Sequence[str] | None = None) -> Re
     status = min((str(r.get("status")) for r in runs),
                  key=lambda s: _WORST_FIRST.index(s) if s in _WORST_FIRST else 0)
     notes: list[str] = []
+    lost_shards: list[int] = []
     shards = [(r.get("settings") or {}).get("shard") for r in runs]
     if all(isinstance(s, dict) for s in shards):
         counts = {s["count"] for s in shards if isinstance(s, dict)}
         present = {s["index"] for s in shards if isinstance(s, dict)}
-        missing = sorted(set(range(1, max(counts) + 1)) - present) if len(counts) == 1 else []
+        lost_shards = sorted(set(range(1, max(counts) + 1)) - present) if len(counts) == 1 else []
         if len(counts) != 1:
             raise MergeError(f"the shard reports split the grid differently: counts {sorted(counts)}")
-        if missing:
-            notes.append(f"shard(s) {', '.join(map(str, missing))} of {max(counts)} missing: not every case of the "
-                         "grid is here")
+        if lost_shards:
+            notes.append(f"shard(s) {', '.join(map(str, lost_shards))} of {max(counts)} missing: not every case of "
+                         "the grid is here")
             status = "incomplete" if status == "complete" else status
     merged: Report = {**runs[0], "schema_version": SCHEMA_VERSION, "status": status}
     merged["settings"] = {k: v for k, v in (runs[0].get("settings") or {}).items() if k != "shard"}
@@ -139,7 +140,7 @@ def merge(reports: Sequence[Report], sources: Sequence[str] | None = None) -> Re
     if missing:
         merged["missing"] = missing
     merged.pop("selected", None)
-    if not notes and all(isinstance(r.get("selected"), list) for r in runs):  # a lost shard's selection is unknown
+    if not lost_shards and all(isinstance(r.get("selected"), list) for r in runs):  # a lost one's is unknown
         merged["selected"] = sorted({c for r in runs for c in r["selected"]})
     merged["merged_from"] = [{"source": name, "shard": (r.get("settings") or {}).get("shard"),
                               "status": r.get("status"), "started_at": r.get("started_at"),
