@@ -19,7 +19,9 @@ block's norm; the attention mask is still made outside the graph, by the model's
 backends ``flash`` (cuDNN's SDPA off, so
 FlashAttention's kernels run), ``effat`` (cuDNN and Flash off: the memory-efficient kernels) and ``math`` (all fused
 SDPA kernels off: inductor writes the attention); ``blaslt`` (cuBLASLt, not cuBLAS, for the matmuls outside
-inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``nocombo`` (compile's
+inductor's own kernels: ``torch.backends.cuda.preferred_blas_library``), ``mag`` (inductor's GEMM autotuning
+alone, process-wide: each matmul timed as cuBLAS and as inductor's Triton templates, the faster kept; no pointwise
+autotuning, unlike ``ma``), ``tma`` (``mag`` with the persistent TMA template too), ``nocombo`` (compile's
 ``combo_kernels`` off: inductor's combo kernels, on by default in decode; before 89ea07a the probe's ``combo`` flag
 turned them on process-wide), ``nopdl`` (compile's ``pdl`` off: programmatic dependent launch of inductor's
 Triton kernels, on by default from compute capability 9.0; in the lease of docs/results.md 5o the probe's ``pdl``
@@ -156,10 +158,16 @@ def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float,
 
 
 def _choose_backends(flags: list[str]) -> None:
-    """Turn off the fused SDPA backends that the flags name and choose the BLAS library (process-wide: each
+    """Turn off the fused SDPA backends that the flags name, choose the BLAS library and inductor's GEMM autotuning (process-wide: each
     variant has its own process)."""
     import torch
 
+    if {"mag", "tma"} & set(flags):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.max_autotune_gemm = True
+        inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+        inductor_config.triton.enable_persistent_tma_matmul = "tma" in flags
     if "blaslt" in flags:
         torch.backends.cuda.preferred_blas_library("cublaslt")
     if {"flash", "effat", "math"} & set(flags):

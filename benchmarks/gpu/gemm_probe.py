@@ -8,6 +8,12 @@ one), and causal attention through each fused SDPA backend, at the block's heads
 
 `python benchmarks/gpu/gemm_probe.py OUT.json --model gpt2-xl`
 
+``--inductor tt,tma`` also times each matmul compiled by inductor with its GEMM autotuning (``max_autotune_gemm``,
+backends ATEN and TRITON, so that cuBLAS and inductor's Triton templates compete at the same shape), in the layout the
+model stores: ``tt`` with inductor's default templates, ``tma`` with its persistent TMA template too (Hopper), ``ex``
+with the exhaustive search space. Inductor prints each autotuning's table of choices (stderr). ``--budget-s``
+bounds the whole run: a compiled variant that would start after it is left out and named in the report.
+
 Median [min, max] of ``--rounds`` CUDA-event timings after 3 warm-up calls; TFLOP/s from 2 x rows x in x out (attention:
 one layer's causal FLOPs as the suite counts them, efficiency.measure.roofline.attention_flops; the reports of
 docs/results.md 5p counted T^2 / 2 query-key pairs instead of T (T + 1) / 2, 0.1% fewer).
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,35 @@ def _time_ms(fn: Any, rounds: int) -> list[float]:
     return out
 
 
+def _compiled(variant: str, activation: str | None, x: Any, w: Any, bias: Any) -> tuple[Any, float]:
+    """The matmul (bias, activation) compiled with inductor's GEMM autotuning over cuBLAS and its Triton templates,
+    called once (the autotuning), and the seconds that took."""
+    import torch
+    import torch.nn.functional as F
+
+    options: dict[str, Any] = {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                               "triton.cudagraphs": False}
+    if variant == "tma":
+        options["triton.enable_persistent_tma_matmul"] = True
+    elif variant == "ex":
+        options["max_autotune_gemm_search_space"] = "EXHAUSTIVE"
+    elif variant != "tt":
+        raise ValueError(f"unknown compiled variant {variant!r}")
+
+    def f(x: Any, w: Any, bias: Any) -> Any:
+        y = torch.addmm(bias, x, w)
+        if activation == "gelu":
+            return F.gelu(y, approximate="tanh")
+        return torch.relu(y) if activation == "relu" else y
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, options=options, dynamic=False)
+    t0 = time.perf_counter()
+    compiled(x, w, bias)
+    torch.cuda.synchronize()
+    return (lambda: compiled(x, w, bias)), time.perf_counter() - t0
+
+
 def main() -> None:
     import torch
     import torch.nn.functional as F
@@ -52,7 +88,10 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2-xl")
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--inductor", default="", help="compiled variants: tt, tma, ex (comma-separated)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"))
     a = ap.parse_args()
+    started = time.perf_counter()
     cfg = AutoConfig.from_pretrained(Path(os.environ["EFFICIENCY_DATA_DIR"]) / "architectures" / a.model)
     hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     ffn = int(getattr(cfg, "ffn_dim", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
@@ -84,6 +123,19 @@ def main() -> None:
                 return torch.addmm(bias, x, w)
 
             record(f"{name} {k}x{n} {layout}{' +' + activation if activation else ''}", _time_ms(fn, a.rounds), flop)
+        stored = w_in_out if "gpt2" in cfg.model_type else w_out_in.t()
+        for variant in [v for v in a.inductor.split(",") if v]:
+            what = f"{name} {k}x{n} compiled {variant}{' +' + activation if activation else ''}"
+            if time.perf_counter() - started > a.budget_s:
+                rows.append({"what": what, "error": "left out: the probe's budget was spent"})
+                continue
+            try:
+                compiled, compile_s = _compiled(variant, activation, x, stored, bias)
+                record(what, _time_ms(compiled, a.rounds), flop)
+                rows[-1]["compile_s"] = compile_s
+            except Exception as e:  # a template that fails to compile is a result here, not a crash
+                rows.append({"what": what, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                print(f"{what}: {rows[-1]['error']}", flush=True)
     head = hidden // heads
     batch = a.rows // 1024
     q, kk, v = (torch.randn(batch, 1024, heads, head, device=dev, dtype=dt, generator=g).transpose(1, 2)
