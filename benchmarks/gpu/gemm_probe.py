@@ -14,6 +14,11 @@ model stores: ``tt`` with inductor's default templates, ``tma`` with its persist
 with the exhaustive search space. Inductor prints each autotuning's table of choices (stderr). ``--budget-s``
 bounds the whole run: a compiled variant that would start after it is left out and named in the report.
 
+``--sustained-s 10`` then runs one decoder block's kernels (the four matmuls as the model stores its weights, eager,
+and cuDNN's causal attention) back to back for about that long and reports the time of one block and its TFLOP/s
+under sustained load, next to the sum of the same kernels timed alone; the wall-clock times of its start and end
+are printed, to be read against a clock and power log (``nvidia-smi -lms``) taken beside it.
+
 Median [min, max] of ``--rounds`` CUDA-event timings after 3 warm-up calls; TFLOP/s from 2 x rows x in x out (attention:
 one layer's causal FLOPs as the suite counts them, efficiency.measure.roofline.attention_flops; the reports of
 docs/results.md 5p counted T^2 / 2 query-key pairs instead of T (T + 1) / 2, 0.1% fewer).
@@ -75,6 +80,43 @@ def _compiled(variant: str, activation: str | None, x: Any, w: Any, bias: Any) -
     return (lambda: compiled(x, w, bias)), time.perf_counter() - t0
 
 
+def _sustained(seconds: float, stored_ops: list[tuple[Any, float, float]], q: Any, k: Any, v: Any,
+               attention_flop: float, rows: list[dict[str, Any]], record: Any) -> None:
+    """One decoder block's kernels back to back for about ``seconds``: ms per block under sustained load, against
+    the sum of the same kernels timed alone (cuDNN's attention: its row above)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    alone = [r for r in rows if "CUDNN" in r.get("what", "") and "ms" in r]
+    if not alone:
+        rows.append({"what": "sustained block", "error": "cuDNN's attention did not run"})
+        return
+    flop = sum(f for _, f, _ in stored_ops) + attention_flop
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        def block() -> None:
+            for fn, _, _ in stored_ops:
+                fn()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        one = statistics.median(_time_ms(block, 5))
+        n = max(1, int(seconds * 1000 / one))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        print(f"sustained start {time.time():.3f}", flush=True)
+        start.record()
+        for _ in range(n):
+            block()
+        end.record()
+        end.synchronize()
+        print(f"sustained end {time.time():.3f}", flush=True)
+    per_block = start.elapsed_time(end) / n
+    record(f"sustained block ({n} back to back)", [per_block], flop)
+    rows[-1].update(blocks=n, ms_alone_sum=sum(ms for _, _, ms in stored_ops) + alone[0]["ms"],
+                    tflops_alone_sum=flop / (sum(ms for _, _, ms in stored_ops) + alone[0]["ms"]) / 1e9)
+    print(f"  the same kernels timed alone: {rows[-1]['ms_alone_sum']:.3f} ms, {rows[-1]['tflops_alone_sum']:.1f} "
+          "TFLOP/s", flush=True)
+
+
 def main() -> None:
     import torch
     import torch.nn.functional as F
@@ -90,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--inductor", default="", help="compiled variants: tt, tma, ex (comma-separated)")
     ap.add_argument("--budget-s", type=float, default=float("inf"))
+    ap.add_argument("--sustained-s", type=float, default=0.0)
     a = ap.parse_args()
     started = time.perf_counter()
     cfg = AutoConfig.from_pretrained(Path(os.environ["EFFICIENCY_DATA_DIR"]) / "architectures" / a.model)
@@ -108,6 +151,7 @@ def main() -> None:
         print(f"{what:58s} {med:8.3f} ms [{min(times):.3f}, {max(times):.3f}]  {flop / med / 1e9:6.1f} TFLOP/s",
               flush=True)
 
+    stored_ops: list[tuple[Any, float, float]] = []  # (the matmul as the model stores its weight, FLOPs, ms alone)
     shapes = [("qkv", hidden, 3 * hidden, None), ("attn out", hidden, hidden, None), ("mlp in", hidden, ffn, act),
               ("mlp out", ffn, hidden, None)]
     for name, k, n, activation in shapes:
@@ -123,6 +167,8 @@ def main() -> None:
                 return torch.addmm(bias, x, w)
 
             record(f"{name} {k}x{n} {layout}{' +' + activation if activation else ''}", _time_ms(fn, a.rounds), flop)
+            if layout.startswith("(in, out)") == ("gpt2" in cfg.model_type):
+                stored_ops.append((fn, flop, rows[-1]["ms"]))
         stored = w_in_out if "gpt2" in cfg.model_type else w_out_in.t()
         for variant in [v for v in a.inductor.split(",") if v]:
             what = f"{name} {k}x{n} compiled {variant}{' +' + activation if activation else ''}"
@@ -149,6 +195,8 @@ def main() -> None:
             record(f"attention causal {batch}x{heads}x1024x{head} {backend.name}", times, flop)
         except RuntimeError as e:
             rows.append({"what": f"attention {backend.name}", "error": str(e)[:300]})
+    if a.sustained_s > 0:
+        _sustained(a.sustained_s, stored_ops, q, kk, v, flop, rows, record)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "rows_of_tokens": a.rows, "device": torch.cuda.get_device_name(),
                                  "torch": torch.__version__, "rows": rows}, indent=1))
