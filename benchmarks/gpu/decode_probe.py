@@ -158,8 +158,8 @@ def kernel_table(many: dict[str, tuple[float, int]], few: dict[str, tuple[float,
 
 
 def _choose_backends(flags: list[str]) -> None:
-    """Turn off the fused SDPA backends that the flags name, choose the BLAS library and inductor's GEMM autotuning (process-wide: each
-    variant has its own process)."""
+    """Turn off the fused SDPA backends that the flags name, choose the BLAS library and inductor's GEMM autotuning
+    (process-wide: each variant has its own process)."""
     import torch
 
     if {"mag", "tma"} & set(flags):
