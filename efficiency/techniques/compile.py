@@ -443,7 +443,8 @@ class Compile(TechniqueBase):
     # takes 44.4 ms/token without it and 3.73 with it (H200, section 5d). Max-autotune (Triton GEMM templates
     # against cuBLAS): off, measured on the H200 (section 5e): opt-6.7b batch-1 decode 5.144 ms/token against 4.456
     # without it (its Triton templates replaced cuBLAS's GEMVs); for a perplexity pass its compilation did not end
-    # within 98-141 s (5d), so not known there.
+    # within 98-141 s (5d), but at gpt2-xl's four matmul shapes inductor's GEMM autotuning kept cuBLAS every time:
+    # its Triton templates, persistent TMA included, ran at 71-96% of cuBLAS's speed (H100, section 5r).
     coordinate_descent_tuning: bool | None = None
     max_autotune: bool = False
     # Freezing (weights as graph constants): off, measured on the H200 (docs/results.md section 5c): it did not
