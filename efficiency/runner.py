@@ -199,7 +199,7 @@ class Runner:
             sync=sync_all, log=self.log, benchmark=benchmark,
             store=self._stores.setdefault(ctx.model_name, {}), model_name=ctx.model_name,
             is_baseline=pipeline.name == cfg.baseline,
-            gpus=tuple(f"cuda:{i}" for i in gpus) if len(gpus) > 1 else (),
+            gpus=tuple(f"cuda:{i}" for i in gpus) if len(gpus) > 1 else (), nvml_indices=meter_set.nvml_indices,
         )
         pctx.shared["matmul_dtype"] = matmul_dtype(ctx.info)
         conditions = case_conditions(meter_set)

@@ -86,6 +86,8 @@ def table(report: dict[str, Any]) -> list[str]:
             notes.append(f"- {c['id']}: {lat['decode_host_note']}")
         mfu_dtype = rt.get("mfu_compute_dtype")
         mfu_of = f" ({mfu_dtype})" if rt.get("mfu_pct") is not None and mfu_dtype not in ("bfloat16", "float16") else ""
+        clock = rt.get("mfu_sm_clock_mhz")  # the pass's median SM clock (reports from 5r on)
+        mfu_of += f" at {clock:.0f} MHz" if rt.get("mfu_pct") is not None and clock is not None else ""
         lines.append(
             f"| {c['id']} | {spread(tok, BY_NAME['decode_s_per_token'].round_samples(c), 1e3)} | "
             f"{f(base_tok / tok if tok and base_tok else None, '{:.2f}x')} | "

@@ -1,11 +1,16 @@
 """The GPU's thermal and power state for the report, read per case before and after its measurements:
 power limit and draw, SM/memory clocks and their maxima, temperature, clock throttle reasons (decoded to
 names), MIG mode; plus a ``throttled`` flag and a one-line warning when clocks are held down for a reason
-other than idleness. pynvml is imported only when called."""
+other than idleness. And the clocks during each measured window (:class:`ClockSampler`): a GPU at rest before
+and after a case runs at its maximum clock, which says nothing of the clock its work ran at. pynvml is
+imported only when called."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import statistics
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from efficiency.measure.sample import _PIP_HINT
@@ -136,3 +141,168 @@ def power_state(indices: Sequence[int]) -> dict[str, object]:
 
 def _missing(*_args: Any) -> float:
     raise AttributeError("this pynvml has no such query")
+
+
+# --- the GPU's clocks during a measured window -------------------------------------------------------------
+
+# How often the clock sampler reads: NVML's readings update about this often (sample.NVML_UPDATE_PERIOD_S).
+CLOCK_SAMPLE_INTERVAL_S = 0.1
+# Reasons that hold the clock down because the GPU draws its power limit (what a busy datacenter GPU does).
+POWER_CAP_REASONS = frozenset({"sw_power_cap", "hw_power_brake_slowdown"})
+
+
+def summarise_clock_samples(index: int, samples: Sequence[tuple[float | None, float | None, int | None]],
+                            max_sm_clock_mhz: float | None, power_limit_w: float | None) -> dict[str, Any]:
+    """One GPU's clocks over a window from its samples ``(SM clock MHz, power W, clocks-event mask)`` (a field
+    the GPU did not report is None): median / min / max SM clock, median power, and for each clocks-event reason
+    the share of the samples that carried it; ``power_capped_share``: the share held down by the power limit."""
+    sm = [s for s, _, _ in samples if s is not None]
+    power = [p for _, p, _ in samples if p is not None]
+    masks = [m for _, _, m in samples if m is not None]
+    counts: dict[str, int] = {}
+    for mask in masks:
+        for name in decode_throttle_reasons(mask):
+            counts[name] = counts.get(name, 0) + 1
+    capped = sum(1 for mask in masks if POWER_CAP_REASONS & set(decode_throttle_reasons(mask)))
+    return {
+        "index": index,
+        "samples": len(samples),
+        "sm_clock_mhz_median": statistics.median(sm) if sm else None,
+        "sm_clock_mhz_min": min(sm) if sm else None,
+        "sm_clock_mhz_max": max(sm) if sm else None,
+        "max_sm_clock_mhz": max_sm_clock_mhz,
+        "power_w_median": statistics.median(power) if power else None,
+        "power_limit_w": power_limit_w,
+        "reasons_share": {name: n / len(masks) for name, n in counts.items()} if masks else None,
+        "power_capped_share": capped / len(masks) if masks else None,
+    }
+
+
+class ClockSampler:
+    """Samples each GPU's SM clock, power draw and clocks-event reasons every ``interval_s`` in a thread, from
+    :meth:`begin` to :meth:`end` (also once at each edge), so that a report says at what clock a window's work
+    ran: an H100 at its 700 W limit runs a long matmul-bound pass far below its maximum clock (docs/results.md
+    5r), which a reading before and after the case (idle) does not show."""
+
+    def __init__(self, indices: Sequence[int], interval_s: float = CLOCK_SAMPLE_INTERVAL_S) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.indices = tuple(indices)
+        self.interval_s = interval_s
+        self._nvml: Any = None
+        self._handles: list[Any] = []
+        self._static: list[tuple[float | None, float | None]] = []  # (max SM clock MHz, power limit W) per GPU
+        self._samples: list[list[tuple[float | None, float | None, int | None]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def _query(self, fn_name: str, *args: Any, scale: float = 1.0) -> float | None:
+        fn = getattr(self._nvml, fn_name, None)
+        if fn is None:
+            return None
+        try:
+            return float(fn(*args)) * scale
+        except self._nvml.NVMLError:
+            return None
+
+    def _sample(self) -> None:
+        row = [(self._query("nvmlDeviceGetClockInfo", h, self._nvml.NVML_CLOCK_SM),
+                self._query("nvmlDeviceGetPowerUsage", h, scale=1e-3), _throttle_mask(self._nvml, h))
+               for h in self._handles]
+        with self._lock:
+            for per_gpu, sample in zip(self._samples, row, strict=True):
+                per_gpu.append(sample)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception as exc:  # reported by end() with the reason, not lost
+                self._error = f"clock sampling failed during the window: {exc!r}"
+                return
+
+    def begin(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("begin() called twice without end() or cancel()")
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        try:
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
+            self._static = [(self._query("nvmlDeviceGetMaxClockInfo", h, pynvml.NVML_CLOCK_SM),
+                             self._query("nvmlDeviceGetEnforcedPowerLimit", h, scale=1e-3)) for h in self._handles]
+            self._samples, self._error = [[] for _ in self._handles], None
+            self._sample()
+        except BaseException:
+            self._close()
+            raise
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nvml-clock-sampler", daemon=True)
+        self._thread.start()
+
+    def _close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except self._nvml.NVMLError:
+            pass
+
+    def _stop_thread(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=max(1.0, 10 * self.interval_s))
+        self._thread = None
+
+    def end(self) -> dict[str, Any]:
+        """``{"interval_s", "gpus": [one summary per GPU (summarise_clock_samples)], "reason": None}``, or
+        ``gpus`` None with the reason when sampling failed."""
+        if self._thread is None:
+            raise RuntimeError("end() called without begin()")
+        self._stop_thread()
+        try:
+            self._sample()
+        except self._nvml.NVMLError as exc:
+            self._error = self._error or f"NVML read failed: {exc}"
+        finally:
+            self._close()
+        if self._error is not None:
+            return {"interval_s": self.interval_s, "gpus": None, "reason": self._error}
+        with self._lock:
+            samples = [list(s) for s in self._samples]
+        gpus = [summarise_clock_samples(i, s, mx, limit)
+                for i, s, (mx, limit) in zip(self.indices, samples, self._static, strict=True)]
+        return {"interval_s": self.interval_s, "gpus": gpus, "reason": None}
+
+    def cancel(self) -> None:
+        if self._thread is None:
+            return
+        self._stop_thread()
+        self._close()
+
+
+@contextmanager
+def sample_clocks(indices: Sequence[int]) -> Iterator[dict[str, Any]]:
+    """Sample the GPUs' clocks over the ``with`` body; the yielded dict receives the summary
+    (:meth:`ClockSampler.end`) under ``"gpu_clocks"`` when the body ends normally, or ``{"gpus": None,
+    "reason": ...}`` when NVML is missing or fails to start."""
+    out: dict[str, Any] = {}
+    sampler = ClockSampler(indices)
+    try:
+        sampler.begin()
+    except ImportError:
+        out["gpu_clocks"] = {"interval_s": None, "gpus": None, "reason": _PIP_HINT}
+        yield out
+        return
+    except Exception as exc:  # pynvml.NVMLError and the like: the window still runs, without clocks
+        out["gpu_clocks"] = {"interval_s": None, "gpus": None, "reason": f"NVML failed to start: {exc}"}
+        yield out
+        return
+    try:
+        yield out
+    except BaseException:
+        sampler.cancel()
+        raise
+    out["gpu_clocks"] = sampler.end()

@@ -29,21 +29,31 @@ from efficiency.defaults import MAX_ROUNDS
 
 @dataclass(frozen=True)
 class Window:
-    """What one phase's window measured: wall time, one energy sample per meter, peak memory."""
+    """What one phase's window measured: wall time, one energy sample per meter, peak memory and, on a GPU with
+    NVML, the clocks its work ran at (efficiency.measure.gpustate.sample_clocks)."""
 
     wall_s: float
     energy: Mapping[str, Any]  # meter key ("gpu", "cpu") -> EnergySample, or None when the window was cancelled
     peak: Any  # efficiency.measure.memory.PeakMemory
+    gpu_clocks: dict[str, Any] | None = None  # None: no GPU metered through NVML (a CPU run)
 
     def sample(self, key: str) -> Any:
         return self.energy.get(key)
 
+    def first_gpu_clocks(self) -> dict[str, Any] | None:
+        """The clocks summary of the first sampled GPU, None where none was sampled."""
+        gpus = (self.gpu_clocks or {}).get("gpus")
+        return gpus[0] if gpus else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "wall_s": self.wall_s,
             "energy": {k: (s.to_dict() if s is not None else None) for k, s in self.energy.items()},
             "peak_memory": self.peak.to_dict() if self.peak is not None else None,
         }
+        if self.gpu_clocks is not None:
+            out["gpu_clocks"] = self.gpu_clocks
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class PhaseContext:
     model_name: str = ""
     is_baseline: bool = False
     gpus: tuple[str, ...] = ()  # every GPU of a model split across several (--eff-device-map): peaks tracked on each
+    nvml_indices: tuple[int, ...] = ()  # the metered GPUs' NVML indices: their clocks sampled in every window
     max_rounds: int = MAX_ROUNDS
     _window_start: float | None = None
 
@@ -184,12 +195,14 @@ def measured_window(ctx: PhaseContext, exact_cpu_peak: bool = False) -> Iterator
     """Sync, open every meter and peak-memory tracking, yield, sync, close. The yielded dict receives the
     finished :class:`Window` under ``"window"``. ``exact_cpu_peak``: see the note in :class:`Phase`."""
     from efficiency.measure.energy import measure_energy
+    from efficiency.measure.gpustate import sample_clocks
     from efficiency.measure.memory import track_peak
 
     out: dict[str, Any] = {}
     with ExitStack() as stack:
         peak = stack.enter_context(track_peak(ctx.device, ctx.gpus, exact_cpu_peak))
         windows = {k: stack.enter_context(measure_energy(m, ctx.sync)) for k, m in ctx.meters.items()}
+        clocks = stack.enter_context(sample_clocks(ctx.nvml_indices)) if ctx.nvml_indices else None
         ctx.sync()
         t0 = time.perf_counter()
         ctx._window_start = t0
@@ -199,7 +212,8 @@ def measured_window(ctx: PhaseContext, exact_cpu_peak: bool = False) -> Iterator
             wall_s = time.perf_counter() - t0
         finally:
             ctx._window_start = None
-    out["window"] = Window(wall_s, {k: w.sample for k, w in windows.items()}, peak)
+    out["window"] = Window(wall_s, {k: w.sample for k, w in windows.items()}, peak,
+                           clocks.get("gpu_clocks") if clocks is not None else None)
 
 
 def run_phase(phase: Phase, model: Any, ctx: PhaseContext) -> PhaseRecord:

@@ -18,7 +18,10 @@ The case status ``interrupted`` (with ``partial``, the sections its phases measu
 ``phases_done``) was added later within version 2: readers that know only the older statuses take it as not
 measured, like ``error``.
 
-Each ``phases`` entry's ``median_s`` (the median round of a timed phase) came later within version 2 too.
+Each ``phases`` entry's ``median_s`` (the median round of a timed phase) came later within version 2 too, and so
+did, on a GPU metered through NVML, its window's ``gpu_clocks`` (the SM clock, power and throttle reasons sampled
+during the window) and the perplexity runtime's ``mfu_sm_clock_mhz`` and ``mfu_power_capped_share``: a report
+without them was written before they were recorded.
 
 Settings recorded later within version 2 (``compute_dtype``, ``technique_options`` by canonical step name,
 ``calibration_path``, ``device_map``, ``kld``, ``tasks``, ``serving``, ``accuracy_thresholds``) are optional

@@ -1,0 +1,128 @@
+"""The GPU's clocks during a measured window (efficiency.measure.gpustate.ClockSampler), on a fake pynvml whose
+readings follow a script: the report must say at what clock a window's work ran, not only the idle clock
+before and after the case (an H100 at its 700 W limit runs a long pass near 1,455 of its 1,980 MHz,
+docs/results.md 5r)."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from typing import Any
+
+import pytest
+
+from efficiency.measure.gpustate import ClockSampler, sample_clocks, summarise_clock_samples
+from efficiency.phases.base import PhaseContext, PhaseRecord, Rounds, Window, measured_window
+from efficiency.phases.perplexity import TimedPass, TimedPassPhase
+from efficiency.settings import Workload
+
+
+class ScriptedBoard:
+    """One GPU whose SM clock, power (mW) and clocks-event mask come from a script, one entry per reading; the
+    last entry repeats."""
+
+    def __init__(self, script: list[tuple[int, int, int]]) -> None:
+        self.script, self.reads, self.shutdowns = script, 0, 0
+
+    def now(self) -> tuple[int, int, int]:
+        return self.script[min(self.reads, len(self.script) - 1)]
+
+
+def scripted_pynvml(board: ScriptedBoard) -> types.ModuleType:
+    mod = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def clock(h: int, kind: int) -> int:
+        return board.now()[0]
+
+    def power(h: int) -> int:
+        return board.now()[1]
+
+    def mask(h: int) -> int:  # read last in a sample: the next sample reads the next script entry
+        value = board.now()[2]
+        board.reads += 1
+        return value
+
+    def shutdown() -> None:
+        board.shutdowns += 1
+
+    mod.__dict__.update(
+        NVMLError=NVMLError, NVML_CLOCK_SM=1, nvmlInit=lambda: None, nvmlShutdown=shutdown,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetClockInfo=clock, nvmlDeviceGetPowerUsage=power,
+        nvmlDeviceGetCurrentClocksEventReasons=mask, nvmlDeviceGetMaxClockInfo=lambda h, kind: 1980,
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+    )
+    return mod
+
+
+def test_the_clock_summary_by_hand() -> None:
+    samples: list[tuple[float | None, float | None, int | None]] = [
+        (1410.0, 698.0, 0x4), (1455.0, 697.0, 0x4), (1980.0, 120.0, 0x1), (None, None, None)]
+    s = summarise_clock_samples(0, samples, 1980.0, 700.0)
+    assert s["samples"] == 4
+    assert (s["sm_clock_mhz_median"], s["sm_clock_mhz_min"], s["sm_clock_mhz_max"]) == (1455.0, 1410.0, 1980.0)
+    assert s["power_w_median"] == 697.0
+    assert s["reasons_share"] == pytest.approx({"sw_power_cap": 2 / 3, "gpu_idle": 1 / 3})
+    assert s["power_capped_share"] == pytest.approx(2 / 3)
+    assert (s["max_sm_clock_mhz"], s["power_limit_w"]) == (1980.0, 700.0)
+    nothing = summarise_clock_samples(1, [(None, None, None)], None, None)
+    assert nothing["sm_clock_mhz_median"] is None and nothing["power_capped_share"] is None
+
+
+def test_the_sampler_reads_the_clock_at_both_edges_and_in_between(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = ScriptedBoard([(1980, 120_000, 0x1), (1455, 697_000, 0x4), (1410, 699_000, 0x4)])
+    monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
+    edges = ClockSampler([0], interval_s=3600.0)  # no sample between the edges
+    edges.begin()
+    out = edges.end()
+    gpu = out["gpus"][0]
+    assert out["reason"] is None and gpu["samples"] == 2
+    assert gpu["sm_clock_mhz_median"] == (1980 + 1455) / 2
+    assert gpu["power_capped_share"] == 0.5 and gpu["power_w_median"] == (120 + 697) / 2
+    assert board.shutdowns == 1
+    sampled = ClockSampler([0], interval_s=0.01)
+    sampled.begin()
+    time.sleep(0.2)
+    gpu = sampled.end()["gpus"][0]
+    assert gpu["samples"] >= 4  # the edges and the thread's samples between them
+    assert gpu["sm_clock_mhz_median"] == 1410.0 and gpu["power_capped_share"] == 1.0
+    assert board.shutdowns == 2
+
+
+def test_without_pynvml_the_window_runs_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml now raises ImportError
+    with sample_clocks([0]) as out:
+        pass
+    assert out["gpu_clocks"]["gpus"] is None and "pynvml not installed" in out["gpu_clocks"]["reason"]
+
+
+def _ctx(nvml_indices: tuple[int, ...]) -> PhaseContext:
+    return PhaseContext("tiny-fp32", "cpu", Workload(min_rounds=1), None, None, 32, 32, {}, "cpu", lambda: None,
+                        nvml_indices=nvml_indices)
+
+
+def test_a_phase_window_on_a_gpu_carries_its_clocks_into_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = ScriptedBoard([(1455, 697_000, 0x4)])
+    monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
+    with measured_window(_ctx((0,))) as out:
+        pass
+    window: Window = out["window"]
+    assert window.to_dict()["gpu_clocks"]["gpus"][0]["sm_clock_mhz_median"] == 1455.0
+    with measured_window(_ctx(())) as out:  # no GPU metered (a CPU run): no clocks, no key
+        pass
+    assert out["window"].gpu_clocks is None and "gpu_clocks" not in out["window"].to_dict()
+
+
+def test_the_pass_reports_its_mfu_next_to_the_clock_it_ran_at() -> None:
+    clocks: dict[str, Any] = {"interval_s": 0.1, "reason": None,
+                              "gpus": [summarise_clock_samples(0, [(1455.0, 697.0, 0x4)] * 3, 1980.0, 700.0)]}
+    timed = TimedPass(Rounds((0.5, 0.5, 0.5)), 1000, 999, 1000, 1, 1000, 4.0e14)
+    ctx = _ctx((0,))
+    section = TimedPassPhase().section(PhaseRecord("ppl_pass", timed, Window(1.5, {}, None, clocks)), ctx)
+    assert section["runtime"]["mfu_sm_clock_mhz"] == 1455.0
+    assert section["runtime"]["mfu_power_capped_share"] == 1.0
+    cpu = TimedPassPhase().section(PhaseRecord("ppl_pass", timed, Window(1.5, {}, None)), _ctx(()))
+    assert cpu["runtime"]["mfu_sm_clock_mhz"] is None and cpu["runtime"]["mfu_power_capped_share"] is None
