@@ -126,3 +126,24 @@ def test_the_pass_reports_its_mfu_next_to_the_clock_it_ran_at() -> None:
     assert section["runtime"]["mfu_power_capped_share"] == 1.0
     cpu = TimedPassPhase().section(PhaseRecord("ppl_pass", timed, Window(1.5, {}, None)), _ctx(()))
     assert cpu["runtime"]["mfu_sm_clock_mhz"] is None and cpu["runtime"]["mfu_power_capped_share"] is None
+
+
+@pytest.mark.gpu
+def test_the_sampler_on_a_real_gpu_reads_the_clock_its_work_ran_at() -> None:
+    """On the device: matmuls for about 2 s under the sampler give samples at the thread's rate, a clock no higher
+    than the GPU's maximum, and the same median the reasons' shares were taken from."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda:0", dtype=torch.bfloat16)
+    with sample_clocks([0]) as out:  # NVML's GPU 0: the one GPU of the device machine
+        end = time.perf_counter() + 2.0
+        while time.perf_counter() < end:
+            a @ a
+            torch.cuda.synchronize()
+    clocks = out["gpu_clocks"]
+    assert clocks["reason"] is None, clocks["reason"]
+    gpu = clocks["gpus"][0]
+    assert gpu["samples"] >= 15  # 2 s at 0.1 s, and the two edges
+    assert 0 < gpu["sm_clock_mhz_min"] <= gpu["sm_clock_mhz_median"] <= gpu["sm_clock_mhz_max"]
+    assert gpu["sm_clock_mhz_max"] <= gpu["max_sm_clock_mhz"]
+    assert gpu["power_w_median"] > 0 and gpu["reasons_share"] is not None
