@@ -145,6 +145,64 @@ def _missing(*_args: Any) -> float:
 
 # --- the GPU's clocks during a measured window -------------------------------------------------------------
 
+
+def nvml_close(nvml: Any) -> None:
+    """Shut NVML down (reference counted), best effort: a failed shutdown must not lose a reading."""
+    try:
+        nvml.nvmlShutdown()
+    except nvml.NVMLError:
+        pass
+
+
+class SamplingThread:
+    """Calls ``sample`` every ``interval_s`` seconds in a daemon thread, from :meth:`start` to :meth:`stop`. The
+    first exception ends the sampling and is kept in ``error`` (``"<what> sampling failed during the window:
+    ..."``), for the caller's reading to report instead of losing it. Shared by the samplers of NVML power
+    (nvml.NvmlPowerSamplingMeter) and clocks (ClockSampler)."""
+
+    def __init__(self, sample: Callable[[], None], interval_s: float, name: str, what: str) -> None:
+        self._sample, self.interval_s, self.name, self._what = sample, interval_s, name, what
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception as exc:  # reported by the caller's end(), not lost
+                self.error = f"{self._what} sampling failed during the window: {exc!r}"
+                return
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=max(1.0, 10 * self.interval_s))
+        self._thread = None
+
+    def cancel(self, nvml: Any) -> None:
+        """Stop without a last sample and shut ``nvml`` down (a window that ended by an error)."""
+        self.stop()
+        nvml_close(nvml)
+
+    def finish(self, nvml: Any) -> str | None:
+        """Stop, take the window's last sample and shut ``nvml`` down; the error that ended the sampling, or the
+        last read's, None when every sample was read."""
+        self.stop()
+        error = self.error
+        try:
+            self._sample()
+        except nvml.NVMLError as exc:
+            error = f"NVML read failed: {exc}"
+        finally:
+            nvml_close(nvml)
+        return error
+
 # How often the clock sampler reads: NVML's readings update about this often (sample.NVML_UPDATE_PERIOD_S).
 CLOCK_SAMPLE_INTERVAL_S = 0.1
 # Reasons that hold the clock down because the GPU draws its power limit (what a busy datacenter GPU does).
@@ -194,9 +252,7 @@ class ClockSampler:
         self._static: list[tuple[float | None, float | None]] = []  # (max SM clock MHz, power limit W) per GPU
         self._samples: list[list[tuple[float | None, float | None, int | None]]] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
+        self._sampler: SamplingThread | None = None
 
     def _query(self, fn_name: str, *args: Any, scale: float = 1.0) -> float | None:
         fn = getattr(self._nvml, fn_name, None)
@@ -215,16 +271,8 @@ class ClockSampler:
             for per_gpu, sample in zip(self._samples, row, strict=True):
                 per_gpu.append(sample)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._sample()
-            except Exception as exc:  # reported by end() with the reason, not lost
-                self._error = f"clock sampling failed during the window: {exc!r}"
-                return
-
     def begin(self) -> None:
-        if self._thread is not None:
+        if self._sampler is not None:
             raise RuntimeError("begin() called twice without end() or cancel()")
         import pynvml
 
@@ -234,42 +282,22 @@ class ClockSampler:
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
             self._static = [(self._query("nvmlDeviceGetMaxClockInfo", h, pynvml.NVML_CLOCK_SM),
                              self._query("nvmlDeviceGetEnforcedPowerLimit", h, scale=1e-3)) for h in self._handles]
-            self._samples, self._error = [[] for _ in self._handles], None
+            self._samples = [[] for _ in self._handles]
             self._sample()
         except BaseException:
-            self._close()
+            nvml_close(pynvml)
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nvml-clock-sampler", daemon=True)
-        self._thread.start()
-
-    def _close(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except self._nvml.NVMLError:
-            pass
-
-    def _stop_thread(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout=max(1.0, 10 * self.interval_s))
-        self._thread = None
+        self._sampler = SamplingThread(self._sample, self.interval_s, "nvml-clock-sampler", "clock")
+        self._sampler.start()
 
     def end(self) -> dict[str, Any]:
         """``{"interval_s", "gpus": [one summary per GPU (summarise_clock_samples)], "reason": None}``, or
         ``gpus`` None with the reason when sampling failed."""
-        if self._thread is None:
+        if self._sampler is None:
             raise RuntimeError("end() called without begin()")
-        self._stop_thread()
-        try:
-            self._sample()
-        except self._nvml.NVMLError as exc:
-            self._error = self._error or f"NVML read failed: {exc}"
-        finally:
-            self._close()
-        if self._error is not None:
-            return {"interval_s": self.interval_s, "gpus": None, "reason": self._error}
+        error, self._sampler = self._sampler.finish(self._nvml), None
+        if error is not None:
+            return {"interval_s": self.interval_s, "gpus": None, "reason": error}
         with self._lock:
             samples = [list(s) for s in self._samples]
         gpus = [summarise_clock_samples(i, s, mx, limit)
@@ -277,10 +305,9 @@ class ClockSampler:
         return {"interval_s": self.interval_s, "gpus": gpus, "reason": None}
 
     def cancel(self) -> None:
-        if self._thread is None:
-            return
-        self._stop_thread()
-        self._close()
+        if self._sampler is not None:
+            self._sampler.cancel(self._nvml)
+            self._sampler = None
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from efficiency.measure.gpustate import SamplingThread, nvml_close
 from efficiency.measure.sample import (
     _PIP_HINT,
     _SHORT_WINDOW_EFFECT,
@@ -35,13 +36,6 @@ def _nvml_open(indices: Sequence[int]) -> tuple[Any, list[Any]]:
     except BaseException:
         pynvml.nvmlShutdown()
         raise
-
-
-def _nvml_close(nvml: Any) -> None:
-    try:
-        nvml.nvmlShutdown()
-    except nvml.NVMLError:  # closing is best effort: a failed shutdown must not lose the reading
-        pass
 
 
 def _refusal(energy_j: float, window_s: float, n_gpus: int, what: str) -> str | None:
@@ -79,7 +73,7 @@ class NvmlEnergyMeter:
     def _release(self) -> None:
         if self._handles:
             self._handles = []
-            _nvml_close(self._nvml)
+            nvml_close(self._nvml)
 
     def begin(self) -> None:
         if self._handles:
@@ -143,9 +137,7 @@ class NvmlPowerSamplingMeter:
         self._handles: list[Any] = []
         self._samples: list[tuple[float, float]] = []  # (t_s, summed power_w)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._error: str | None = None
+        self._sampler: SamplingThread | None = None
 
     def _sample(self) -> None:
         t_s = self._clock()
@@ -153,50 +145,28 @@ class NvmlPowerSamplingMeter:
         with self._lock:
             self._samples.append((t_s, power_w))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._sample()
-            except Exception as exc:  # reported by end() as an unavailable reading, not lost
-                self._error = f"power sampling failed during the window: {exc!r}"
-                return
-
     def begin(self) -> None:
-        if self._thread is not None:
+        if self._sampler is not None:
             raise RuntimeError("begin() called twice without end() or cancel()")
         self._nvml, self._handles = _nvml_open(self.indices)
-        self._samples, self._error = [], None
+        self._samples = []
         try:
             self._sample()
         except BaseException:
-            _nvml_close(self._nvml)
+            nvml_close(self._nvml)
             raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="nvml-power-sampler", daemon=True)
-        self._thread.start()
-
-    def _stop_thread(self) -> None:
-        if self._thread is None:
-            return
-        self._stop.set()
-        self._thread.join(timeout=max(1.0, 10 * self.interval_s))
-        self._thread = None
+        self._sampler = SamplingThread(self._sample, self.interval_s, "nvml-power-sampler", "power")
+        self._sampler.start()
 
     def end(self) -> EnergySample:
-        if self._thread is None:
+        if self._sampler is None:
             raise RuntimeError("end() called without begin()")
-        self._stop_thread()
-        try:
-            self._sample()
-        except self._nvml.NVMLError as exc:
-            self._error = f"NVML read failed: {exc}"
-        finally:
-            _nvml_close(self._nvml)
+        error, self._sampler = self._sampler.finish(self._nvml), None
         with self._lock:
             samples = list(self._samples)
         window_s = samples[-1][0] - samples[0][0]
-        if self._error is not None:
-            return EnergySample(None, window_s, self.method, None, self.domains, self._error)
+        if error is not None:
+            return EnergySample(None, window_s, self.method, None, self.domains, error)
         # trapezoid rule: sum of (t1 - t0) * (p0 + p1) / 2 over consecutive samples
         pairs = list(zip(samples, samples[1:], strict=False))
         energy_j = sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in pairs)
@@ -216,10 +186,9 @@ class NvmlPowerSamplingMeter:
         return EnergySample(energy_j, window_s, self.method, uncertainty_j, self.domains, reason)
 
     def cancel(self) -> None:
-        if self._thread is None:
-            return
-        self._stop_thread()
-        _nvml_close(self._nvml)
+        if self._sampler is not None:
+            self._sampler.cancel(self._nvml)
+            self._sampler = None
 
 
 def select_gpu_meter(indices: Sequence[int], *, interval_s: float = 0.02) -> Meter:
@@ -250,7 +219,7 @@ def select_gpu_meter(indices: Sequence[int], *, interval_s: float = 0.02) -> Met
     except pynvml.NVMLError as exc:
         return NullMeter(f"NVML query failed: {exc}")
     finally:
-        _nvml_close(pynvml)
+        nvml_close(pynvml)
 
 
 def _supports(nvml: Any, query: Callable[[Any], object], handles: Sequence[Any]) -> bool:

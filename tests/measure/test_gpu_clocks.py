@@ -99,6 +99,17 @@ def test_without_pynvml_the_window_runs_and_says_why(monkeypatch: pytest.MonkeyP
     assert out["gpu_clocks"]["gpus"] is None and "pynvml not installed" in out["gpu_clocks"]["reason"]
 
 
+def test_a_window_that_fails_stops_the_sampler_and_closes_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    board = ScriptedBoard([(1455, 697_000, 0x4)])
+    monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
+    with pytest.raises(ValueError, match="the phase failed"), sample_clocks([0]) as out:
+        raise ValueError("the phase failed")
+    assert "gpu_clocks" not in out and board.shutdowns == 1
+    assert not any(t.name == "nvml-clock-sampler" for t in threading.enumerate())
+
+
 def _ctx(nvml_indices: tuple[int, ...]) -> PhaseContext:
     return PhaseContext("tiny-fp32", "cpu", Workload(min_rounds=1), None, None, 32, 32, {}, "cpu", lambda: None,
                         nvml_indices=nvml_indices)
