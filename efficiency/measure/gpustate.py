@@ -97,13 +97,6 @@ def power_state(indices: Sequence[int]) -> dict[str, object]:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
         return {"available": False, "reason": f"NVML init failed: {exc}"}
-
-    def query(fn: Callable[..., Any], *args: Any, scale: float = 1.0) -> float | None:
-        try:
-            return float(fn(*args)) * scale
-        except (AttributeError, pynvml.NVMLError):
-            return None
-
     try:
         gpus: list[dict[str, Any]] = []
         for index in indices:
@@ -113,15 +106,13 @@ def power_state(indices: Sequence[int]) -> dict[str, object]:
                 {
                     "index": index,
                     "name": _text(pynvml.nvmlDeviceGetName(h)),
-                    "power_limit_w": query(pynvml.nvmlDeviceGetEnforcedPowerLimit, h, scale=1e-3),
-                    "power_w": query(pynvml.nvmlDeviceGetPowerUsage, h, scale=1e-3),
-                    "sm_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
-                    "mem_clock_mhz": query(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
-                    "max_sm_clock_mhz": query(getattr(pynvml, "nvmlDeviceGetMaxClockInfo", None) or _missing,
-                                              h, pynvml.NVML_CLOCK_SM),
-                    "max_mem_clock_mhz": query(getattr(pynvml, "nvmlDeviceGetMaxClockInfo", None) or _missing,
-                                               h, pynvml.NVML_CLOCK_MEM),
-                    "temperature_c": query(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
+                    "power_limit_w": nvml_query(pynvml, "nvmlDeviceGetEnforcedPowerLimit", h, scale=1e-3),
+                    "power_w": nvml_query(pynvml, "nvmlDeviceGetPowerUsage", h, scale=1e-3),
+                    "sm_clock_mhz": nvml_query(pynvml, "nvmlDeviceGetClockInfo", h, pynvml.NVML_CLOCK_SM),
+                    "mem_clock_mhz": nvml_query(pynvml, "nvmlDeviceGetClockInfo", h, pynvml.NVML_CLOCK_MEM),
+                    "max_sm_clock_mhz": nvml_query(pynvml, "nvmlDeviceGetMaxClockInfo", h, pynvml.NVML_CLOCK_SM),
+                    "max_mem_clock_mhz": nvml_query(pynvml, "nvmlDeviceGetMaxClockInfo", h, pynvml.NVML_CLOCK_MEM),
+                    "temperature_c": nvml_query(pynvml, "nvmlDeviceGetTemperature", h, pynvml.NVML_TEMPERATURE_GPU),
                     "throttle_reasons": None if mask is None else decode_throttle_reasons(mask),
                     "mig": _mig_enabled(pynvml, h),
                 }
@@ -130,20 +121,26 @@ def power_state(indices: Sequence[int]) -> dict[str, object]:
     except pynvml.NVMLError as exc:
         return {"available": False, "reason": f"NVML query failed: {exc}"}
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+        nvml_close(pynvml)
     warnings = [w for w in (throttle_warning(g) for g in gpus) if w]
     return {"available": True, "driver_version": driver, "gpus": gpus, "throttled": bool(warnings),
             "warning": "; ".join(warnings) or None}
 
 
-def _missing(*_args: Any) -> float:
-    raise AttributeError("this pynvml has no such query")
+# --- NVML: open, query, close, and a sampling thread (shared with nvml.py's meters) ----------------------
 
 
-# --- the GPU's clocks during a measured window -------------------------------------------------------------
+def nvml_open(indices: Sequence[int]) -> tuple[Any, list[Any]]:
+    """Import pynvml, init NVML (reference counted) and return (module, handles); shut down again if a handle
+    cannot be had."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+    except BaseException:
+        nvml_close(pynvml)
+        raise
 
 
 def nvml_close(nvml: Any) -> None:
@@ -152,6 +149,19 @@ def nvml_close(nvml: Any) -> None:
         nvml.nvmlShutdown()
     except nvml.NVMLError:
         pass
+
+
+def nvml_query(nvml: Any, fn_name: str, *args: Any, scale: float = 1.0) -> float | None:
+    """``fn_name(*args) * scale`` as a float; None where this pynvml lacks the query or the GPU refuses it."""
+    fn = getattr(nvml, fn_name, None)
+    if fn is None:
+        return None
+    try:
+        return float(fn(*args)) * scale
+    except nvml.NVMLError:
+        return None
+
+
 
 
 class SamplingThread:
@@ -190,18 +200,22 @@ class SamplingThread:
         self.stop()
         nvml_close(nvml)
 
-    def finish(self, nvml: Any) -> str | None:
-        """Stop, take the window's last sample and shut ``nvml`` down; the error that ended the sampling, or the
-        last read's, None when every sample was read."""
+    def finish(self, nvml: Any, last_sample: bool = True) -> str | None:
+        """Stop, take the window's last sample (unless ``last_sample`` is False) and shut ``nvml`` down; the error
+        that ended the sampling, or the last read's, None when every sample was read."""
         self.stop()
         error = self.error
         try:
-            self._sample()
+            if last_sample:
+                self._sample()
         except nvml.NVMLError as exc:
             error = f"NVML read failed: {exc}"
         finally:
             nvml_close(nvml)
         return error
+
+
+# --- the GPU's clocks during a measured window -------------------------------------------------------------
 
 # How often the clock sampler reads: NVML's readings update about this often (sample.NVML_UPDATE_PERIOD_S).
 CLOCK_SAMPLE_INTERVAL_S = 0.1
@@ -213,15 +227,17 @@ def summarise_clock_samples(index: int, samples: Sequence[tuple[float | None, fl
                             max_sm_clock_mhz: float | None, power_limit_w: float | None) -> dict[str, Any]:
     """One GPU's clocks over a window from its samples ``(SM clock MHz, power W, clocks-event mask)`` (a field
     the GPU did not report is None): median / min / max SM clock, median power, and for each clocks-event reason
-    the share of the samples that carried it; ``power_capped_share``: the share held down by the power limit."""
+    the share of the samples that read the reasons (``reason_samples``) that carried it; ``power_capped_share``:
+    the share held down by the power limit. ``reason`` says why there is no clock."""
     sm = [s for s, _, _ in samples if s is not None]
     power = [p for _, p, _ in samples if p is not None]
-    masks = [m for _, _, m in samples if m is not None]
+    reasons = [set(decode_throttle_reasons(m)) for _, _, m in samples if m is not None]
     counts: dict[str, int] = {}
-    for mask in masks:
-        for name in decode_throttle_reasons(mask):
+    for names in reasons:
+        for name in names:
             counts[name] = counts.get(name, 0) + 1
-    capped = sum(1 for mask in masks if POWER_CAP_REASONS & set(decode_throttle_reasons(mask)))
+    why = None if sm else ("no sample: the window was shorter than the sampling interval" if not samples
+                           else f"NVML gave no SM clock in the window's {len(samples)} samples")
     return {
         "index": index,
         "samples": len(samples),
@@ -231,16 +247,20 @@ def summarise_clock_samples(index: int, samples: Sequence[tuple[float | None, fl
         "max_sm_clock_mhz": max_sm_clock_mhz,
         "power_w_median": statistics.median(power) if power else None,
         "power_limit_w": power_limit_w,
-        "reasons_share": {name: n / len(masks) for name, n in counts.items()} if masks else None,
-        "power_capped_share": capped / len(masks) if masks else None,
+        "reason_samples": len(reasons),
+        "reasons_share": {name: n / len(reasons) for name, n in counts.items()} if reasons else None,
+        "power_capped_share": (sum(1 for names in reasons if POWER_CAP_REASONS & names) / len(reasons)
+                               if reasons else None),
+        "reason": why,
     }
 
 
 class ClockSampler:
     """Samples each GPU's SM clock, power draw and clocks-event reasons every ``interval_s`` in a thread, from
-    :meth:`begin` to :meth:`end` (also once at each edge), so that a report says at what clock a window's work
-    ran: an H100 at its 700 W limit runs a long matmul-bound pass far below its maximum clock (docs/results.md
-    5r), which a reading before and after the case (idle) does not show."""
+    :meth:`begin` to :meth:`end`, so that a report says at what clock a window's work ran: an H100 at its 700 W
+    limit runs a long matmul-bound pass far below its maximum clock (docs/results.md 5r), which a reading before
+    and after the case (at rest) does not show. Only the thread's samples count: a reading at either edge would
+    be taken at rest, outside the work."""
 
     def __init__(self, indices: Sequence[int], interval_s: float = CLOCK_SAMPLE_INTERVAL_S) -> None:
         if interval_s <= 0:
@@ -249,23 +269,15 @@ class ClockSampler:
         self.interval_s = interval_s
         self._nvml: Any = None
         self._handles: list[Any] = []
-        self._static: list[tuple[float | None, float | None]] = []  # (max SM clock MHz, power limit W) per GPU
+        self._max_clock_and_limit: list[tuple[float | None, float | None]] = []  # (MHz, W) per GPU
         self._samples: list[list[tuple[float | None, float | None, int | None]]] = []
         self._lock = threading.Lock()
         self._sampler: SamplingThread | None = None
 
-    def _query(self, fn_name: str, *args: Any, scale: float = 1.0) -> float | None:
-        fn = getattr(self._nvml, fn_name, None)
-        if fn is None:
-            return None
-        try:
-            return float(fn(*args)) * scale
-        except self._nvml.NVMLError:
-            return None
-
     def _sample(self) -> None:
-        row = [(self._query("nvmlDeviceGetClockInfo", h, self._nvml.NVML_CLOCK_SM),
-                self._query("nvmlDeviceGetPowerUsage", h, scale=1e-3), _throttle_mask(self._nvml, h))
+        nvml = self._nvml
+        row = [(nvml_query(nvml, "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_SM),
+                nvml_query(nvml, "nvmlDeviceGetPowerUsage", h, scale=1e-3), _throttle_mask(nvml, h))
                for h in self._handles]
         with self._lock:
             for per_gpu, sample in zip(self._samples, row, strict=True):
@@ -274,19 +286,12 @@ class ClockSampler:
     def begin(self) -> None:
         if self._sampler is not None:
             raise RuntimeError("begin() called twice without end() or cancel()")
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        try:
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in self.indices]
-            self._static = [(self._query("nvmlDeviceGetMaxClockInfo", h, pynvml.NVML_CLOCK_SM),
-                             self._query("nvmlDeviceGetEnforcedPowerLimit", h, scale=1e-3)) for h in self._handles]
-            self._samples = [[] for _ in self._handles]
-            self._sample()
-        except BaseException:
-            nvml_close(pynvml)
-            raise
+        self._nvml, self._handles = nvml_open(self.indices)
+        nvml = self._nvml
+        self._max_clock_and_limit = [(nvml_query(nvml, "nvmlDeviceGetMaxClockInfo", h, nvml.NVML_CLOCK_SM),
+                                      nvml_query(nvml, "nvmlDeviceGetEnforcedPowerLimit", h, scale=1e-3))
+                                     for h in self._handles]
+        self._samples = [[] for _ in self._handles]
         self._sampler = SamplingThread(self._sample, self.interval_s, "nvml-clock-sampler", "clock")
         self._sampler.start()
 
@@ -295,13 +300,13 @@ class ClockSampler:
         ``gpus`` None with the reason when sampling failed."""
         if self._sampler is None:
             raise RuntimeError("end() called without begin()")
-        error, self._sampler = self._sampler.finish(self._nvml), None
+        error, self._sampler = self._sampler.finish(self._nvml, last_sample=False), None
         if error is not None:
             return {"interval_s": self.interval_s, "gpus": None, "reason": error}
         with self._lock:
             samples = [list(s) for s in self._samples]
         gpus = [summarise_clock_samples(i, s, mx, limit)
-                for i, s, (mx, limit) in zip(self.indices, samples, self._static, strict=True)]
+                for i, s, (mx, limit) in zip(self.indices, samples, self._max_clock_and_limit, strict=True)]
         return {"interval_s": self.interval_s, "gpus": gpus, "reason": None}
 
     def cancel(self) -> None:
@@ -314,17 +319,19 @@ class ClockSampler:
 def sample_clocks(indices: Sequence[int]) -> Iterator[dict[str, Any]]:
     """Sample the GPUs' clocks over the ``with`` body; the yielded dict receives the summary
     (:meth:`ClockSampler.end`) under ``"gpu_clocks"`` when the body ends normally, or ``{"gpus": None,
-    "reason": ...}`` when NVML is missing or fails to start."""
+    "reason": ...}`` when NVML is missing, fails to start or fails at the end: a failing sampler never fails
+    the measured work."""
     out: dict[str, Any] = {}
     sampler = ClockSampler(indices)
+    unavailable = None
     try:
         sampler.begin()
     except ImportError:
-        out["gpu_clocks"] = {"interval_s": None, "gpus": None, "reason": _PIP_HINT}
-        yield out
-        return
+        unavailable = _PIP_HINT
     except Exception as exc:  # pynvml.NVMLError and the like: the window still runs, without clocks
-        out["gpu_clocks"] = {"interval_s": None, "gpus": None, "reason": f"NVML failed to start: {exc}"}
+        unavailable = f"NVML failed to start: {exc}"
+    if unavailable is not None:  # outside the except blocks: the body's own errors are not chained to this one
+        out["gpu_clocks"] = {"interval_s": None, "gpus": None, "reason": unavailable}
         yield out
         return
     try:
@@ -332,4 +339,8 @@ def sample_clocks(indices: Sequence[int]) -> Iterator[dict[str, Any]]:
     except BaseException:
         sampler.cancel()
         raise
-    out["gpu_clocks"] = sampler.end()
+    try:
+        out["gpu_clocks"] = sampler.end()
+    except Exception as exc:
+        out["gpu_clocks"] = {"interval_s": sampler.interval_s, "gpus": None,
+                             "reason": f"clock sampling failed at the window's end: {exc!r}"}

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from efficiency.measure.gpustate import nvml_close
 from efficiency.measure.nvml import select_gpu_meter
 from efficiency.measure.rapl import select_cpu_meter
 from efficiency.measure.sample import _PIP_HINT, EnergySample, Meter, NullMeter, measure_energy
@@ -178,10 +179,7 @@ def map_cuda_to_nvml(
     except pynvml.NVMLError as exc:
         return GpuMapping(cuda_index, None, bus_id, "none", reason=f"NVML query failed: {exc}")
     finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
+        nvml_close(pynvml)
 
 
 def select_meters(

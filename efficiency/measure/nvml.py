@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from efficiency.measure.gpustate import SamplingThread, nvml_close
+from efficiency.measure.gpustate import SamplingThread, nvml_close, nvml_open
 from efficiency.measure.sample import (
     _PIP_HINT,
     _SHORT_WINDOW_EFFECT,
@@ -24,18 +24,6 @@ from efficiency.measure.sample import (
     implausible_power,
     zero_energy_reason,
 )
-
-
-def _nvml_open(indices: Sequence[int]) -> tuple[Any, list[Any]]:
-    """Import pynvml, init NVML (reference counted) and return (module, handles)."""
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-    except BaseException:
-        pynvml.nvmlShutdown()
-        raise
 
 
 def _refusal(energy_j: float, window_s: float, n_gpus: int, what: str) -> str | None:
@@ -78,7 +66,7 @@ class NvmlEnergyMeter:
     def begin(self) -> None:
         if self._handles:
             raise RuntimeError("begin() called twice without end() or cancel()")
-        self._nvml, self._handles = _nvml_open(self.indices)
+        self._nvml, self._handles = nvml_open(self.indices)
         try:
             self._window.open()
             self._start_mj = self._read_mj()
@@ -148,7 +136,7 @@ class NvmlPowerSamplingMeter:
     def begin(self) -> None:
         if self._sampler is not None:
             raise RuntimeError("begin() called twice without end() or cancel()")
-        self._nvml, self._handles = _nvml_open(self.indices)
+        self._nvml, self._handles = nvml_open(self.indices)
         self._samples = []
         try:
             self._sample()

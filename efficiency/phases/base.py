@@ -201,8 +201,9 @@ def measured_window(ctx: PhaseContext, exact_cpu_peak: bool = False) -> Iterator
     out: dict[str, Any] = {}
     with ExitStack() as stack:
         peak = stack.enter_context(track_peak(ctx.device, ctx.gpus, exact_cpu_peak))
-        windows = {k: stack.enter_context(measure_energy(m, ctx.sync)) for k, m in ctx.meters.items()}
+        # entered before the meters (and left after them): the sampler's start and stop stay out of their windows
         clocks = stack.enter_context(sample_clocks(ctx.nvml_indices)) if ctx.nvml_indices else None
+        windows = {k: stack.enter_context(measure_energy(m, ctx.sync)) for k, m in ctx.meters.items()}
         ctx.sync()
         t0 = time.perf_counter()
         ctx._window_start = t0

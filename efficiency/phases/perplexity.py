@@ -191,6 +191,7 @@ class TimedPassPhase:
         from efficiency.measure.roofline import device_name, mfu
 
         m = mfu(tp.flops, median_s, mfu_dtype(ctx.shared), device_name(ctx.device))
+        clocks = record.window.first_gpu_clocks() or {}  # the first metered GPU's; none on a CPU run
         return {
             "runtime": {
                 "batch_size": tp.batch_size,
@@ -204,10 +205,10 @@ class TimedPassPhase:
                 "mfu_compute_dtype": m["compute_dtype"],
                 "mfu_device_peak": m["device_peak"],
                 "mfu_reason": m["reason"],
-                # the clock the pass ran at: MFU is against the datasheet's peak, which assumes the tensor cores'
-                # boost clock; a GPU at its power limit runs below it (docs/results.md 5r)
-                "mfu_sm_clock_mhz": (record.window.first_gpu_clocks() or {}).get("sm_clock_mhz_median"),
-                "mfu_power_capped_share": (record.window.first_gpu_clocks() or {}).get("power_capped_share"),
+                # the median SM clock the pass ran at: MFU is against the datasheet's peak, which assumes the tensor
+                # cores' boost clock; a GPU at its power limit runs below it (docs/results.md 5r)
+                "mfu_sm_clock_mhz": clocks.get("sm_clock_mhz_median"),
+                "mfu_power_capped_share": clocks.get("power_capped_share"),
                 "median_s": median_s,
                 "min_s": min(tp.rounds.times_s),
                 "rounds_s": list(tp.rounds.times_s),

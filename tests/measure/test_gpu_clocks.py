@@ -1,6 +1,6 @@
 """The GPU's clocks during a measured window (efficiency.measure.gpustate.ClockSampler), on a fake pynvml whose
 readings follow a script: the report must say at what clock a window's work ran, not only the idle clock
-before and after the case (an H100 at its 700 W limit runs a long pass near 1,455 of its 1,980 MHz,
+before and after the case (an H100 at its 700 W limit ran the grid's passes at 1,470-1,485 of its 1,980 MHz,
 docs/results.md 5r)."""
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from efficiency.settings import Workload
 
 
 class ScriptedBoard:
-    """One GPU whose SM clock, power (mW) and clocks-event mask come from a script, one entry per reading; the
-    last entry repeats."""
+    """One GPU whose SM clock, power (mW) and clocks-event mask come from a script, one entry per sample; the
+    last entry repeats. ``fail`` makes every clock read raise NVML's error (``"nvml"``) or another one."""
 
-    def __init__(self, script: list[tuple[int, int, int]]) -> None:
-        self.script, self.reads, self.shutdowns = script, 0, 0
+    def __init__(self, script: list[tuple[int, int, int]], fail: str | None = None,
+                 shutdown_error: bool = False) -> None:
+        self.script, self.fail, self.shutdown_error = script, fail, shutdown_error
+        self.reads = self.inits = self.shutdowns = 0
 
     def now(self) -> tuple[int, int, int]:
         return self.script[min(self.reads, len(self.script) - 1)]
@@ -36,6 +38,10 @@ def scripted_pynvml(board: ScriptedBoard) -> types.ModuleType:
         pass
 
     def clock(h: int, kind: int) -> int:
+        if board.fail == "nvml":
+            raise NVMLError("GPU is lost")
+        if board.fail == "other":
+            raise RuntimeError("driver returned garbage")
         return board.now()[0]
 
     def power(h: int) -> int:
@@ -46,11 +52,16 @@ def scripted_pynvml(board: ScriptedBoard) -> types.ModuleType:
         board.reads += 1
         return value
 
+    def init() -> None:
+        board.inits += 1
+
     def shutdown() -> None:
         board.shutdowns += 1
+        if board.shutdown_error:
+            raise RuntimeError("shutdown failed oddly")
 
     mod.__dict__.update(
-        NVMLError=NVMLError, NVML_CLOCK_SM=1, nvmlInit=lambda: None, nvmlShutdown=shutdown,
+        NVMLError=NVMLError, NVML_CLOCK_SM=1, nvmlInit=init, nvmlShutdown=shutdown,
         nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetClockInfo=clock, nvmlDeviceGetPowerUsage=power,
         nvmlDeviceGetCurrentClocksEventReasons=mask, nvmlDeviceGetMaxClockInfo=lambda h, kind: 1980,
         nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
@@ -62,7 +73,7 @@ def test_the_clock_summary_by_hand() -> None:
     samples: list[tuple[float | None, float | None, int | None]] = [
         (1410.0, 698.0, 0x4), (1455.0, 697.0, 0x4), (1980.0, 120.0, 0x1), (None, None, None)]
     s = summarise_clock_samples(0, samples, 1980.0, 700.0)
-    assert s["samples"] == 4
+    assert s["samples"] == 4 and s["reason_samples"] == 3 and s["reason"] is None
     assert (s["sm_clock_mhz_median"], s["sm_clock_mhz_min"], s["sm_clock_mhz_max"]) == (1455.0, 1410.0, 1980.0)
     assert s["power_w_median"] == 697.0
     assert s["reasons_share"] == pytest.approx({"sw_power_cap": 2 / 3, "gpu_idle": 1 / 3})
@@ -70,26 +81,51 @@ def test_the_clock_summary_by_hand() -> None:
     assert (s["max_sm_clock_mhz"], s["power_limit_w"]) == (1980.0, 700.0)
     nothing = summarise_clock_samples(1, [(None, None, None)], None, None)
     assert nothing["sm_clock_mhz_median"] is None and nothing["power_capped_share"] is None
+    assert nothing["reason"] == "NVML gave no SM clock in the window's 1 samples"
+    assert summarise_clock_samples(2, [], None, None)["reason"].startswith("no sample: the window was shorter")
 
 
-def test_the_sampler_reads_the_clock_at_both_edges_and_in_between(monkeypatch: pytest.MonkeyPatch) -> None:
-    board = ScriptedBoard([(1980, 120_000, 0x1), (1455, 697_000, 0x4), (1410, 699_000, 0x4)])
+def test_the_sampler_counts_only_the_samples_taken_during_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = ScriptedBoard([(1410, 699_000, 0x4)])
     monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
-    edges = ClockSampler([0], interval_s=3600.0)  # no sample between the edges
-    edges.begin()
-    out = edges.end()
-    gpu = out["gpus"][0]
-    assert out["reason"] is None and gpu["samples"] == 2
-    assert gpu["sm_clock_mhz_median"] == (1980 + 1455) / 2
-    assert gpu["power_capped_share"] == 0.5 and gpu["power_w_median"] == (120 + 697) / 2
-    assert board.shutdowns == 1
     sampled = ClockSampler([0], interval_s=0.01)
     sampled.begin()
     time.sleep(0.2)
     gpu = sampled.end()["gpus"][0]
-    assert gpu["samples"] >= 4  # the edges and the thread's samples between them
+    assert gpu["samples"] >= 4 and gpu["reason"] is None
     assert gpu["sm_clock_mhz_median"] == 1410.0 and gpu["power_capped_share"] == 1.0
-    assert board.shutdowns == 2
+    assert gpu["power_w_median"] == 699.0
+    assert board.inits == board.shutdowns == 1
+    short = ClockSampler([0], interval_s=3600.0)  # no sample falls inside: none is taken at rest at the edges
+    short.begin()
+    gpu = short.end()["gpus"][0]
+    assert gpu["samples"] == 0 and gpu["sm_clock_mhz_median"] is None and gpu["reason"].startswith("no sample")
+    assert board.inits == board.shutdowns == 2
+
+
+@pytest.mark.parametrize("fail", ["nvml", "other"])
+def test_a_failing_clock_read_never_fails_the_window_and_says_why(monkeypatch: pytest.MonkeyPatch,
+                                                                   fail: str) -> None:
+    board = ScriptedBoard([(1410, 699_000, 0x4)], fail=fail)
+    monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
+    with measured_window(_ctx((0,))) as out:
+        time.sleep(0.35)
+    clocks = out["window"].gpu_clocks
+    if fail == "nvml":  # every read refused: samples without a clock, and the reason
+        gpu = clocks["gpus"][0]
+        assert gpu["sm_clock_mhz_median"] is None and gpu["reason"].startswith("NVML gave no SM clock")
+    else:  # another error ends the sampling; the window's other figures stand
+        assert clocks["gpus"] is None and "driver returned garbage" in clocks["reason"]
+    assert board.inits == board.shutdowns == 1
+
+
+def test_a_sampler_that_fails_at_its_end_never_fails_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    board = ScriptedBoard([(1410, 699_000, 0x4)], shutdown_error=True)
+    monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
+    with measured_window(_ctx((0,))) as out:
+        pass
+    assert out["window"].gpu_clocks["gpus"] is None
+    assert "shutdown failed oddly" in out["window"].gpu_clocks["reason"]
 
 
 def test_without_pynvml_the_window_runs_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,6 +133,9 @@ def test_without_pynvml_the_window_runs_and_says_why(monkeypatch: pytest.MonkeyP
     with sample_clocks([0]) as out:
         pass
     assert out["gpu_clocks"]["gpus"] is None and "pynvml not installed" in out["gpu_clocks"]["reason"]
+    with pytest.raises(ValueError, match="the phase failed") as err, sample_clocks([0]):
+        raise ValueError("the phase failed")
+    assert err.value.__context__ is None  # not shown as raised while handling the missing pynvml
 
 
 def test_a_window_that_fails_stops_the_sampler_and_closes_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,7 +145,7 @@ def test_a_window_that_fails_stops_the_sampler_and_closes_nvml(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
     with pytest.raises(ValueError, match="the phase failed"), sample_clocks([0]) as out:
         raise ValueError("the phase failed")
-    assert "gpu_clocks" not in out and board.shutdowns == 1
+    assert "gpu_clocks" not in out and board.inits == board.shutdowns == 1
     assert not any(t.name == "nvml-clock-sampler" for t in threading.enumerate())
 
 
@@ -119,7 +158,7 @@ def test_a_phase_window_on_a_gpu_carries_its_clocks_into_the_report(monkeypatch:
     board = ScriptedBoard([(1455, 697_000, 0x4)])
     monkeypatch.setitem(sys.modules, "pynvml", scripted_pynvml(board))
     with measured_window(_ctx((0,))) as out:
-        pass
+        time.sleep(0.35)  # three or more of the sampler's 0.1 s samples
     window: Window = out["window"]
     assert window.to_dict()["gpu_clocks"]["gpus"][0]["sm_clock_mhz_median"] == 1455.0
     with measured_window(_ctx(())) as out:  # no GPU metered (a CPU run): no clocks, no key
