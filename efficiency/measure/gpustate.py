@@ -162,8 +162,6 @@ def nvml_query(nvml: Any, fn_name: str, *args: Any, scale: float = 1.0) -> float
         return None
 
 
-
-
 class SamplingThread:
     """Calls ``sample`` every ``interval_s`` seconds in a daemon thread, from :meth:`start` to :meth:`stop`. The
     first exception ends the sampling and is kept in ``error`` (``"<what> sampling failed during the window:
